@@ -1,0 +1,76 @@
+"""Pieces both daemons share: logging set-up, signals as a pollable fd, port files, config loading."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+
+from .config import ConfigError, load_config
+
+
+def setup_logging(name: str, verbose: bool) -> logging.Logger:
+    """Log lines a person can read, to stderr (journald adds its own timestamps)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        stream=sys.stderr,
+    )
+    return logging.getLogger(name)
+
+
+class SignalPipe:
+    """Signals delivered as bytes on a pipe, so a zmq.Poller loop wakes at once.
+
+    Python runs the real handler between bytecodes; the wakeup fd makes the
+    poll return, and :meth:`drain` tells the loop which signals arrived.
+    """
+
+    def __init__(self, signums):
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        for signum in signums:
+            # The handler itself does nothing: the byte on the wakeup fd is the message.
+            signal.signal(signum, lambda *_: None)
+
+    def fileno(self) -> int:
+        return self._r
+
+    def drain(self) -> set[int]:
+        """The signals received since the last call."""
+        got: set[int] = set()
+        while True:
+            try:
+                data = os.read(self._r, 4096)
+            except BlockingIOError:
+                return got
+            if not data:
+                return got
+            got.update(data)
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(-1)
+        os.close(self._r)
+        os.close(self._w)
+
+
+def write_port_file(path: str, **ports: int) -> None:
+    """Atomically write the bound ports as JSON, for supervisors and tests using port 0."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump({**ports, "pid": os.getpid()}, fh)
+    os.replace(tmp, path)
+
+
+def load_or_exit(cls, args, prog: str):
+    """Merge ``args.config`` with the parsed flags into ``cls``; exit 2 on a config error."""
+    try:
+        return load_config(cls, args.config, vars(args))
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
