@@ -1,0 +1,7 @@
+"""``python -m zmgpu.master``."""
+
+import sys
+
+from .app import main
+
+sys.exit(main())

@@ -1,0 +1,125 @@
+"""Node registry on the master: registration, heartbeats both ways, and declaring nodes dead.
+
+Liveness is not capacity: a heartbeat only moves a node's expiry time; free
+GPUs are the allocator's business.  Any message from a node counts as a sign
+of life.  A node that misses its deadline is marked down and each of its live
+job ranks ends through the job service's common path as a lost rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ..model import GpuInfo, NodeState
+from ..protocol import Message, MsgType, node_topic
+from .jobs import JobService
+from .reactor import Reactor
+from .state import ClusterState, NodeRecord
+
+
+class NodeRegistry:
+    """Handlers and timers for node agents."""
+
+    def __init__(self, state: ClusterState, reactor: Reactor, jobs: JobService,
+                 heartbeat_interval: float, node_timeout: float, log: logging.Logger):
+        self.state = state
+        self.reactor = reactor
+        self.jobs = jobs
+        self.heartbeat_interval = heartbeat_interval
+        self.node_timeout = node_timeout
+        self.log = log
+        # Routing id -> node, so the per-message liveness check costs one dict lookup.
+        self.by_identity: dict[bytes, NodeRecord] = {}
+
+    def handlers(self) -> dict:
+        return {MsgType.REGISTER: self.on_register, MsgType.HEARTBEAT: self.on_heartbeat}
+
+    def seen(self, identity: bytes) -> bool:
+        """Refresh a live node's deadline; True when ``identity`` is a known node."""
+        node = self.by_identity.get(identity)
+        if node is None:
+            return False
+        if node.up:
+            node.expires = time.monotonic() + self.node_timeout
+            node.last_seen = time.time()
+        return True
+
+    def on_register(self, identity: bytes, msg: Message) -> None:
+        """A node agent (re)joins: record its GPUs, reconcile its jobs, welcome it."""
+        body = msg.body
+        node_id = body["node_id"]
+        if identity != node_id.encode():
+            self.log.warning("refused registration: routing id %r does not match node id %r", identity, node_id)
+            return
+        try:
+            gpus = [GpuInfo.from_dict(g) for g in body["gpus"]]
+        except ValueError as exc:
+            self.log.warning("refused registration of node %s: %s", node_id, exc)
+            return
+        node = self.state.nodes.get(node_id)
+        if node is None:
+            node = self.state.nodes[node_id] = NodeRecord(node_id, body["hostname"], body["address"], gpus)
+            self.by_identity[identity] = node
+        else:
+            node.hostname, node.address, node.gpus = body["hostname"], body["address"], gpus
+        node.state = NodeState.UP
+        self.seen(identity)
+        self._log_connected(node)
+        self._reconcile(node, body["jobs"])
+        self.reactor.send(identity, MsgType.REGISTERED, {"heartbeat_interval": self.heartbeat_interval})
+        self.publish(node)
+        self.jobs.dirty = True
+
+    def _log_connected(self, node: NodeRecord) -> None:
+        self.log.info("node %s connected from %s (host %s) with %d GPU(s)",
+                      node.node_id, node.address, node.hostname, len(node.gpus))
+        for gpu in node.gpus:
+            mark = " (simulated)" if gpu.simulated else ""
+            self.log.info("  %s GPU %d: %s, %d MiB, %s%s", node.node_id, gpu.index, gpu.name,
+                          gpu.memory_mb, gpu.uuid, mark)
+
+    def _reconcile(self, node: NodeRecord, reported: list) -> None:
+        """Match the ranks a returning node reports with what the master thinks runs there."""
+        held = set()
+        for entry in reported:
+            if isinstance(entry, dict) and isinstance(entry.get("job_id"), str) and isinstance(entry.get("rank"), int):
+                held.add((entry["job_id"], entry["rank"]))
+        for job_id, _ in held - node.ranks:
+            self.log.info("node %s still runs job %s, which the master ended; stopping it", node.node_id, job_id)
+            self.reactor.send(node.node_id.encode(), MsgType.KILL,
+                              {"job_id": job_id, "reason": "the master no longer runs this job here"})
+        for job_id, rank in node.ranks - held:
+            self.jobs.end_rank(self.state.jobs[job_id], rank, lost=True,
+                               reason=f"node {node.node_id} came back without the job's process")
+
+    def on_heartbeat(self, identity: bytes, msg: Message) -> None:
+        """A node is alive; one the master does not know (or thinks dead) must register again."""
+        node = self.by_identity.get(identity)
+        if node is None or not node.up:
+            self.reactor.send(identity, MsgType.REREGISTER, {})
+
+    def send_heartbeats(self) -> None:
+        """Tell every live node the master is alive (they reconnect when it goes quiet)."""
+        for node in self.state.nodes.values():
+            if node.up:
+                self.reactor.send(node.node_id.encode(), MsgType.HEARTBEAT, {})
+
+    def check_expiry(self) -> None:
+        """Declare nodes dead whose deadline passed, and end their jobs' ranks as lost."""
+        now = time.monotonic()
+        for node in self.state.nodes.values():
+            if node.up and node.expires < now:
+                self._node_down(node)
+
+    def _node_down(self, node: NodeRecord) -> None:
+        node.state = NodeState.DOWN
+        reason = f"node {node.node_id} stopped responding (no heartbeat for {self.node_timeout:g} s)"
+        self.log.warning("node %s down: no heartbeat for %g s; %d job rank(s) lost",
+                         node.node_id, self.node_timeout, len(node.ranks))
+        for job_id, rank in sorted(node.ranks):
+            self.jobs.end_rank(self.state.jobs[job_id], rank, reason=reason, lost=True)
+        self.publish(node)
+
+    def publish(self, node: NodeRecord) -> None:
+        self.reactor.publish(node_topic(node.node_id), MsgType.NODE_STATE, node.to_dict())
