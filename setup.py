@@ -1,0 +1,5 @@
+"""Packaging entry point: the metadata, dependencies and man pages are declared in setup.cfg."""
+
+from setuptools import setup
+
+setup()

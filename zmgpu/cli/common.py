@@ -1,0 +1,84 @@
+"""What the sub-commands share: option value types, the client settings and the Client they make.
+
+Settings come from, in order of precedence: command-line flags,
+``ZMGPU_MASTER=host:port``, the client YAML file, the defaults of
+:class:`zmgpu.config.ClientConfig`.  PyYAML is loaded only when a file is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import fields
+
+from ..config import ClientConfig, parse_master_address, read_yaml
+
+#: The client file read when neither --config nor $ZMGPU_CONFIG names one (only if it exists).
+DEFAULT_CONFIG = os.path.join("~", ".config", "zmgpu", "client.yaml")
+
+
+class UsageError(Exception):
+    """A command line that cannot be run as given (exit status 2)."""
+
+
+def _number(kind, low, inclusive: bool, what: str, high=math.inf):
+    """An argparse ``type``: a finite ``kind`` above ``low`` (or equal, if ``inclusive``), up to ``high``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        in_range = value is not None and math.isfinite(value) and low <= value <= high
+        if not in_range or (value == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"expected {what}, got '{text}'")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+seconds = _number(float, 0, False, "a number of seconds > 0")
+positive_int = _number(int, 1, True, "an integer >= 1")
+non_negative_int = _number(int, 0, True, "an integer >= 0")
+port_number = _number(int, 1, True, "a port number (1-65535)", high=65535)
+
+
+def add_connection_timeout(parser: argparse.ArgumentParser) -> None:
+    """The --connection-timeout option every command that talks to the master takes."""
+    parser.add_argument(
+        "--connection-timeout", type=seconds, default=None, metavar="S",
+        help="how long to wait for the master to answer any request before failing with a one-line "
+             "error (default: 30)")
+
+
+def config_path(args: argparse.Namespace, environ) -> str | None:
+    """--config, else $ZMGPU_CONFIG, else the default file if it exists."""
+    if args.config:
+        return args.config
+    if environ.get("ZMGPU_CONFIG"):
+        return environ["ZMGPU_CONFIG"]
+    default = os.path.expanduser(DEFAULT_CONFIG)
+    return default if os.path.isfile(default) else None
+
+
+def client_config(args: argparse.Namespace, environ=None) -> ClientConfig:
+    """The client settings: flags > ZMGPU_MASTER > file > defaults; raises ConfigError."""
+    environ = os.environ if environ is None else environ
+    path = config_path(args, environ)
+    values = read_yaml(ClientConfig, path) if path else {}
+    if environ.get("ZMGPU_MASTER"):
+        values["host"], values["port"] = parse_master_address(environ["ZMGPU_MASTER"])
+    for field in fields(ClientConfig):
+        flag = getattr(args, field.name, None)
+        if flag is not None:
+            values[field.name] = flag
+    return ClientConfig(**values)
+
+
+def make_client(config: ClientConfig):
+    """A :class:`zmgpu.client.Client` for the master ``config`` names."""
+    from ..client import Client
+
+    return Client(host=config.host, port=config.port, pub_port=config.pub_port,
+                  timeout=config.connection_timeout)

@@ -1,0 +1,124 @@
+"""``zmgpu submit``: queue a job, or run it interactively with its output streamed here."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from ..model import JobState, parse_node_gpu_ids, shell_exit_status
+from .common import (UsageError, add_connection_timeout, client_config, make_client, non_negative_int,
+                     positive_int, seconds)
+
+HELP = "submit a job (prints its id), or run it interactively"
+DESCRIPTION = (
+    "Submit a command to run on GPUs of the cluster.  The command is one string, run by /bin/sh on the "
+    "node, or the words after --, quoted so that each stays one argument.  The job runs in the current "
+    "directory with the current environment, plus CUDA_VISIBLE_DEVICES (the GPUs it was given), "
+    "CUDA_DEVICE_ORDER=PCI_BUS_ID, ZMGPU_JOB_ID and ZMGPU_NODE_ID.  Without --interactive the job id "
+    "(8 hex characters) is printed alone on stdout.  With --interactive nothing else is printed on stdout: "
+    "the job's stdout and stderr come to this terminal's stdout and stderr byte for byte, and zmgpu exits "
+    "with the job's exit status (128+N when a signal N killed it).  The first Ctrl-C cancels the job and "
+    "keeps showing its last output; a second Ctrl-C detaches and leaves the job as it is.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``zmgpu submit``."""
+    parser.add_argument("--gpus", type=non_negative_int, default=0, metavar="N",
+                        help="number of GPUs; more than one node has free spans several nodes, one "
+                             "process (rank) per node, started together (default: 0, a CPU job)")
+    parser.add_argument("--node-gpu-ids", type=_gpu_pins, default=None, metavar="SPEC",
+                        help="run on exactly these GPUs instead, e.g. 'node001:0,1;node002:0' "
+                             "(default: any free GPUs)")
+    parser.add_argument("--interactive", "-i", action="store_true", default=None,
+                        help="stream the job's output here and exit with its exit status "
+                             "(default: print the job id and return at once)")
+    parser.add_argument("--session-timeout", type=seconds, default=None, metavar="S",
+                        help="the longest an interactive session stays attached; then zmgpu detaches, "
+                             "leaves the job running, says so on stderr and exits 1 (default: 7200)")
+    add_connection_timeout(parser)
+    parser.add_argument("--max-wait-time", type=seconds, default=None, metavar="S",
+                        help="how long an interactive job may stay PENDING; then zmgpu cancels it, "
+                             "says so and exits 1, like srun --immediate (default: 300)")
+    parser.add_argument("--max-consecutive-timeouts", type=positive_int, default=None, metavar="N",
+                        help="while attached, zmgpu checks the master each second that nothing "
+                             "arrives; after N unanswered checks in a row it gives up with a one-line "
+                             "error and exits 1, leaving the job as it is (default: 30)")
+    parser.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND",
+                        help="the command line, as one string run by /bin/sh, or -- followed by a "
+                             "program and its arguments")
+
+
+def _gpu_pins(text: str) -> str:
+    """Check a --node-gpu-ids spec here, so a typo fails before reaching the master."""
+    try:
+        parse_node_gpu_ids(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def command_line(words: list[str]) -> str:
+    """One string for /bin/sh: a lone word as it is, the words after -- (or several words) quoted."""
+    if words and words[0] == "--":
+        words = words[1:]
+        if not words:
+            raise UsageError("no command after --")
+        return shlex.join(words)
+    if not words:
+        raise UsageError('no command given: zmgpu submit [options] "command" or -- program args...')
+    return words[0] if len(words) == 1 else shlex.join(words)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Submit; print the id, or stream the job and return its exit status."""
+    command = command_line(args.command)
+    config = client_config(args)
+    with make_client(config) as client:
+        job_id = client.submit(command, gpus=args.gpus, node_gpu_ids=args.node_gpu_ids,
+                               interactive=bool(args.interactive))
+        if not args.interactive:
+            print(job_id)
+            return 0
+        return attach(client, job_id, config)
+
+
+def attach(client, job_id: str, config) -> int:
+    """Stream an interactive job to this terminal; the shell exit status it ended with."""
+    from ..client import Detached, LocalError
+
+    sys.stdout.flush()   # earlier text output must come before the job's bytes
+    try:
+        job = client.stream(job_id, sys.stdout.buffer, sys.stderr.buffer,
+                            session_timeout=config.session_timeout,
+                            max_wait_time=config.max_wait_time,
+                            max_consecutive_timeouts=config.max_consecutive_timeouts,
+                            on_interrupt=lambda jid, count: _on_interrupt(client, jid, count))
+    except Detached as exc:
+        if exc.code != LocalError.DETACHED:
+            raise
+        print(f"zmgpu: {exc}", file=sys.stderr)
+        return 130
+    _report_end(job)
+    return shell_exit_status(job["exit_code"], job["signal"])
+
+
+def _on_interrupt(client, job_id: str, count: int) -> bool:
+    """First Ctrl-C cancels the job and keeps streaming its last output; the second detaches."""
+    if count > 1:
+        return False
+    print(f"zmgpu: cancelling job {job_id} (Ctrl-C again to detach)", file=sys.stderr, flush=True)
+    for result in client.cancel(job_id):
+        if not result["ok"]:
+            print(f"zmgpu: {result['message']}", file=sys.stderr, flush=True)
+    return True
+
+
+def _report_end(job: dict) -> None:
+    """Say on stderr why a job ended, unless its exit status tells it (stderr stays the job's own)."""
+    state = JobState(job["state"])
+    ran_to_an_exit = job["exit_code"] is not None or job["signal"] is not None
+    if state is JobState.COMPLETED or (state is JobState.FAILED and ran_to_an_exit):
+        return
+    reason = f": {job['reason']}" if job.get("reason") else ""
+    print(f"zmgpu: job {job['job_id']} {state.value}{reason}", file=sys.stderr, flush=True)

@@ -1,0 +1,488 @@
+"""The Python API of zmgpu: requests to the master and interactive output (the CLI is built on it).
+
+Example::
+
+    import sys
+    from zmgpu import Client, ClientError
+
+    with Client(host="gpu-master", port=8080) as client:
+        job_id = client.submit("python train.py", gpus=2)
+        for job in client.queue()["jobs"]:
+            print(job["job_id"], job["state"], job["allocation"])
+        job = client.stream(job_id)            # the job's output, as it is produced
+        print("finished:", job["state"], job["exit_code"])
+
+Every request goes out on a DEALER socket with the user's name and a request
+number; the master answers each with one REPLY carrying the same number.  A
+failed request raises :class:`ClientError` with the master's error code and
+sentence; a master that does not answer raises :class:`MasterUnreachable`.
+
+:meth:`Client.stream` follows the Clone pattern: it subscribes to the job's
+topics on the master's PUB socket first, then fetches what the master already
+holds, so output written before the client arrived is not lost; each published
+chunk carries its byte offset, so duplicates are dropped and gaps re-fetched.
+
+``zmq`` is imported only when the first socket is made, so importing this
+module costs almost nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import getpass
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable, Optional
+
+from . import protocol
+from .model import JobState
+from .protocol import MsgType, Stream
+
+#: Seconds without news on the PUB socket after which :meth:`Client.stream`
+#: asks the master how the job is doing; also how long it waits for that answer.
+CHECK_INTERVAL = 1.0
+
+
+class LocalError(str, enum.Enum):
+    """Codes of failures the client detects itself (the master's own are :class:`protocol.ErrorCode`)."""
+
+    UNREACHABLE = "UNREACHABLE"          # the master did not answer in time
+    SESSION_TIMEOUT = "SESSION_TIMEOUT"  # an interactive session reached its longest; the job runs on
+    WAIT_TIMEOUT = "WAIT_TIMEOUT"        # an interactive job stayed pending too long; it was cancelled
+    DETACHED = "DETACHED"                # the caller chose to stop watching (second Ctrl-C)
+
+
+class ClientError(Exception):
+    """A request that failed.
+
+    ``code`` is the master's error code (a :class:`zmgpu.protocol.ErrorCode`
+    value such as ``"UNKNOWN_JOB"`` or ``"IMPOSSIBLE"``) or a
+    :class:`LocalError` value; ``message`` is one sentence for a person, and
+    ``str(exc) == exc.message``.
+    """
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class MasterUnreachable(ClientError):
+    """The master did not answer in time; the message names its address."""
+
+    def __init__(self, message: str):
+        super().__init__(LocalError.UNREACHABLE, message)
+
+
+class Detached(ClientError):
+    """:meth:`Client.stream` stopped watching a job that is left as it is (code says why)."""
+
+
+#: ``on_interrupt(job_id, count)`` for :meth:`Client.stream`: called at the
+#: ``count``-th Ctrl-C; return True to keep streaming, False to detach.
+InterruptHandler = Callable[[str, int], bool]
+
+
+def _default_user() -> str:
+    """The login name; the numeric uid where the system has no name for it (bare containers)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+
+class Client:
+    """A connection to one zmgpu master.
+
+    :param host: the master's host name or address.
+    :param port: the master's request (ROUTER) port.
+    :param pub_port: the master's publish (PUB) port for interactive output; ``None`` means ``port + 1``.
+    :param timeout: seconds to wait for the master to answer any request.
+    :param user: the name sent with every request; ``None`` means the login name.
+
+    Use it as a context manager (or call :meth:`close`) to release its sockets.
+    A Client is not thread-safe: use one per thread.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 8080, pub_port: Optional[int] = None,
+                 timeout: float = 30.0, user: Optional[str] = None):
+        self.host = host
+        self.port = port
+        self.pub_port = port + 1 if pub_port is None else pub_port
+        self.timeout = timeout
+        self.user = user or _default_user()
+        self._req = 0
+        self._ctx = None
+        self._dealer = None
+
+    # -- connection -----------------------------------------------------------------
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the sockets; the Client opens new ones if used again."""
+        self._drop_dealer()
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    @property
+    def address(self) -> str:
+        """The master's request endpoint, e.g. ``tcp://127.0.0.1:8080``."""
+        return self._endpoint(self.port)
+
+    def _endpoint(self, port: int) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp://{host}:{port}"
+
+    def _socket(self, kind: int):
+        """A new, unconnected socket of ``kind`` with this client's options."""
+        import zmq  # lazily: `zmgpu --help` and argument errors never load it
+
+        if self._ctx is None:
+            self._ctx = zmq.Context()
+        sock = self._ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        if ":" in self.host:
+            sock.setsockopt(zmq.IPV6, 1)
+        return sock
+
+    def _drop_dealer(self) -> None:
+        if self._dealer is not None:
+            self._dealer.close()
+            self._dealer = None
+
+    def _request(self, msg_type: MsgType, timeout: Optional[float] = None, **fields) -> protocol.Message:
+        """Send one request and return the master's successful REPLY; raise ClientError otherwise."""
+        import zmq
+
+        timeout = self.timeout if timeout is None else timeout
+        if self._dealer is None:
+            self._dealer = self._socket(zmq.DEALER)
+            self._dealer.connect(self.address)
+        self._req += 1
+        req = self._req
+        self._dealer.send_multipart(protocol.encode(msg_type, {**fields, "user": self.user, "req": req}))
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._dealer.poll(max(1, int(remaining * 1000))):
+                # A fresh socket next time: the old one may still hold this request,
+                # which a master coming back would otherwise answer late.
+                self._drop_dealer()
+                raise MasterUnreachable(
+                    f"no answer from the zmgpu master at {self.address} within {timeout:g} s "
+                    f"(is zmgpu-master running? check --host/--port or ZMGPU_MASTER)")
+            try:
+                reply = protocol.decode(self._dealer.recv_multipart())
+            except protocol.ProtocolError:
+                continue
+            # A late reply to an earlier, timed-out request carries another number: drop it.
+            if reply.type is MsgType.REPLY and reply.body.get("req") == req:
+                break
+        if not reply.body["ok"]:
+            raise ClientError(str(reply.body.get("error", protocol.ErrorCode.INTERNAL.value)),
+                              str(reply.body.get("message", "the master refused the request")))
+        return reply
+
+    # -- requests -------------------------------------------------------------------
+
+    def ping(self) -> dict:
+        """Check that the master answers; returns its reply, e.g. ``{"version": 1}``."""
+        body = self._request(MsgType.PING).body
+        return {k: v for k, v in body.items() if k not in ("ok", "req")}
+
+    def submit(self, command: str, gpus: int = 0, node_gpu_ids: Optional[str] = None,
+               cwd: Optional[str] = None, env: Optional[dict] = None, interactive: bool = False) -> str:
+        """Submit a job and return its id (8 hex characters).
+
+        :param command: a command line, run by ``/bin/sh -c`` on the node.
+        :param gpus: how many GPUs; more than one node has free spans several nodes (one rank per node).
+        :param node_gpu_ids: exact GPUs instead, e.g. ``"node001:0,1;node002:0"``.
+        :param cwd: working directory on the node; ``None`` means the current directory.
+        :param env: the job's environment; ``None`` means a copy of this process's.
+        :param interactive: mark the job as watched by :meth:`stream`.
+
+        Raises ClientError with code ``IMPOSSIBLE`` when no registered set of nodes could ever run it.
+        """
+        job = {
+            "command": command,
+            "cwd": os.getcwd() if cwd is None else cwd,
+            "env": dict(os.environ) if env is None else dict(env),
+            "gpus": gpus,
+            "node_gpu_ids": node_gpu_ids,
+            "interactive": interactive,
+        }
+        return self._request(MsgType.SUBMIT, job=job).body["job_id"]
+
+    def queue(self, all: bool = False) -> dict:
+        """``{"jobs": [job dict], "nodes": [node dict]}``; ``all`` includes finished jobs.
+
+        The dict layouts are described in :mod:`zmgpu.model`.
+        """
+        body = self._request(MsgType.QUEUE, all=all).body
+        return {"jobs": body["jobs"], "nodes": body["nodes"]}
+
+    def job(self, job_id: str) -> dict:
+        """One job's dict; ClientError with code ``UNKNOWN_JOB`` if the master has no such job."""
+        return self._request(MsgType.JOB, job_id=job_id).body["job"]
+
+    def cancel(self, *job_ids: str) -> list:
+        """Cancel jobs; one ``{"job_id", "ok", "message"}`` per id, in order."""
+        return self._request(MsgType.CANCEL, job_ids=list(job_ids)).body["results"]
+
+    def fetch(self, job_id: str, rank: int, stream: str, offset: int) -> tuple:
+        """Up to ``protocol.CHUNK_BYTES`` of one rank's ``"stdout"`` or ``"stderr"`` from ``offset``.
+
+        Returns ``(data, size)`` where ``size`` is how many bytes of that
+        stream the master holds now.
+        """
+        reply = self._request(MsgType.FETCH, job_id=job_id, rank=rank,
+                              stream=Stream(stream).value, offset=offset)
+        return (reply.payload[0] if reply.payload else b""), reply.body["size"]
+
+    def stream(self, job_id: str, stdout: Optional[BinaryIO] = None, stderr: Optional[BinaryIO] = None,
+               session_timeout: float = 7200.0, max_wait_time: float = 300.0,
+               max_consecutive_timeouts: int = 30,
+               on_interrupt: Optional[InterruptHandler] = None) -> dict:
+        """Write a job's output as it is produced, until the job ends; return its final dict.
+
+        :param stdout: binary file for every rank's stdout (default ``sys.stdout.buffer``).
+        :param stderr: binary file for every rank's stderr (default ``sys.stderr.buffer``).
+        :param session_timeout: the longest this call stays attached; then it raises
+            :class:`Detached` (code ``SESSION_TIMEOUT``) and leaves the job running.
+        :param max_wait_time: the longest the job may stay PENDING; then it is cancelled
+            and ClientError (code ``WAIT_TIMEOUT``) is raised.
+        :param max_consecutive_timeouts: the master is checked each second nothing arrives;
+            after this many unanswered checks in a row, :class:`MasterUnreachable` is raised
+            and the job is left as it is.
+        :param on_interrupt: ``on_interrupt(job_id, count)`` is called at each Ctrl-C
+            (in the main thread); True keeps streaming, False raises :class:`Detached`
+            (code ``DETACHED``).  ``None`` leaves Ctrl-C alone (KeyboardInterrupt).
+
+        Bytes are written byte-exact and flushed as they come, stdout and stderr
+        kept apart, ranks in the order their output arrives.  Output the job
+        wrote before this call is written too.
+        """
+        files = {Stream.STDOUT.value: stdout or sys.stdout.buffer,
+                 Stream.STDERR.value: stderr or sys.stderr.buffer}
+        limits = _Limits(session_timeout, max_wait_time, max_consecutive_timeouts)
+        return _Attachment(self, job_id, files, limits, on_interrupt).run()
+
+
+@dataclass
+class _Limits:
+    """The deadlines and patience of one :meth:`Client.stream` call."""
+
+    session_timeout: float
+    max_wait_time: float
+    max_consecutive_timeouts: int
+    start: float = field(default_factory=time.monotonic)
+
+    @property
+    def session_deadline(self) -> float:
+        return self.start + self.session_timeout
+
+    @property
+    def wait_deadline(self) -> float:
+        return self.start + self.max_wait_time
+
+
+class _Attachment:
+    """One :meth:`Client.stream` call: bytes written so far per (rank, stream), deadlines, liveness."""
+
+    def __init__(self, client: Client, job_id: str, files: dict, limits: _Limits,
+                 on_interrupt: Optional[InterruptHandler]):
+        self.client = client
+        self.job_id = job_id
+        self.files = files
+        self.limits = limits
+        self.on_interrupt = on_interrupt
+        self.have: dict[tuple[int, str], int] = {}   # (rank, stream) -> bytes written
+        self.job: dict = {}
+        self.misses = 0          # unanswered requests in a row
+        self.interrupts = 0
+        self.last_news = time.monotonic()
+        self.handlers = {MsgType.OUTPUT: self._on_output, MsgType.JOB_STATE: self._on_job_state}
+
+    # -- bytes ----------------------------------------------------------------------
+
+    def _write(self, rank: int, stream: str, offset: int, data: bytes) -> bool:
+        """Write the part of a chunk we lack; False when it starts past what we have (a gap)."""
+        key = (rank, stream)
+        have = self.have.get(key, 0)
+        if offset > have:
+            return False
+        new = data[have - offset:]
+        if new:
+            out = self.files[stream]
+            out.write(new)
+            out.flush()
+            self.have[key] = have + len(new)
+        return True
+
+    def _catch_up(self, rank: int, stream: str, target: int) -> None:
+        """FETCH from what we have until ``target`` bytes, or until the master has no more."""
+        while self.have.get((rank, stream), 0) < target:
+            offset = self.have.get((rank, stream), 0)
+            data, _ = self.client.fetch(self.job_id, rank, stream, offset)
+            if not data:
+                return
+            self._write(rank, stream, offset, data)
+
+    def _absorb(self, job: dict) -> None:
+        """Take a job dict as the latest word and fetch any output it shows we lack."""
+        self.job = job
+        for out in job.get("outputs", ()):
+            if out["stream"] in self.files:
+                self._catch_up(out["rank"], out["stream"], out["size"])
+
+    # -- published messages ---------------------------------------------------------
+
+    def _on_output(self, msg: protocol.Message) -> None:
+        """A published chunk: write what is new; on a gap, fetch up to its end."""
+        body = msg.body
+        if body["job_id"] != self.job_id or body["stream"] not in self.files:
+            return
+        if not self._write(body["rank"], body["stream"], body["offset"], msg.payload[0]):
+            self._catch_up(body["rank"], body["stream"], body["offset"] + len(msg.payload[0]))
+            self._write(body["rank"], body["stream"], body["offset"], msg.payload[0])
+
+    def _on_job_state(self, msg: protocol.Message) -> None:
+        """A state change: the dict carries the sizes, final once the job is finished."""
+        if msg.body["job_id"] == self.job_id:
+            self._absorb(msg.body)
+
+    def _receive(self, sub) -> None:
+        """Handle one message from the PUB socket; anything malformed is dropped."""
+        frames = sub.recv_multipart()
+        try:
+            msg = protocol.decode(frames[1:])
+        except protocol.ProtocolError:
+            return
+        handler = self.handlers.get(msg.type)
+        if handler is not None:
+            handler(msg)
+
+    # -- the loop -------------------------------------------------------------------
+
+    def _finished(self) -> bool:
+        return JobState(self.job["state"]).finished
+
+    def _check(self) -> None:
+        """Ask the master for the job (nothing arrived for a while) and fetch what we lack."""
+        reply = self.client._request(MsgType.JOB, timeout=CHECK_INTERVAL, job_id=self.job_id)
+        self._absorb(reply.body["job"])
+
+    def _missed(self) -> None:
+        """Count one unanswered request; give up after too many in a row."""
+        self.misses += 1
+        if self.misses >= self.limits.max_consecutive_timeouts:
+            raise MasterUnreachable(
+                f"lost contact with the zmgpu master at {self.client.address}: {self.misses} "
+                f"checks in a row went unanswered; job {self.job_id} was left as it is")
+
+    def _enforce_limits(self, now: float) -> None:
+        """Detach at the session timeout; cancel a job pending past the longest wait."""
+        limits = self.limits
+        if now >= limits.session_deadline:
+            raise Detached(LocalError.SESSION_TIMEOUT,
+                           f"session timeout ({limits.session_timeout:g} s): detached from job "
+                           f"{self.job_id}, which keeps running (zmgpu cancel {self.job_id} stops it)")
+        if self.job["state"] == JobState.PENDING.value and now >= limits.wait_deadline:
+            self.client.cancel(self.job_id)
+            reason = f" ({self.job['reason']})" if self.job.get("reason") else ""
+            raise ClientError(LocalError.WAIT_TIMEOUT,
+                              f"job {self.job_id} was still pending after {limits.max_wait_time:g} s"
+                              f"{reason}: cancelled it")
+
+    def _poll_timeout_ms(self, now: float) -> int:
+        """Sleep until the next check or deadline, whichever is first."""
+        wake = min(self.last_news + CHECK_INTERVAL, self.limits.session_deadline)
+        if self.job["state"] == JobState.PENDING.value:
+            wake = min(wake, self.limits.wait_deadline)
+        return max(0, int((wake - now) * 1000))
+
+    def _interrupted(self) -> None:
+        """Ctrl-C: let the caller decide whether to keep streaming."""
+        self.interrupts += 1
+        if not self.on_interrupt(self.job_id, self.interrupts):
+            raise Detached(LocalError.DETACHED,
+                           f"detached from job {self.job_id}, which was left as it is "
+                           f"(zmgpu queue shows it)")
+
+    def run(self) -> dict:
+        """Subscribe, fetch what exists, then follow the job until it is finished."""
+        import zmq
+
+        sub = self.client._socket(zmq.SUB)
+        # The subscription is set before connecting, so it travels with the connection.
+        sub.setsockopt(zmq.SUBSCRIBE, protocol.job_prefix(self.job_id))
+        sub.connect(self.client._endpoint(self.client.pub_port))
+        poller = zmq.Poller()
+        poller.register(sub, zmq.POLLIN)
+        trap = None
+        if self.on_interrupt is not None and threading.current_thread() is threading.main_thread():
+            trap = _CtrlCTrap()
+            poller.register(trap.fileno(), zmq.POLLIN)
+        try:
+            # What is published from now on reaches us; what came before is in the master's spool.
+            self._absorb(self.client.job(self.job_id))
+            while not self._finished():
+                self._step(poller, sub, trap)
+            return self.job
+        finally:
+            sub.close()
+            if trap is not None:
+                trap.close()
+
+    def _step(self, poller, sub, trap: Optional["_CtrlCTrap"]) -> None:
+        """One turn: wait for a message, a Ctrl-C or the time to check on the master."""
+        now = time.monotonic()
+        self._enforce_limits(now)
+        events = dict(poller.poll(self._poll_timeout_ms(now)))
+        if trap is not None and trap.fileno() in events and trap.fired():
+            self._interrupted()
+        try:
+            if sub in events:
+                self._receive(sub)
+            elif time.monotonic() - self.last_news >= CHECK_INTERVAL:
+                self._check()
+            else:
+                return
+        except MasterUnreachable:
+            # last_news stays old, so the next check follows at once: one check a second.
+            self._missed()
+            return
+        self.last_news = time.monotonic()
+        self.misses = 0
+
+
+class _CtrlCTrap:
+    """Ctrl-C as a byte on a pipe the poller watches, so no KeyboardInterrupt lands mid-write."""
+
+    def __init__(self):
+        from .daemon import SignalPipe
+
+        self.previous = signal.getsignal(signal.SIGINT)
+        self.pipe = SignalPipe([signal.SIGINT])
+
+    def fileno(self) -> int:
+        return self.pipe.fileno()
+
+    def fired(self) -> bool:
+        """True if Ctrl-C was pressed since the last call."""
+        return bool(self.pipe.drain())
+
+    def close(self) -> None:
+        """Give SIGINT back to whoever handled it before."""
+        self.pipe.close()
+        signal.signal(signal.SIGINT, signal.SIG_DFL if self.previous is None else self.previous)

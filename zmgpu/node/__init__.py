@@ -1,0 +1,1 @@
+"""The node agent, ``zmgpu-node``: offers this host's GPUs to the master and runs the job ranks it dispatches."""

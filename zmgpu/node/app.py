@@ -1,0 +1,101 @@
+"""Command line of ``zmgpu-node``: parse options, merge the config file, find GPUs, run the agent."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import sys
+
+from ..config import NodeConfig
+from ..daemon import load_or_exit, setup_logging
+
+PROG = "zmgpu-node"
+
+# Node ids appear in --node-gpu-ids specs ("node001:0,1;node002:0") and in spool paths.
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """The option parser (no side effects: the man page is generated from it)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Node agent of zmgpu: registers this host's GPUs with the zmgpu master, runs the job "
+                    "ranks the master dispatches here, and forwards their output and exit status. Jobs run "
+                    "in their own sessions, so stopping or restarting the agent does not stop them.",
+        epilog="Without NVML (no NVIDIA driver, or the nvidia-ml-py package missing) the node offers no GPUs "
+               "and still runs CPU jobs (zmgpu submit --gpus 0); --simulate-gpus N rehearses a GPU node "
+               "on any machine.")
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="YAML file with node settings (keys as in conf/node.yaml); options given on "
+                             "the command line override it (default: none, built-in defaults)")
+    parser.add_argument("--node-id", metavar="ID", default=None,
+                        help="name of this node in the cluster, as used in --node-gpu-ids "
+                             "(default: the host name)")
+    parser.add_argument("--master-host", metavar="HOST", default=None,
+                        help="host name or address of the zmgpu master (default: 127.0.0.1)")
+    parser.add_argument("--master-port", metavar="PORT", type=int, default=None,
+                        help="the master's port (default: 8080)")
+    parser.add_argument("--state-dir", metavar="DIR", default=None,
+                        help="directory for job output spool files "
+                             "(default: $XDG_STATE_HOME/zmgpu/node or ~/.local/state/zmgpu/node)")
+    parser.add_argument("--simulate-gpus", metavar="N", type=int, default=None,
+                        help="offer N simulated GPUs instead of reading real ones through NVML, for "
+                             "machines without NVIDIA hardware; they are marked as simulated everywhere "
+                             "(default: real GPUs)")
+    parser.add_argument("--heartbeat-interval", metavar="S", type=float, default=None,
+                        help="seconds between heartbeats to the master (default: 1)")
+    parser.add_argument("--master-timeout", metavar="S", type=float, default=None,
+                        help="seconds without any word from the master before reconnecting, with a "
+                             "backoff of 1 s doubling to 32 s between tries (default: 5)")
+    parser.add_argument("--verbose", action="store_true", default=None,
+                        help="log debug details too (default: off)")
+    return parser
+
+
+def _problem(config: NodeConfig) -> str | None:
+    """The first setting that cannot work, as a sentence; None when all is well."""
+    if not _NODE_ID.fullmatch(config.node_id):
+        return (f"node id '{config.node_id}' is not usable: use letters, digits, '.', '_' and '-' "
+                f"(set --node-id)")
+    if not 0 < config.master_port < 65536:
+        return f"master port {config.master_port} is out of range (1-65535)"
+    if config.simulate_gpus is not None and config.simulate_gpus < 0:
+        return f"the number of simulated GPUs must be 0 or more, got {config.simulate_gpus}"
+    if config.heartbeat_interval <= 0:
+        return f"heartbeat interval must be positive, got {config.heartbeat_interval}"
+    if config.master_timeout <= config.heartbeat_interval:
+        return (f"master timeout ({config.master_timeout} s) must be longer than the heartbeat "
+                f"interval ({config.heartbeat_interval} s)")
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the node agent until SIGTERM or SIGINT; the exit status."""
+    args = get_parser().parse_args(argv)
+    config = load_or_exit(NodeConfig, args, PROG)
+    if config.node_id is None:
+        config.node_id = socket.gethostname()
+    problem = _problem(config)
+    if problem:
+        print(f"{PROG}: {problem}", file=sys.stderr)
+        return 2
+    log = setup_logging("zmgpu.node", config.verbose)
+    try:
+        os.makedirs(os.path.join(config.state_dir, "jobs"), exist_ok=True)
+    except OSError as exc:
+        log.error("cannot create the state directory %s: %s", config.state_dir, exc.strerror or exc)
+        return 1
+
+    # Imported here so that the parser above stays cheap for the man page generator.
+    from .agent import Agent
+    from .gpus import discover
+
+    gpus = discover(config.simulate_gpus, config.node_id, log)
+    for gpu in gpus:
+        log.info("GPU %d: %s, %d MiB, %s%s", gpu.index, gpu.name, gpu.memory_mb, gpu.uuid,
+                 " (simulated)" if gpu.simulated else "")
+    if not gpus:
+        log.info("no GPUs offered: only CPU jobs (--gpus 0) will run on this node")
+    return Agent(config, config.node_id, gpus, log).run()
