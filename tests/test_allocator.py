@@ -1,6 +1,13 @@
 """Placement policy, called as plain functions: no sockets, no daemons."""
 
-from zmgpu.master.allocator import NodeCapacity, Request, WaitReason, infeasible, place, schedule
+from zmgpu.master.allocator import (NodeCapacity, Request, Running, View, WaitReason, infeasible, place,
+                                    schedule)
+
+FOUR = {"a": [0, 1, 2, 3]}
+
+
+def view(free, capacity=None, **kw):
+    return View(free=free, capacity=capacity or free, **kw)
 
 
 def test_single_node_tightest_fit():
@@ -17,8 +24,7 @@ def test_gang_spans_nodes_all_or_nothing():
 
 def test_pins_need_exactly_their_gpus():
     free = {"a": [0, 1], "b": [3]}
-    pins = {"a": [0, 1], "b": [3]}
-    assert place(Request("j", 3, pins), free, {}) == [("a", [0, 1]), ("b", [3])]
+    assert place(Request("j", 3, {"a": [0, 1], "b": [3]}), free, {}) == [("a", [0, 1]), ("b", [3])]
     assert place(Request("j", 1, {"b": [2]}), free, {}) is None
     assert place(Request("j", 1, {"c": [0]}), free, {}) is None
 
@@ -28,26 +34,94 @@ def test_cpu_job_goes_to_least_loaded_node():
     assert place(Request("j", 0), {}, {}) is None
 
 
-def test_schedule_is_fcfs_and_blocks_behind_a_waiting_job():
-    free = {"a": [0, 1]}
-    pending = [Request("big", 4), Request("small", 1), Request("pinned", 1, {"a": [1]})]
-    starts, waits = schedule(pending, free, {}, set())
-    # The big job blocks the small one (no backfill), but a pinned job is not held up.
-    assert starts == [("pinned", [("a", [1])])]
-    assert waits == {"big": WaitReason.RESOURCES, "small": WaitReason.PRIORITY}
-    assert free == {"a": [0, 1]}, "schedule must not change its input"
-
-
-def test_schedule_gives_disjoint_gpus():
-    starts, waits = schedule([Request(f"j{i}", 1) for i in range(5)], {"a": [0, 1, 2, 3]}, {}, set())
-    used = [tuple(p[0][1]) for _, p in starts]
-    assert sorted(used) == [(0,), (1,), (2,), (3,)]
+def test_schedule_gives_disjoint_gpus_in_order():
+    starts, waits = schedule([Request(f"j{i}", 1) for i in range(5)], view(FOUR))
+    assert [j for j, _ in starts] == ["j0", "j1", "j2", "j3"]
+    assert sorted(p[0][1][0] for _, p in starts) == [0, 1, 2, 3]
     assert waits == {"j4": WaitReason.RESOURCES}
 
 
-def test_pinned_to_down_node_waits_with_node_down():
-    _, waits = schedule([Request("j", 1, {"b": [0]})], {"a": [0]}, {}, {"b"})
-    assert waits == {"j": WaitReason.NODE_DOWN}
+def test_blocked_job_without_known_start_blocks_everyone_behind_it():
+    # 2 GPUs free, a running job of unknown length holds the other 2: the 4-GPU job's start is unknown.
+    v = view({"a": [0, 1]}, FOUR, running=[Running([("a", [2, 3])])])
+    starts, waits = schedule([Request("big", 4), Request("small", 1, time_limit=60)], v)
+    assert starts == []
+    assert waits == {"big": WaitReason.RESOURCES, "small": WaitReason.PRIORITY}
+
+
+def test_backfill_that_must_happen_short_job_ends_before_the_reservation():
+    v = view({"a": [0, 1]}, FOUR, running=[Running([("a", [2, 3])], end=1000.0)], now=0.0)
+    starts, waits = schedule([Request("big", 4), Request("short", 1, time_limit=500)], v)
+    assert [j for j, _ in starts] == ["short"]
+    assert waits == {"big": WaitReason.RESOURCES}
+
+
+def test_backfill_that_must_not_happen_long_or_unlimited_jobs_would_delay_it():
+    v = view({"a": [0, 1]}, FOUR, running=[Running([("a", [2, 3])], end=1000.0)], now=0.0)
+    starts, waits = schedule([Request("big", 4), Request("long", 1, time_limit=5000),
+                              Request("nolimit", 1)], v)
+    assert starts == []
+    assert waits == {"big": WaitReason.RESOURCES, "long": WaitReason.PRIORITY,
+                     "nolimit": WaitReason.PRIORITY}
+
+
+def test_long_job_may_backfill_onto_gpus_the_reservation_does_not_need():
+    # Two nodes; the blocked 4-GPU job will take node a when its running job ends; node b is spare.
+    free = {"a": [0, 1], "b": [0, 1]}
+    capacity = {"a": [0, 1, 2, 3], "b": [0, 1]}
+    running = [Running([("a", [2, 3])], end=100.0)]
+    pending = [Request("big", 4, {"a": [0, 1, 2, 3]}), Request("long", 2, time_limit=10_000)]
+    starts, waits = schedule(pending, view(free, capacity, running=running))
+    assert starts == [("long", [("b", [0, 1])])]
+    assert waits == {"big": WaitReason.PINNED_GPUS_BUSY}
+
+
+def test_starvation_avoided_a_stream_of_small_jobs_cannot_pass_a_big_one_forever():
+    # Each small job's limit runs past the reservation, so none may take the GPUs the big job waits for.
+    running = [Running([("a", [1, 2, 3])], end=50.0)]
+    pending = [Request("big", 4)] + [Request(f"s{i}", 1, time_limit=100) for i in range(5)]
+    starts, waits = schedule(pending, view({"a": [0]}, FOUR, running=running))
+    assert starts == []
+    assert waits["big"] is WaitReason.RESOURCES
+    assert all(waits[f"s{i}"] is WaitReason.PRIORITY for i in range(5))
+
+
+def test_per_user_cap_holds_only_that_users_jobs():
+    running = [Running([("a", [0])], user="ann")]
+    pending = [Request("ann2", 2, user="ann"), Request("bob1", 2, user="bob")]
+    starts, waits = schedule(pending, view({"a": [1, 2, 3]}, FOUR, running=running, user_gpu_limit=2))
+    assert [j for j, _ in starts] == ["bob1"]
+    assert waits == {"ann2": WaitReason.USER_GPU_LIMIT}
+
+
+def test_array_limit_and_dependency_hold_jobs_without_blocking():
+    running = [Running([("a", [0])], array_id="arr")]
+    pending = [Request("arr_1", 1, array_id="arr", array_limit=1),
+               Request("dep", 1, hold=WaitReason.DEPENDENCY), Request("free", 1)]
+    starts, waits = schedule(pending, view({"a": [1, 2, 3]}, FOUR, running=running))
+    assert [j for j, _ in starts] == ["free"]
+    assert waits == {"arr_1": WaitReason.ARRAY_LIMIT, "dep": WaitReason.DEPENDENCY}
+
+
+def test_array_limit_counts_tasks_started_in_the_same_pass():
+    pending = [Request(f"arr_{i}", 1, array_id="arr", array_limit=2) for i in range(4)]
+    starts, waits = schedule(pending, view(FOUR))
+    assert len(starts) == 2
+    assert set(waits.values()) == {WaitReason.ARRAY_LIMIT}
+
+
+def test_node_down_pins_and_too_big_for_usable_nodes_do_not_block():
+    capacity = {"a": [0, 1, 2, 3]}
+    pending = [Request("pinned", 1, {"b": [0]}), Request("huge", 6), Request("ok", 1)]
+    starts, waits = schedule(pending, view(FOUR, capacity, unusable={"b"}))
+    assert [j for j, _ in starts] == ["ok"]
+    assert waits == {"pinned": WaitReason.NODE_DOWN, "huge": WaitReason.NODE_DOWN}
+
+
+def test_schedule_does_not_change_its_input():
+    v = view({"a": [0, 1]}, FOUR)
+    schedule([Request("j", 1)], v)
+    assert v.free == {"a": [0, 1]}
 
 
 def test_infeasible_messages():

@@ -74,8 +74,6 @@ def test_killed_node_fails_its_job_and_its_gpus_stay_unused(fresh_pair, workdir)
     assert cluster.job(victim)["state"] == "NODE_FAIL"
 
 
-@pytest.mark.xfail(strict=True, reason="a restarted node agent does not know the ranks its predecessor "
-                                      "started (it registers with jobs=[]), so it cannot stop them")
 def test_returning_node_stops_the_leftovers_of_a_failed_job(fresh_pair, workdir):
     """A job's process outlives its killed agent; once the job is NODE_FAIL, the node's return must
     not leave that process running on a GPU the master now hands out again."""

@@ -36,6 +36,12 @@ class MasterConfig:
     heartbeat_interval: float = 1.0
     node_timeout: float = 5.0
     kill_grace: float = 10.0
+    admins: list[str] = dataclasses.field(default_factory=list)
+    default_time_limit: typing.Optional[str] = None   # Slurm format; None: no limit
+    max_time_limit: typing.Optional[str] = None       # Slurm format; None: no maximum
+    max_requeue: int = 3
+    user_gpu_limit: typing.Optional[int] = None      # None: no per-user cap
+    finished_retention: float = 86400.0
     verbose: bool = False
 
 
@@ -71,6 +77,12 @@ _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "tru
 
 def _check(path: str, key: str, value, hint) -> object:
     """Return ``value`` converted to ``hint`` or raise ConfigError naming file, key and type."""
+    if typing.get_origin(hint) is list:
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, list) or not all(isinstance(v, item) for v in value):
+            raise ConfigError(f"{path}: key '{key}' must be a list of {_TYPE_NAMES[item].split(' ', 1)[1]}s, "
+                              f"got {type(value).__name__} {value!r}")
+        return value
     optional = typing.get_origin(hint) is typing.Union
     base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
     if value is None and optional:

@@ -101,3 +101,98 @@ def parse_node_gpu_ids(spec: str) -> dict[str, list[int]]:
     if not pins:
         raise ValueError("--node-gpu-ids is empty: expected NODE:IDX[,IDX...][;NODE:...]")
     return pins
+
+
+#: A job id: 8 hex characters, or an array task ``ARRAYID_INDEX`` (Slurm's form).
+JOB_ID_PATTERN = r"[0-9a-f]{8}(?:_[0-9]{1,7})?"
+
+
+class NodeStatus(str, enum.Enum):
+    """What ``zmgpu nodes`` shows: liveness, drain and GPU use in one word (sinfo's vocabulary)."""
+
+    IDLE = "idle"            # up, no GPU held
+    MIXED = "mixed"          # up, some GPUs held
+    ALLOCATED = "allocated"  # up, every GPU held
+    DRAINED = "drained"      # an admin stopped new placements (running jobs finish)
+    DOWN = "down"            # not heard from within the node timeout
+
+
+def parse_time_limit(text: str) -> int:
+    """Slurm time formats to seconds: ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``.
+
+    Raises ValueError with a sentence naming the accepted formats.
+    """
+    formats = "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+    text = text.strip()
+    days_part, dash, rest = text.partition("-")
+    try:
+        if dash:
+            days = int(days_part)
+            parts = [int(p) for p in rest.split(":")]
+            if not 1 <= len(parts) <= 3:
+                raise ValueError
+            hours, minutes, secs = (parts + [0, 0])[:3]
+        else:
+            days, parts = 0, [int(p) for p in text.split(":")]
+            # Slurm reads a lone number as minutes and two numbers as minutes:seconds.
+            shapes = {1: lambda p: (0, p[0], 0), 2: lambda p: (0, p[0], p[1]), 3: lambda p: tuple(p)}
+            hours, minutes, secs = shapes[len(parts)](parts)
+    except (ValueError, KeyError):
+        raise ValueError(f"bad time limit '{text}': expected {formats}") from None
+    if min(days, hours, minutes, secs) < 0:
+        raise ValueError(f"bad time limit '{text}': parts must not be negative")
+    total = ((days * 24 + hours) * 60 + minutes) * 60 + secs
+    if total <= 0:
+        raise ValueError(f"bad time limit '{text}': it must be longer than zero")
+    return total
+
+
+def format_duration(seconds: float | None) -> str:
+    """Seconds as Slurm prints them: ``M:SS``, ``H:MM:SS`` or ``D-HH:MM:SS``."""
+    if seconds is None:
+        return "-"
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}-{hours:02d}:{minutes:02d}:{secs:02d}"
+    if hours:
+        return f"{hours}:{minutes:02d}:{secs:02d}"
+    return f"{minutes}:{secs:02d}"
+
+
+#: Most tasks one array may have, so a typo cannot flood the queue.
+MAX_ARRAY_TASKS = 100_000
+
+
+def parse_array_spec(spec: str) -> tuple[list[int], int | None]:
+    """``"0-99%8"`` -> (indices 0..99, at most 8 at once); ``"1,5,7"`` -> ([1, 5, 7], None).
+
+    Ranges may carry a step (``0-10:2``).  Raises ValueError with a sentence.
+    """
+    body, pct, limit_text = spec.strip().partition("%")
+    limit = None
+    try:
+        if pct:
+            limit = int(limit_text)
+            if limit < 1:
+                raise ValueError
+        indices: set[int] = set()
+        for part in filter(None, (p.strip() for p in body.split(","))):
+            span, colon, step_text = part.partition(":")
+            first, dash, last = span.partition("-")
+            lo, hi = int(first), int(last) if dash else int(first)
+            step = int(step_text) if colon else 1
+            if lo < 0 or hi < lo or step < 1:
+                raise ValueError
+            indices.update(range(lo, hi + 1, step))
+            if len(indices) > MAX_ARRAY_TASKS:
+                raise ValueError(f"bad --array '{spec}': more than {MAX_ARRAY_TASKS} tasks")
+    except ValueError as exc:
+        if str(exc).startswith("bad --array"):
+            raise
+        raise ValueError(f"bad --array '{spec}': expected e.g. 0-99, 0-99%8 or 1,5,7") from None
+    if not indices:
+        raise ValueError(f"bad --array '{spec}': no task index given")
+    return sorted(indices), limit

@@ -47,6 +47,9 @@ class MsgType(enum.Enum):
     JOB = b"JOB"              # one job as a dict
     CANCEL = b"CANCEL"        # cancel job ids; reply has one result per id
     FETCH = b"FETCH"          # output bytes of (job, rank, stream) from an offset
+    NODES = b"NODES"          # nodes as dicts
+    DRAIN = b"DRAIN"          # admin: no new jobs on a node; running ones finish
+    RESUME = b"RESUME"        # admin: undo a drain
     REPLY = b"REPLY"          # master -> client answer to any request above
 
     # node -> master
@@ -76,6 +79,8 @@ class ErrorCode(str, enum.Enum):
     BAD_JSON = "BAD_JSON"            # body is not a JSON object
     BAD_REQUEST = "BAD_REQUEST"      # missing field or wrong field type
     UNKNOWN_JOB = "UNKNOWN_JOB"      # no job with that id
+    UNKNOWN_NODE = "UNKNOWN_NODE"    # no node with that id
+    PERMISSION_DENIED = "PERMISSION_DENIED"  # only admins (or the owner) may do that
     IMPOSSIBLE = "IMPOSSIBLE"        # the request can never be satisfied
     INTERNAL = "INTERNAL"            # a handler failed; the master goes on
 
@@ -101,6 +106,9 @@ REQUIRED: dict[MsgType, dict[str, type | tuple]] = {
     MsgType.CANCEL: {"user": str, "req": int, "job_ids": list},
     MsgType.FETCH: {"user": str, "req": int, "job_id": str, "rank": int,
                     "stream": str, "offset": int},
+    MsgType.NODES: {"user": str, "req": int},
+    MsgType.DRAIN: {"user": str, "req": int, "node_id": str, "reason": str},
+    MsgType.RESUME: {"user": str, "req": int, "node_id": str},
     MsgType.REPLY: {"ok": bool},
     MsgType.REGISTER: {"node_id": str, "hostname": str, "address": str,
                        "gpus": list, "jobs": list},

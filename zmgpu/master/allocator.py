@@ -1,26 +1,35 @@
 """GPU placement as pure functions over plain data, so unit tests need no sockets.
 
-Policy in this version: first-come first-served.  A job that asks for more
-GPUs than one node has free spans several nodes, all or nothing (gang).  Pinned
-jobs (``--node-gpu-ids``) wait for exactly their GPUs and do not hold up the
-queue, because the GPUs they wait for may stay busy for a long time.
+Policy: pending jobs are taken in priority order (then submission order).  A
+job that asks for more GPUs than one node has free spans several nodes, all or
+nothing (gang); pinned jobs (``--node-gpu-ids``) get exactly their GPUs.  The
+first job that cannot start gets a reservation at its expected start (EASY
+backfill): later jobs may start ahead of it only when their ``--time`` limit
+proves they cannot delay it, so big jobs never starve.  Per-user GPU caps,
+array concurrency limits and dependencies hold single jobs back without
+blocking anyone else.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 Placement = list[tuple[str, list[int]]]   # (node id, GPU indices), one entry per rank
+GpuMap = dict[str, list[int]]              # node id -> GPU indices
 
 
 class WaitReason(str, enum.Enum):
     """Why a pending job has not started (the squeue vocabulary)."""
 
-    RESOURCES = "Resources"            # not enough free GPUs now
-    PRIORITY = "Priority"              # an earlier job is waiting first
-    NODE_DOWN = "NodeDown"             # a pinned node is down
+    RESOURCES = "Resources"            # first in line, waiting for GPUs to free up
+    PRIORITY = "Priority"              # an earlier or higher-priority job goes first
+    DEPENDENCY = "Dependency"          # --after jobs have not ended yet
+    USER_GPU_LIMIT = "UserGPULimit"    # the user already holds the per-user GPU cap
+    NODE_DOWN = "NodeDown"             # it needs a node that is down or drained
     PINNED_GPUS_BUSY = "PinnedGPUsBusy"
+    ARRAY_LIMIT = "ArrayLimit"         # its array already runs its %N tasks
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,34 @@ class Request:
     job_id: str
     gpus: int
     pins: dict[str, list[int]] | None = None
+    user: str = ""
+    time_limit: float | None = None    # seconds; None: unknown, so it never backfills
+    array_id: str | None = None
+    array_limit: int | None = None
+    hold: WaitReason | None = None     # decided outside placement (dependencies)
+
+
+@dataclass(frozen=True)
+class Running:
+    """A job holding GPUs now, for reservations, caps and array limits."""
+
+    placement: Placement
+    user: str = ""
+    end: float | None = None           # expected end (start + time limit); None: unknown
+    array_id: str | None = None
+
+
+@dataclass
+class View:
+    """The cluster as one scheduling pass sees it."""
+
+    free: GpuMap                        # usable (up, not drained) nodes -> free GPU indices
+    capacity: GpuMap                    # usable nodes -> all their GPU indices
+    load: dict[str, int] = field(default_factory=dict)   # ranks per node, to spread CPU jobs
+    running: list[Running] = field(default_factory=list)
+    unusable: set[str] = field(default_factory=set)      # down or drained nodes
+    now: float = 0.0
+    user_gpu_limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -97,36 +134,101 @@ def place(request: Request, free: dict[str, list[int]], load: dict[str, int]) ->
     return placement if needed == 0 else None
 
 
-def schedule(pending: list[Request], free: dict[str, list[int]], load: dict[str, int],
-             down: set[str]) -> tuple[list[tuple[str, Placement]], dict[str, WaitReason]]:
-    """One first-come first-served pass.
+@dataclass(frozen=True)
+class Reservation:
+    """The first blocked job's expected start and the GPUs it will take then."""
+
+    start: float | None                # None: unknown (a running job has no time limit)
+    gpus: frozenset[tuple[str, int]]
+
+
+def schedule(pending: list[Request], view: View) -> tuple[list[tuple[str, Placement]], dict[str, WaitReason]]:
+    """One pass over ``pending`` (already in priority order).
 
     Returns the jobs to start with their placements, and a wait reason for each
-    job left pending.  ``free`` and ``load`` are copied, not changed.
+    job left pending.  ``view`` is not changed.
     """
-    free = {n: list(idx) for n, idx in free.items()}
-    load = dict(load)
+    free = {n: list(idx) for n, idx in view.free.items()}
+    load = dict(view.load)
+    user_gpus: Counter = Counter()
+    array_running: Counter = Counter()
+    for run in view.running:
+        user_gpus[run.user] += sum(len(idx) for _, idx in run.placement)
+        array_running[run.array_id] += 1
+    reservation: Reservation | None = None
     starts: list[tuple[str, Placement]] = []
     waits: dict[str, WaitReason] = {}
-    blocked = False
     for req in pending:
-        if blocked and not req.pins:
-            waits[req.job_id] = WaitReason.PRIORITY
+        held = _held(req, view, user_gpus, array_running)
+        if held is not None:
+            waits[req.job_id] = held
             continue
-        placement = place(req, free, load)
+        placement = _backfill(req, free, load, reservation, view.now)
         if placement is None:
-            waits[req.job_id] = _why_not(req, down)
-            blocked = blocked or not req.pins
+            waits[req.job_id] = _why_not(req, reservation)
+            if reservation is None and place(req, view.capacity, {}) is not None:
+                reservation = _reserve(req, free, view)
             continue
         starts.append((req.job_id, placement))
         for node, indices in placement:
             taken = set(indices)
             free[node] = [i for i in free[node] if i not in taken]
             load[node] = load.get(node, 0) + 1
+        user_gpus[req.user] += req.gpus
+        array_running[req.array_id] += 1
     return starts, waits
 
 
-def _why_not(req: Request, down: set[str]) -> WaitReason:
+def _held(req: Request, view: View, user_gpus: Counter, array_running: Counter) -> WaitReason | None:
+    """A reason that keeps this one job waiting without holding up the others."""
+    if req.hold is not None:
+        return req.hold
+    if req.array_limit is not None and array_running[req.array_id] >= req.array_limit:
+        return WaitReason.ARRAY_LIMIT
+    if view.user_gpu_limit is not None and req.gpus and user_gpus[req.user] + req.gpus > view.user_gpu_limit:
+        return WaitReason.USER_GPU_LIMIT
+    if req.pins and set(req.pins) & view.unusable:
+        return WaitReason.NODE_DOWN
+    if place(req, view.capacity, {}) is None and view.unusable:
+        # Not even an empty cluster of the usable nodes would fit it: waiting in line helps nobody.
+        return WaitReason.NODE_DOWN
+    return None
+
+
+def _backfill(req: Request, free: GpuMap, load: dict[str, int], reservation: Reservation | None,
+              now: float) -> Placement | None:
+    """Where ``req`` may start now without delaying the reserved job, or None."""
+    if reservation is None:
+        return place(req, free, load)
+    if reservation.start is None or req.time_limit is None:
+        return None
+    if now + req.time_limit <= reservation.start:
+        return place(req, free, load)
+    # It would outlast the reservation: only GPUs the reserved job will not need are fair game.
+    spare = {n: [i for i in idx if (n, i) not in reservation.gpus] for n, idx in free.items()}
+    return place(req, spare, load)
+
+
+def _reserve(req: Request, free: GpuMap, view: View) -> Reservation:
+    """When and where the first blocked job will start, replaying running jobs' expected ends.
+
+    Jobs without a time limit never release their GPUs in this replay; if the
+    blocked job only fits once one of them ends, its start is unknown and
+    nothing may backfill past it.
+    """
+    future = {n: list(idx) for n, idx in free.items()}
+    for run in sorted((r for r in view.running if r.end is not None), key=lambda r: r.end):
+        for node, indices in run.placement:
+            if node in future:
+                future[node].extend(indices)
+        placement = place(req, future, {})
+        if placement is not None:
+            return Reservation(max(run.end, view.now),
+                               frozenset((n, i) for n, idx in placement for i in idx))
+    return Reservation(None, frozenset())
+
+
+def _why_not(req: Request, reservation: Reservation | None) -> WaitReason:
     if req.pins:
-        return WaitReason.NODE_DOWN if set(req.pins) & down else WaitReason.PINNED_GPUS_BUSY
-    return WaitReason.RESOURCES
+        return WaitReason.PINNED_GPUS_BUSY
+    return WaitReason.RESOURCES if reservation is None else WaitReason.PRIORITY

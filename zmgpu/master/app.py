@@ -10,6 +10,7 @@ import sys
 from .. import __version__
 from ..config import MasterConfig
 from ..daemon import SignalPipe, load_or_exit, setup_logging, write_port_file
+from ..model import parse_time_limit
 
 PROG = "zmgpu-master"
 
@@ -46,6 +47,19 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _time_limits(config: MasterConfig, path: str | None) -> tuple[int | None, int | None] | None:
+    """The default and maximum time limits in seconds; None (after saying why) if one is malformed."""
+    limits = []
+    for key in ("default_time_limit", "max_time_limit"):
+        text = getattr(config, key)
+        try:
+            limits.append(None if text is None else parse_time_limit(text))
+        except ValueError as exc:
+            print(f"{PROG}: {path or 'config'}: key '{key}': {exc}", file=sys.stderr)
+            return None
+    return limits[0], limits[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     config = load_or_exit(MasterConfig, args, PROG)
@@ -61,7 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     from .output import OutputSpool
     from .reactor import BindError, Reactor
     from .registry import NodeRegistry
+    from .requests import ClientRequests
     from .state import ClusterState
+
+    limits = _time_limits(config, args.config)
+    if limits is None:
+        return 2
 
     try:
         reactor = Reactor(config.host, config.port, config.pub_port, log)
@@ -69,14 +88,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
     state = ClusterState()
-    jobs = JobService(state, reactor, OutputSpool(config.state_dir), config.kill_grace, log)
+    jobs = JobService(state, reactor, OutputSpool(config.state_dir), config.kill_grace, config.max_requeue,
+                      config.user_gpu_limit, config.finished_retention, log)
+    requests = ClientRequests(state, jobs, config.admins, *limits)
     registry = NodeRegistry(state, reactor, jobs, config.heartbeat_interval, config.node_timeout, log)
-    reactor.handlers = {**jobs.handlers(), **registry.handlers()}
+    reactor.handlers = {**requests.handlers(), **jobs.handlers(), **registry.handlers()}
     reactor.peer_seen = registry.seen
     reactor.after_turn = jobs.schedule
     reactor.add_timer(config.heartbeat_interval, registry.send_heartbeats)
     # Checking twice per interval keeps a dead node's detection within half an interval of its deadline.
     reactor.add_timer(config.heartbeat_interval / 2, registry.check_expiry)
+    reactor.add_timer(0.5, jobs.check_time_limits)
+    reactor.add_timer(60.0, jobs.purge_finished)
     signals = SignalPipe([signal.SIGTERM, signal.SIGINT])
 
     def on_signal() -> None:

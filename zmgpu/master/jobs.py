@@ -1,20 +1,18 @@
-"""Job lifecycle on the master: submit, schedule, dispatch, output, end, cancel.
+"""Job lifecycle on the master: schedule, dispatch, output, end, requeue, time limits, retention.
 
-Every way a job can end (its processes exit, a cancel, a lost node) goes
-through :meth:`JobService.end_rank`, so the state, the released GPUs, the log
-line and the published event are the same whatever happened.
+Every way a job can end (its processes exit, a cancel, a time limit, a lost
+node) goes through :meth:`JobService.end_rank`, so the state, the released
+GPUs, the log line and the published event are the same whatever happened.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 import time
 
 from .. import protocol
-from ..model import JobState, parse_node_gpu_ids
-from ..protocol import CHUNK_BYTES, ErrorCode, Message, MsgType, Stream, error_reply, ok_reply
+from ..model import JobState, format_duration
+from ..protocol import Message, MsgType, Stream
 from . import allocator
 from .output import OutputSpool
 from .reactor import Reactor
@@ -24,150 +22,48 @@ _STREAMS = {s.value for s in Stream}
 
 
 class JobService:
-    """Handlers for client requests and for the job messages of node agents."""
+    """Job state transitions, the scheduling pass, and the job messages of node agents."""
 
-    def __init__(self, state: ClusterState, reactor: Reactor, spool: OutputSpool,
-                 kill_grace: float, log: logging.Logger):
+    def __init__(self, state: ClusterState, reactor: Reactor, spool: OutputSpool, kill_grace: float,
+                 max_requeue: int, user_gpu_limit: int | None, retention: float, log: logging.Logger):
         self.state = state
         self.reactor = reactor
         self.spool = spool
         self.kill_grace = kill_grace
+        self.max_requeue = max_requeue
+        self.user_gpu_limit = user_gpu_limit
+        self.retention = retention
         self.log = log
         self.dirty = False   # something changed that may let a pending job start
 
     def handlers(self) -> dict:
         return {
-            MsgType.PING: self.on_ping,
-            MsgType.SUBMIT: self.on_submit,
-            MsgType.QUEUE: self.on_queue,
-            MsgType.JOB: self.on_job,
-            MsgType.CANCEL: self.on_cancel,
-            MsgType.FETCH: self.on_fetch,
             MsgType.JOB_STARTED: self.on_job_started,
             MsgType.OUTPUT: self.on_output,
             MsgType.JOB_ENDED: self.on_job_ended,
         }
 
-    # -- client requests -----------------------------------------------------------------------
-
-    def _reply(self, identity: bytes, body: dict, *payload: bytes) -> None:
-        self.reactor.send(identity, MsgType.REPLY, body, *payload)
-
-    def _fail(self, identity: bytes, msg: Message, code: ErrorCode, message: str) -> None:
-        self._reply(identity, error_reply(msg.body["req"], code, message))
-
-    def on_ping(self, identity: bytes, msg: Message) -> None:
-        """Answer a liveness check with the protocol version."""
-        self._reply(identity, ok_reply(msg.body["req"], version=protocol.PROTOCOL_VERSION))
-
-    def on_submit(self, identity: bytes, msg: Message) -> None:
-        """Validate a job, queue it, and answer with its id."""
-        try:
-            job = self._new_job(msg.body["user"], msg.body["job"])
-        except ValueError as exc:
-            self._fail(identity, msg, ErrorCode.BAD_REQUEST, str(exc))
-            return
-        request = allocator.Request(job.job_id, job.gpus, job.pins)
-        capacity = [allocator.NodeCapacity(n.node_id, tuple(g.index for g in n.gpus))
-                    for n in self.state.nodes.values()]
-        problem = allocator.infeasible(request, capacity)
-        if problem:
-            self._fail(identity, msg, ErrorCode.IMPOSSIBLE, problem)
-            return
-        self.state.jobs[job.job_id] = job
-        self.state.pending[job.job_id] = None
-        self.dirty = True
-        self.log.debug("job %s submitted by %s: %s", job.job_id, job.user, job.command)
-        self._reply(identity, ok_reply(msg.body["req"], job_id=job.job_id))
-        self.publish_job(job)
-
-    def _new_job(self, user: str, spec: dict) -> JobRecord:
-        """Build a job record from a SUBMIT body; ValueError names what is wrong."""
-        command, cwd, env = spec.get("command"), spec.get("cwd"), spec.get("env")
-        gpus, pin_spec = spec.get("gpus", 0), spec.get("node_gpu_ids")
-        if not isinstance(command, str) or not command.strip():
-            raise ValueError("the job has no command")
-        if not isinstance(cwd, str) or not os.path.isabs(cwd):
-            raise ValueError("the job's working directory must be an absolute path")
-        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                for k, v in env.items()):
-            raise ValueError("the job's environment must map names to strings")
-        if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 0:
-            raise ValueError("--gpus must be a whole number >= 0")
-        pins = None
-        if pin_spec is not None:
-            if not isinstance(pin_spec, str):
-                raise ValueError("--node-gpu-ids must be a string")
-            pins = parse_node_gpu_ids(pin_spec)
-            pinned = sum(len(v) for v in pins.values())
-            if gpus and gpus != pinned:
-                raise ValueError(f"--gpus {gpus} does not match the {pinned} GPU(s) named in --node-gpu-ids")
-            gpus = pinned
-        job_id = secrets.token_hex(4)
-        while job_id in self.state.jobs:
-            job_id = secrets.token_hex(4)
-        self.state.next_seq += 1
-        return JobRecord(job_id=job_id, seq=self.state.next_seq, user=user, command=command,
-                         cwd=cwd, env=env, gpus=gpus, pins=pins, node_gpu_ids=pin_spec,
-                         interactive=bool(spec.get("interactive", False)))
-
     def job_dict(self, job: JobRecord) -> dict:
         return job.to_dict(self.spool.sizes)
 
-    def on_queue(self, identity: bytes, msg: Message) -> None:
-        """List jobs (active ones, or all with ``all``) and nodes."""
-        everything = bool(msg.body.get("all"))
-        jobs = [self.job_dict(j) for j in self.state.jobs.values()
-                if everything or not j.state.finished]
-        nodes = [n.to_dict() for n in self.state.nodes.values()]
-        self._reply(identity, ok_reply(msg.body["req"], jobs=jobs, nodes=nodes))
+    def publish_job(self, job: JobRecord) -> None:
+        self.reactor.publish(protocol.job_topic(job.job_id, "state"), MsgType.JOB_STATE, self.job_dict(job))
 
-    def _find(self, identity: bytes, msg: Message, job_id: str) -> JobRecord | None:
-        job = self.state.jobs.get(job_id)
-        if job is None:
-            self._fail(identity, msg, ErrorCode.UNKNOWN_JOB, f"unknown job id '{job_id}'")
-        return job
+    def enqueue(self, job: JobRecord) -> None:
+        """A new or requeued job joins the pending queue."""
+        self.state.jobs[job.job_id] = job
+        self.state.pending.add(job)
+        self.dirty = True
+        self.publish_job(job)
 
-    def on_job(self, identity: bytes, msg: Message) -> None:
-        """One job's dict."""
-        job = self._find(identity, msg, msg.body["job_id"])
-        if job is not None:
-            self._reply(identity, ok_reply(msg.body["req"], job=self.job_dict(job)))
-
-    def on_fetch(self, identity: bytes, msg: Message) -> None:
-        """Output bytes the master holds, from an offset (the snapshot half of the Clone pattern)."""
-        body = msg.body
-        job = self._find(identity, msg, body["job_id"])
-        if job is None:
-            return
-        if body["stream"] not in _STREAMS or not 0 <= body["rank"] < max(len(job.ranks), 1):
-            self._fail(identity, msg, ErrorCode.BAD_REQUEST, "no such rank or stream for this job")
-            return
-        key = (job.job_id, body["rank"], body["stream"])
-        offset = max(0, body["offset"])
-        data = self.spool.read(key, offset, CHUNK_BYTES)
-        self._reply(identity, ok_reply(body["req"], offset=offset, size=self.spool.size(key)), data)
-
-    def on_cancel(self, identity: bytes, msg: Message) -> None:
-        """Cancel each listed job; one result per id."""
-        results = [self._cancel_one(str(job_id), msg.body["user"]) for job_id in msg.body["job_ids"]]
-        self._reply(identity, ok_reply(msg.body["req"], results=results))
-
-    def _cancel_one(self, job_id: str, user: str) -> dict:
-        job = self.state.jobs.get(job_id)
-        if job is None:
-            return {"job_id": job_id, "ok": False, "message": f"unknown job id '{job_id}'"}
-        if job.state.finished:
-            return {"job_id": job_id, "ok": False,
-                    "message": f"job {job_id} already ended ({job.state.value})"}
-        reason = f"cancelled by {user}"
+    def cancel(self, job: JobRecord, user: str) -> None:
+        """End a pending job now, or ask the nodes of a running one to stop it."""
         if job.state is JobState.PENDING:
-            self.state.pending.pop(job_id, None)
-            self._finish(job, JobState.CANCELLED, reason)
+            self.state.pending.remove(job.job_id)
+            self._finish(job, JobState.CANCELLED, f"cancelled by {user}")
         else:
             job.cancel_by = user
-            self.kill_ranks(job, reason)
-        return {"job_id": job_id, "ok": True, "message": f"cancelled job {job_id}"}
+            self.kill_ranks(job, f"cancelled by {user}")
 
     # -- scheduling and dispatch -------------------------------------------------------------
 
@@ -176,13 +72,14 @@ class JobService:
         if not self.dirty:
             return
         self.dirty = False
-        nodes = self.state.nodes.values()
-        free = {n.node_id: n.free_gpus() for n in nodes if n.up}
-        load = {n.node_id: len(n.ranks) for n in nodes if n.up}
-        down = {n.node_id for n in nodes if not n.up}
-        pending = [self.state.jobs[jid] for jid in self.state.pending]
-        requests = [allocator.Request(j.job_id, j.gpus, j.pins) for j in pending]
-        starts, waits = allocator.schedule(requests, free, load, down)
+        requests = []
+        for job_id in self.state.pending:
+            job = self.state.jobs[job_id]
+            hold = self._dependency_hold(job)
+            if job.state is JobState.PENDING:   # a failed dependency cancels it instead
+                requests.append(allocator.Request(job.job_id, job.gpus, job.pins, job.user, job.time_limit,
+                                                  job.array_job_id, job.array_limit, hold))
+        starts, waits = allocator.schedule(requests, self._view())
         for job_id, reason in waits.items():
             job = self.state.jobs[job_id]
             if job.reason != reason.value:
@@ -191,10 +88,45 @@ class JobService:
         for job_id, placement in starts:
             self._start(self.state.jobs[job_id], placement)
 
+    def _view(self) -> allocator.View:
+        nodes = self.state.nodes.values()
+        usable = [n for n in nodes if n.usable]
+        running = []
+        for job_id in self.state.running:
+            job = self.state.jobs[job_id]
+            running.append(allocator.Running([(r.node_id, r.gpu_indices) for _, r in job.live_ranks()],
+                                             job.user, job.deadline, job.array_job_id))
+        return allocator.View(
+            free={n.node_id: n.free_gpus() for n in usable},
+            capacity={n.node_id: [g.index for g in n.gpus] for n in usable},
+            load={n.node_id: len(n.ranks) for n in usable},
+            running=running, unusable={n.node_id for n in nodes if not n.usable},
+            now=time.time(), user_gpu_limit=self.user_gpu_limit)
+
+    def _dependency_hold(self, job: JobRecord) -> allocator.WaitReason | None:
+        """DEPENDENCY while an --after job runs; cancels ``job`` when one ended badly (without --after-any)."""
+        if not job.after:
+            return None
+        deps = [self.state.jobs.get(dep) for dep in job.after]
+        if any(dep is not None and not dep.state.finished for dep in deps):
+            return allocator.WaitReason.DEPENDENCY
+        bad = next((d for d in deps if d is not None and d.state is not JobState.COMPLETED), None)
+        if bad is not None and not job.after_any:
+            self.state.pending.remove(job.job_id)
+            self._finish(job, JobState.CANCELLED, f"dependency {bad.job_id} ended {bad.state.value}")
+        return None
+
     def _start(self, job: JobRecord, placement: allocator.Placement) -> None:
-        """Hold the GPUs, mark the job running, and dispatch one rank per node."""
-        del self.state.pending[job.job_id]
+        """Dispatch one rank per node, holding the GPUs and marking the job running."""
         job.ranks = [RankRecord(node_id, indices) for node_id, indices in placement]
+        if not self._dispatch(job, 0):
+            # Nothing was sent yet, so the job just waits; the next pass avoids that node.
+            self.state.nodes[job.ranks[0].node_id].reachable = False
+            job.ranks = []
+            self.dirty = True
+            return
+        self.state.pending.remove(job.job_id)
+        self.state.running.add(job.job_id)
         job.state, job.reason, job.start_time = JobState.RUNNING, None, time.time()
         for rank, part in enumerate(job.ranks):
             node = self.state.nodes[part.node_id]
@@ -203,26 +135,70 @@ class JobService:
         where = " ".join(f"{r.node_id}:{','.join(map(str, r.gpu_indices)) or '-'}" for r in job.ranks)
         self.log.info("job %s started on %s for %s: %s", job.job_id, where, job.user, job.command)
         self.publish_job(job)
-        for rank, part in enumerate(job.ranks):
-            body = {"job_id": job.job_id, "rank": rank, "command": job.command, "cwd": job.cwd,
-                    "env": job.env, "gpu_indices": part.gpu_indices, "kill_grace": self.kill_grace}
-            if not self.reactor.send(part.node_id.encode(), MsgType.DISPATCH, body):
-                self.end_rank(job, rank, reason=f"could not reach node {part.node_id} to start the job")
+        for rank in range(1, len(job.ranks)):
+            if not self._dispatch(job, rank):
+                node_id = job.ranks[rank].node_id
+                self.state.nodes[node_id].reachable = False
+                self.end_rank(job, rank, reason=f"could not reach node {node_id} to start the job")
+
+    def _dispatch(self, job: JobRecord, rank: int) -> bool:
+        part = job.ranks[rank]
+        env = job.env
+        if job.array_job_id is not None:
+            env = {**env, "ZMGPU_ARRAY_JOB_ID": job.array_job_id, "ZMGPU_ARRAY_TASK_ID": str(job.array_task_id)}
+        body = {"job_id": job.job_id, "rank": rank, "attempt": job.requeue_count, "command": job.command,
+                "cwd": job.cwd, "env": env, "gpu_indices": part.gpu_indices, "kill_grace": self.kill_grace}
+        return self.reactor.send(part.node_id.encode(), MsgType.DISPATCH, body)
 
     def kill_ranks(self, job: JobRecord, reason: str) -> None:
         """Ask every node holding a live rank of ``job`` to stop it."""
+        body = {"job_id": job.job_id, "attempt": job.requeue_count, "reason": reason}
         for node_id in {r.node_id for _, r in job.live_ranks()}:
-            self.reactor.send(node_id.encode(), MsgType.KILL, {"job_id": job.job_id, "reason": reason})
+            self.reactor.send(node_id.encode(), MsgType.KILL, body)
+
+    # -- timers --------------------------------------------------------------------------------
+
+    def check_time_limits(self) -> None:
+        """Stop running jobs whose time limit has run out (TERM, grace, KILL on the nodes)."""
+        now = time.time()
+        for job_id in self.state.running:
+            job = self.state.jobs[job_id]
+            deadline = job.deadline
+            if deadline is not None and now >= deadline and not job.timed_out and job.cancel_by is None:
+                job.timed_out = True
+                self.log.info("job %s reached its time limit of %s", job.job_id, format_duration(job.time_limit))
+                self.kill_ranks(job, "time limit reached")
+
+    def purge_finished(self) -> None:
+        """Forget finished jobs older than the retention time, with their output, unless still depended on."""
+        cutoff = time.time() - self.retention
+        needed = {dep for jid in self.state.pending for dep in self.state.jobs[jid].after}
+        old = [j for j in self.state.jobs.values()
+               if j.state.finished and j.end_time < cutoff and j.job_id not in needed]
+        for job in old:
+            del self.state.jobs[job.job_id]
+            self.spool.discard(job.job_id, len(job.ranks))
+            tasks = self.state.arrays.get(job.array_job_id)
+            if tasks is not None:
+                tasks.remove(job.job_id)
+                if not tasks:
+                    del self.state.arrays[job.array_job_id]
+        if old:
+            self.log.info("forgot %d job(s) that ended more than %s ago", len(old), format_duration(self.retention))
 
     # -- node agent messages ---------------------------------------------------------------------
 
     def _rank_from(self, identity: bytes, body: dict) -> tuple[JobRecord, RankRecord] | None:
-        """The rank a node message is about, if that node really runs it."""
+        """The rank a node message is about, if that node really runs it (and in this attempt)."""
         job = self.state.jobs.get(body["job_id"])
         rank = body["rank"]
         if job is None or not 0 <= rank < len(job.ranks) or job.ranks[rank].node_id.encode() != identity:
             self.log.warning("node %s reported unknown job %s rank %s; ignored",
                              identity.decode(errors="replace"), body["job_id"], rank)
+            return None
+        if body.get("attempt", job.requeue_count) != job.requeue_count:
+            self.log.info("node %s reported stale attempt %s of job %s; ignored",
+                          identity.decode(errors="replace"), body.get("attempt"), job.job_id)
             return None
         return job, job.ranks[rank]
 
@@ -239,11 +215,12 @@ class JobService:
             return
         key = (body["job_id"], body["rank"], body["stream"])
         result = self.spool.append(key, body["offset"], msg.payload[0])
+        rank_key = {"job_id": body["job_id"], "rank": body["rank"], "stream": body["stream"]}
         if result.gap:
-            self.reactor.send(identity, MsgType.RESEND, {**_rank_key(body), "offset": result.offset})
+            self.reactor.send(identity, MsgType.RESEND, {**rank_key, "offset": result.offset})
         elif result.data:
             self.reactor.publish(protocol.job_topic(body["job_id"], "output"), MsgType.OUTPUT,
-                                 {**_rank_key(body), "offset": result.offset}, result.data)
+                                 {**rank_key, "offset": result.offset}, result.data)
 
     def on_job_ended(self, identity: bytes, msg: Message) -> None:
         """A rank's process ended (or never started): record it through the common path."""
@@ -282,7 +259,26 @@ class JobService:
             # One rank failing dooms a gang job: stop the others rather than let them hang.
             self.kill_ranks(job, f"rank {rank} on {part.node_id} failed")
         if not job.live_ranks():
-            self._finish(job, *self._verdict(job))
+            self.state.running.discard(job.job_id)
+            if self._should_requeue(job):
+                self._requeue(job)
+            else:
+                self._finish(job, *self._verdict(job))
+
+    def _should_requeue(self, job: JobRecord) -> bool:
+        lost = any(r.lost for r in job.ranks)
+        return lost and job.requeue and job.cancel_by is None and job.requeue_count < self.max_requeue
+
+    def _requeue(self, job: JobRecord) -> None:
+        """Back to the queue with the same id after a node failure; the old attempt's output is set aside."""
+        lost = next(r for r in job.ranks if r.lost)
+        self.spool.set_aside(job.job_id, len(job.ranks), job.requeue_count)
+        self.log.info("job %s requeued (%d of at most %d): %s", job.job_id, job.requeue_count + 1,
+                      self.max_requeue, lost.reason)
+        job.requeue_count += 1
+        job.ranks, job.first_failed, job.timed_out = [], None, False
+        job.state, job.reason, job.start_time = JobState.PENDING, None, None
+        self.enqueue(job)
 
     def _verdict(self, job: JobRecord) -> tuple[JobState, str | None]:
         """Final state and reason once every rank has ended."""
@@ -290,6 +286,8 @@ class JobService:
         job.exit_code, job.signal = (first.exit_code, first.signal) if first else (0, None)
         if job.cancel_by is not None:
             return JobState.CANCELLED, f"cancelled by {job.cancel_by}"
+        if job.timed_out:
+            return JobState.TIMEOUT, f"time limit of {format_duration(job.time_limit)} reached"
         lost = next((r for r in job.ranks if r.lost), None)
         if lost is not None:
             return JobState.NODE_FAIL, lost.reason
@@ -307,11 +305,5 @@ class JobService:
                   if job.exit_code is not None else "no exit code")
         self.log.info("job %s ended %s (%s)%s", job.job_id, state.value, status,
                       f": {reason}" if reason else "")
+        self.dirty = True   # jobs that depend on it may now start or be cancelled
         self.publish_job(job)
-
-    def publish_job(self, job: JobRecord) -> None:
-        self.reactor.publish(protocol.job_topic(job.job_id, "state"), MsgType.JOB_STATE, self.job_dict(job))
-
-
-def _rank_key(body: dict) -> dict:
-    return {"job_id": body["job_id"], "rank": body["rank"], "stream": body["stream"]}

@@ -8,10 +8,14 @@ end reveals a gap that the reactor asks the node to fill.
 
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import dataclass
 
+from ..protocol import Stream
+
 Key = tuple[str, int, str]   # (job id, rank, stream)
+STREAMS = tuple(s.value for s in Stream)
 
 
 @dataclass(frozen=True)
@@ -65,3 +69,23 @@ class OutputSpool:
         with open(self._path(key), "rb") as fh:
             fh.seek(offset)
             return fh.read(limit)
+
+    def _keys(self, job_id: str, ranks: int) -> list[Key]:
+        return [(job_id, rank, stream) for rank in range(ranks) for stream in STREAMS]
+
+    def set_aside(self, job_id: str, ranks: int, attempt: int) -> None:
+        """Keep a requeued job's earlier output as ``*.attemptN`` files; the new attempt starts at 0."""
+        for key in self._keys(job_id, ranks):
+            if self.size(key):
+                os.replace(self._path(key), f"{self._path(key)}.attempt{attempt}")
+            self.sizes.pop(key, None)
+
+    def discard(self, job_id: str, ranks: int) -> None:
+        """Delete a forgotten job's output (set-aside attempts too)."""
+        for key in self._keys(job_id, ranks):
+            self.sizes.pop(key, None)
+            for path in [self._path(key), *glob.glob(glob.escape(self._path(key)) + ".attempt*")]:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass

@@ -43,6 +43,9 @@ class NodeRegistry:
         if node.up:
             node.expires = time.monotonic() + self.node_timeout
             node.last_seen = time.time()
+            if not node.reachable:
+                node.reachable = True
+                self.jobs.dirty = True
         return True
 
     def on_register(self, identity: bytes, msg: Message) -> None:
@@ -103,7 +106,8 @@ class NodeRegistry:
         """Tell every live node the master is alive (they reconnect when it goes quiet)."""
         for node in self.state.nodes.values():
             if node.up:
-                self.reactor.send(node.node_id.encode(), MsgType.HEARTBEAT, {})
+                # A failed send means its connection is gone: place nothing there until it speaks again.
+                node.reachable = self.reactor.send(node.node_id.encode(), MsgType.HEARTBEAT, {})
 
     def check_expiry(self) -> None:
         """Declare nodes dead whose deadline passed, and end their jobs' ranks as lost."""

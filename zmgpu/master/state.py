@@ -6,10 +6,11 @@ into the wire dicts documented in :mod:`zmgpu.model`.
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
 
-from ..model import GpuInfo, JobState, NodeState
+from ..model import GpuInfo, JobState, NodeState, NodeStatus
 from ..protocol import Stream
 
 
@@ -22,6 +23,8 @@ class NodeRecord:
     address: str
     gpus: list[GpuInfo]
     state: NodeState = NodeState.UP
+    reachable: bool = True          # False after a send to it failed, until it is heard from again
+    drain_reason: str | None = None  # set by an admin: no new jobs here
     expires: float = 0.0            # monotonic deadline for the next sign of life
     last_seen: float = 0.0          # wall clock, for people
     holders: dict[int, str] = field(default_factory=dict)   # GPU index -> job id holding it
@@ -35,10 +38,26 @@ class NodeRecord:
         """Indices of GPUs no job holds."""
         return [g.index for g in self.gpus if g.index not in self.holders]
 
+    @property
+    def usable(self) -> bool:
+        """New job ranks may be placed here."""
+        return self.up and self.reachable and self.drain_reason is None
+
+    @property
+    def status(self) -> NodeStatus:
+        if not self.up:
+            return NodeStatus.DOWN
+        if self.drain_reason is not None:
+            return NodeStatus.DRAINED
+        if not self.holders and not self.ranks:
+            return NodeStatus.IDLE
+        return NodeStatus.ALLOCATED if len(self.holders) == len(self.gpus) else NodeStatus.MIXED
+
     def to_dict(self) -> dict:
         return {
             "node_id": self.node_id, "hostname": self.hostname, "address": self.address,
-            "state": self.state.value, "last_seen": self.last_seen,
+            "state": self.state.value, "status": self.status.value, "drain_reason": self.drain_reason,
+            "last_seen": self.last_seen,
             "gpus": [{**g.to_dict(), "job_id": self.holders.get(g.index)} for g in self.gpus],
         }
 
@@ -65,18 +84,28 @@ class RankRecord:
 
 @dataclass
 class JobRecord:
-    """A submitted job and everything known about it."""
+    """A submitted job (or one task of an array) and everything known about it."""
 
     job_id: str
-    seq: int                        # submission order, for first-come first-served
+    seq: int                        # submission order, the tie-break after priority
     user: str
     command: str
     cwd: str
-    env: dict[str, str]
+    env: dict[str, str]             # shared by the tasks of an array, never mutated
     gpus: int
-    pins: dict[str, list[int]] | None
-    node_gpu_ids: str | None
-    interactive: bool
+    pins: dict[str, list[int]] | None = None
+    node_gpu_ids: str | None = None
+    interactive: bool = False
+    name: str | None = None
+    priority: int = 0
+    time_limit: int | None = None   # seconds
+    requeue: bool = False
+    requeue_count: int = 0
+    after: list[str] = field(default_factory=list)
+    after_any: bool = False
+    array_job_id: str | None = None
+    array_task_id: int | None = None
+    array_limit: int | None = None  # the array's %N
     state: JobState = JobState.PENDING
     reason: str | None = None
     ranks: list[RankRecord] = field(default_factory=list)
@@ -86,7 +115,20 @@ class JobRecord:
     exit_code: int | None = None
     signal: int | None = None
     cancel_by: str | None = None    # who asked for a cancel of a running job
+    timed_out: bool = False         # the time limit ended it
     first_failed: int | None = None  # the rank that failed first, which the verdict names
+
+    @property
+    def queue_key(self) -> tuple[int, int, str]:
+        """Order of the pending queue: higher priority first, then first come first served."""
+        return (-self.priority, self.seq, self.job_id)
+
+    @property
+    def deadline(self) -> float | None:
+        """When the time limit runs out (wall clock), for a running job with a limit."""
+        if self.start_time is None or self.time_limit is None:
+            return None
+        return self.start_time + self.time_limit
 
     def live_ranks(self) -> list[tuple[int, RankRecord]]:
         return [(i, r) for i, r in enumerate(self.ranks) if not r.ended]
@@ -99,13 +141,43 @@ class JobRecord:
             for i, r in enumerate(self.ranks) for s in Stream
         ]
         return {
-            "job_id": self.job_id, "user": self.user, "command": self.command, "cwd": self.cwd,
-            "gpus": self.gpus, "node_gpu_ids": self.node_gpu_ids, "interactive": self.interactive,
+            "job_id": self.job_id, "name": self.name, "user": self.user, "command": self.command,
+            "cwd": self.cwd, "gpus": self.gpus, "node_gpu_ids": self.node_gpu_ids,
+            "interactive": self.interactive, "priority": self.priority, "time_limit": self.time_limit,
+            "requeue": self.requeue, "requeue_count": self.requeue_count, "after": self.after,
+            "after_any": self.after_any, "array_job_id": self.array_job_id,
+            "array_task_id": self.array_task_id,
             "state": self.state.value, "reason": self.reason,
             "allocation": [{"node_id": r.node_id, "gpu_indices": r.gpu_indices} for r in self.ranks],
             "submit_time": self.submit_time, "start_time": self.start_time, "end_time": self.end_time,
             "exit_code": self.exit_code, "signal": self.signal, "outputs": outputs,
         }
+
+
+class PendingQueue:
+    """Pending job ids kept sorted by :attr:`JobRecord.queue_key`, so a pass never sorts."""
+
+    def __init__(self):
+        self._keys: list[tuple[int, int, str]] = []
+        self._by_id: dict[str, tuple[int, int, str]] = {}
+
+    def add(self, job: JobRecord) -> None:
+        key = job.queue_key
+        bisect.insort(self._keys, key)
+        self._by_id[job.job_id] = key
+
+    def remove(self, job_id: str) -> None:
+        key = self._by_id.pop(job_id)
+        del self._keys[bisect.bisect_left(self._keys, key)]
+
+    def __contains__(self, job_id: str) -> bool:
+        return job_id in self._by_id
+
+    def __iter__(self):
+        return (key[2] for key in list(self._keys))
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 @dataclass
@@ -114,12 +186,11 @@ class ClusterState:
 
     nodes: dict[str, NodeRecord] = field(default_factory=dict)
     jobs: dict[str, JobRecord] = field(default_factory=dict)
-    # Pending job ids in first-come first-served order (dicts keep insertion order).
-    pending: dict[str, None] = field(default_factory=dict)
+    pending: PendingQueue = field(default_factory=PendingQueue)
+    running: set[str] = field(default_factory=set)           # job ids holding GPUs or processes now
+    arrays: dict[str, list[str]] = field(default_factory=dict)  # array id -> its task ids
     next_seq: int = 0
 
-    def requeue_in_order(self, job: JobRecord) -> None:
-        """Put a job back among the pending ones at its original place."""
-        self.pending[job.job_id] = None
-        order = sorted(self.pending, key=lambda jid: self.jobs[jid].seq)
-        self.pending = dict.fromkeys(order)
+    def expand(self, job_id: str) -> list[str]:
+        """An array id stands for all its tasks; any other id for itself."""
+        return self.arrays.get(job_id, [job_id])

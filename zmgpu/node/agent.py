@@ -7,6 +7,10 @@ socket and connects again after a backoff (1 s doubling to 32 s, reset once the
 master accepts the registration).  Jobs never wait on the master: ranks are
 reaped and their output spooled to disk whether or not a master is listening,
 and output goes out with non-blocking sends from the spool files' offsets.
+
+Jobs do not wait on the agent either: an agent that starts takes over the ranks
+its predecessor left running and reports them in its REGISTER, and the master
+answers with a KILL for those it no longer wants.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from ..config import NodeConfig
 from ..daemon import SignalPipe
 from ..model import GpuInfo
 from ..protocol import MsgType, Stream
-from .runner import RankProcess, valid_rank_key
+from .runner import RankProcess, spool_keys, valid_rank_key
 
 #: Poll timeout while a rank runs or has output to send: reaping backstop, kill deadlines, output.
 TICK_MS = 10
@@ -90,6 +94,7 @@ class Agent:
         """Serve until SIGTERM or SIGINT; running jobs are left running (they have their own sessions)."""
         signals = SignalPipe((signal.SIGCHLD, signal.SIGTERM, signal.SIGINT))
         self.poller.register(signals.fileno(), zmq.POLLIN)
+        self._adopt_leftovers()
         self._connect(time.monotonic())
         try:
             while not self.stopping:
@@ -117,6 +122,24 @@ class Agent:
         if self.registered:
             self._pump()
         self._keep_alive(now)
+
+    def _adopt_leftovers(self) -> None:
+        """Take over the ranks a previous agent started and did not see end, so REGISTER reports them."""
+        for job_id, rank in spool_keys(self.config.state_dir):
+            try:
+                rank_proc = RankProcess.adopt(self.config.state_dir, job_id, rank)
+            except ValueError as exc:
+                self.log.warning("job %s rank %d: cannot take it over: %s", job_id, rank, exc)
+                continue
+            if rank_proc is None:
+                continue
+            self.ranks[(job_id, rank)] = rank_proc
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rank_proc.spawned.spawned_at))
+            if rank_proc.running:
+                self.log.info("job %s rank %d: taken over from the previous node agent (pid %d, started %s)",
+                              job_id, rank, rank_proc.pid, started)
+            else:
+                self.log.info("job %s rank %d (started %s) %s", job_id, rank, started, rank_proc.describe_end())
 
     def _poll_timeout_ms(self) -> int:
         if any(rank.running for rank in self.ranks.values()) or (self.registered and self.ranks):
@@ -265,7 +288,7 @@ class Agent:
         known = self.ranks.get((job_id, rank))
         if known is not None:
             self.log.warning("job %s rank %d is already here; reporting it again", job_id, rank)
-            known.start_reported = known.proc is None
+            known.start_reported = known.pid is None
             return
         rank_proc = RankProcess.spawn(
             state_dir=self.config.state_dir, node_id=self.node_id, job_id=job_id, rank=rank,

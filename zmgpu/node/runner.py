@@ -6,21 +6,37 @@ spool file is the buffer: a slow or absent master loses nothing, and a RESEND
 only moves the offset back.  When a rank ends its exit status is written next
 to its output, so a RESEND that arrives after the agent has reported and
 forgotten the rank can still be served (:meth:`RankProcess.revive`).
+
+Ranks outlive their agent (each runs in its own session).  At spawn the agent
+records who the rank's process is (:class:`SpawnRecord`), so that its successor
+can take the rank over (:meth:`RankProcess.adopt`): tail its output from offset
+0, watch ``/proc`` for its end and signal its process group.  Such a process is
+not the successor's child, so its exit status cannot be known.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 
 from ..protocol import CHUNK_BYTES, Stream
 
 _JOB_ID = re.compile(r"[0-9a-f]{8}")
+_SPOOL_NAME = re.compile(r"([0-9a-f]{8})\.([0-9]+)")
+#: Written when a rank's end is recorded: a rank with this file is never taken over.
 _STATUS_FILE = "status"
+#: Written at spawn: the :class:`SpawnRecord` a restarted agent adopts the rank by.
+_PROCESS_FILE = "process"
+
+#: Reasons for an adopted rank's end; its process was not the reporting agent's child.
+ENDED_WHILE_AWAY = "exit status unknown: the job ended while the node agent was restarting"
+ENDED_AFTER_RESTART = "exit status unknown: the job outlived a restart of the node agent"
 
 
 def valid_rank_key(job_id: str, rank: int) -> bool:
@@ -33,6 +49,80 @@ def spool_dir(state_dir: str, job_id: str, rank: int) -> str:
     return os.path.join(state_dir, "jobs", f"{job_id}.{rank}")
 
 
+def spool_keys(state_dir: str) -> list[tuple[str, int]]:
+    """The (job id, rank) of every spool directory under ``state_dir``, in name order."""
+    try:
+        names = sorted(os.listdir(os.path.join(state_dir, "jobs")))
+    except OSError:
+        return []
+    return [(match[1], int(match[2])) for match in map(_SPOOL_NAME.fullmatch, names) if match]
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """State letter and start time (clock ticks after boot) of ``pid``, from /proc; None if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            # The command name (field 2) may hold spaces and ')': the fixed fields follow its last ')'.
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[19])     # fields 3 and 22
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@dataclass
+class SpawnRecord:
+    """Who a rank's process is, kept in its spool so that a restarted agent can find it again."""
+
+    pid: int
+    pgid: int                   # the rank leads its own session, so this is its pid
+    start_time: int | None      # /proc start time: tells the process from a later one given its pid
+    kill_grace: float
+    spawned_at: float           # wall-clock time of the spawn
+
+    @classmethod
+    def of(cls, pid: int, kill_grace: float) -> "SpawnRecord":
+        """The record of a process just spawned in a session of its own."""
+        stat = _proc_stat(pid)
+        return cls(pid, pid, stat[1] if stat else None, kill_grace, time.time())
+
+    @classmethod
+    def load(cls, spool: str) -> "SpawnRecord":
+        """Read the record; OSError, or ValueError for a file that is not one."""
+        with open(os.path.join(spool, _PROCESS_FILE)) as fh:
+            fields = json.load(fh)
+        try:
+            record = cls(**fields)
+        except TypeError:
+            raise ValueError(f"{_PROCESS_FILE} is not a spawn record") from None
+        # A group id of 0 or 1 would make killpg hit this agent's own group or every process.
+        if not (all(isinstance(n, int) and n > 1 for n in (record.pid, record.pgid))
+                and isinstance(record.kill_grace, (int, float)) and record.kill_grace >= 0):
+            raise ValueError(f"{_PROCESS_FILE} holds bad values: {fields}")
+        return record
+
+    def save(self, spool: str) -> None:
+        """Write the record atomically, so that a crash leaves the old file or the new one."""
+        path = os.path.join(spool, _PROCESS_FILE)
+        with open(path + ".tmp", "w") as fh:
+            json.dump(dataclasses.asdict(self), fh)
+        os.replace(path + ".tmp", path)
+
+    def alive(self) -> bool:
+        """True while this very process runs; a zombie has ended, a new process with its pid is not it."""
+        stat = _proc_stat(self.pid)
+        return stat is not None and stat[0] not in "ZXx" and stat[1] == self.start_time
+
+    def signal_group(self, signum: int) -> None:
+        """Signal the process group, unless a new process has taken the leader's pid (and so the group id)."""
+        leader = _proc_stat(self.pgid)
+        if leader is not None and leader[1] != self.start_time:
+            return
+        try:
+            os.killpg(self.pgid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass  # the group is gone already
+
+
 @dataclass
 class RankProcess:
     """One rank of a job on this node, from spawn until its end and all its output are reported."""
@@ -42,7 +132,8 @@ class RankProcess:
     spool: str
     gpu_indices: list[int] = field(default_factory=list)
     kill_grace: float = 10.0
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen | None = None   # set only for our own child, which waitpid reaps
+    spawned: SpawnRecord | None = None     # set for every rank that ran, adopted ones included
     exit_code: int | None = None
     signal: int | None = None
     reason: str | None = None
@@ -87,6 +178,33 @@ class RankProcess:
                 # ValueError: an environment name or value the kernel cannot take (NUL, '=').
                 detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 rank_proc._fail(f"cannot start the job on node {node_id}: {detail}")
+                return rank_proc
+        rank_proc._record_spawn()
+        return rank_proc
+
+    @classmethod
+    def adopt(cls, state_dir: str, job_id: str, rank: int) -> "RankProcess | None":
+        """A rank that a previous agent started and did not see end; None if the spool holds no such rank.
+
+        Its output goes out again from offset 0 (the master skips what it has).  A
+        rank whose process is gone comes back ended, its exit status unknown.
+        Raises ValueError when the spool cannot be read.
+        """
+        spool = spool_dir(state_dir, job_id, rank)
+        if os.path.exists(os.path.join(spool, _STATUS_FILE)) or \
+                not os.path.exists(os.path.join(spool, _PROCESS_FILE)):
+            return None
+        rank_proc = cls(job_id, rank, spool)
+        try:
+            rank_proc.spawned = SpawnRecord.load(spool)
+            rank_proc._open_readers()
+        except (OSError, ValueError) as exc:
+            rank_proc.close()
+            raise ValueError(f"unreadable spool {spool}: {exc}") from None
+        rank_proc.kill_grace = rank_proc.spawned.kill_grace
+        if not rank_proc.spawned.alive():
+            rank_proc.reason = ENDED_WHILE_AWAY
+            rank_proc._end()
         return rank_proc
 
     @classmethod
@@ -109,10 +227,11 @@ class RankProcess:
     def _create_spool(self) -> dict[Stream, object]:
         """Fresh, empty output files (a re-dispatched rank starts over) and readers on them."""
         os.makedirs(self.spool, exist_ok=True)
-        try:
-            os.unlink(os.path.join(self.spool, _STATUS_FILE))
-        except FileNotFoundError:
-            pass
+        for name in (_STATUS_FILE, _PROCESS_FILE):
+            try:
+                os.unlink(os.path.join(self.spool, name))
+            except FileNotFoundError:
+                pass
         outputs = {stream: open(os.path.join(self.spool, stream.value), "wb") for stream in Stream}
         self._open_readers()
         return outputs
@@ -120,6 +239,13 @@ class RankProcess:
     def _open_readers(self) -> None:
         for stream in Stream:
             self._readers[stream] = os.open(os.path.join(self.spool, stream.value), os.O_RDONLY)
+
+    def _record_spawn(self) -> None:
+        self.spawned = SpawnRecord.of(self.proc.pid, self.kill_grace)
+        try:
+            self.spawned.save(self.spool)
+        except OSError:
+            pass  # the job runs all the same; only an agent restarted meanwhile would not find it
 
     def _fail(self, reason: str) -> None:
         """End a rank that never ran; there is no process to report as started."""
@@ -135,28 +261,38 @@ class RankProcess:
         except OSError:
             pass  # only a late RESEND needs it, and a spool that cannot be written has no output either
 
+    def _end(self) -> None:
+        """The rank's leader has ended: clear out its group and record the end."""
+        # Whatever the leader left behind in its group (DataLoader workers, `cmd &`) would hold GPUs.
+        self.spawned.signal_group(signal.SIGKILL)
+        self._finish()
+
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
+        return self.spawned.pid if self.spawned is not None else None
 
     @property
     def running(self) -> bool:
-        return self.proc is not None and not self.ended
+        return self.spawned is not None and not self.ended
 
     def poll(self) -> bool:
-        """Reap the rank's process if it has exited (waitpid, WNOHANG); True when it just ended."""
+        """True when the rank's process has just ended: reaped if our child, gone from /proc if adopted."""
         if not self.running:
             return False
-        returncode = self.proc.poll()
-        if returncode is None:
-            return False
-        if returncode < 0:
-            self.signal = -returncode
+        if self.proc is None:
+            # Adopted: not our child, so no waitpid and no exit status.
+            if self.spawned.alive():
+                return False
+            self.reason = ENDED_AFTER_RESTART
         else:
-            self.exit_code = returncode
-        # Whatever the leader left behind in its group (DataLoader workers, `cmd &`) would hold GPUs.
-        self._signal_group(signal.SIGKILL)
-        self._finish()
+            returncode = self.proc.poll()     # waitpid, WNOHANG
+            if returncode is None:
+                return False
+            if returncode < 0:
+                self.signal = -returncode
+            else:
+                self.exit_code = returncode
+        self._end()
         return True
 
     def kill(self, now: float) -> bool:
@@ -165,23 +301,17 @@ class RankProcess:
             return False
         if self.kill_deadline is None:
             self.kill_deadline = now + self.kill_grace
-        self._signal_group(signal.SIGCONT)    # a stopped process would never see the SIGTERM
-        self._signal_group(signal.SIGTERM)
+        self.spawned.signal_group(signal.SIGCONT)    # a stopped process would never see the SIGTERM
+        self.spawned.signal_group(signal.SIGTERM)
         return True
 
     def escalate(self, now: float) -> bool:
         """SIGKILL the group once the grace period of a KILL has run out; True when it did."""
         if not self.running or self.kill_deadline is None or now < self.kill_deadline:
             return False
-        self._signal_group(signal.SIGKILL)
+        self.spawned.signal_group(signal.SIGKILL)
         self.kill_deadline = None
         return True
-
-    def _signal_group(self, signum: int) -> None:
-        try:
-            os.killpg(self.proc.pid, signum)
-        except (ProcessLookupError, PermissionError):
-            pass  # the group is gone already
 
     def describe_end(self) -> str:
         """How the rank ended, for a log line."""
@@ -189,6 +319,8 @@ class RankProcess:
             return f"killed by signal {self.signal} ({_signal_name(self.signal)})"
         if self.exit_code is not None:
             return f"exited with code {self.exit_code}"
+        if self.spawned is not None:
+            return f"ended; {self.reason}"
         return f"failed: {self.reason}"
 
     # -- output -----------------------------------------------------------------------

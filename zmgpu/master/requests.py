@@ -1,0 +1,259 @@
+"""Client requests to the master: one handler per message type, each answering with one REPLY.
+
+Handlers validate what the client asked, act through the job service or the
+node records, and answer ``{"ok": true, ...}`` or a typed error whose message
+the CLI prints as it is.  Who may do what is decided here: admins (the
+master's ``admins`` list) may raise priorities and drain or resume nodes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+
+from .. import protocol
+from ..model import JOB_ID_PATTERN, format_duration, parse_array_spec, parse_node_gpu_ids
+from ..protocol import CHUNK_BYTES, ErrorCode, Message, MsgType, error_reply, ok_reply
+from . import allocator
+from .jobs import JobService
+from .output import STREAMS
+from .state import ClusterState, JobRecord, NodeRecord
+
+_JOB_ID = re.compile(JOB_ID_PATTERN)
+
+
+class RequestError(Exception):
+    """A request that cannot be served; becomes an error reply."""
+
+    def __init__(self, code: ErrorCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class ClientRequests:
+    """Handlers for everything a ``zmgpu`` client may ask."""
+
+    def __init__(self, state: ClusterState, jobs: JobService, admins: list[str],
+                 default_time_limit: int | None, max_time_limit: int | None):
+        self.state = state
+        self.jobs = jobs
+        self.admins = set(admins)
+        self.default_time_limit = default_time_limit
+        self.max_time_limit = max_time_limit
+
+    def handlers(self) -> dict:
+        table = {
+            MsgType.PING: self.on_ping,
+            MsgType.SUBMIT: self.on_submit,
+            MsgType.QUEUE: self.on_queue,
+            MsgType.JOB: self.on_job,
+            MsgType.NODES: self.on_nodes,
+            MsgType.CANCEL: self.on_cancel,
+            MsgType.FETCH: self.on_fetch,
+            MsgType.DRAIN: self.on_drain,
+            MsgType.RESUME: self.on_resume,
+        }
+        return {msg_type: self._replying(handler) for msg_type, handler in table.items()}
+
+    def _replying(self, handler):
+        """Wrap a handler that returns reply fields (and payload) or raises RequestError."""
+        def serve(identity: bytes, msg: Message) -> None:
+            req = msg.body["req"]
+            try:
+                fields, *payload = handler(msg.body)
+                body = ok_reply(req, **fields)
+            except RequestError as exc:
+                body, payload = error_reply(req, exc.code, str(exc)), []
+            self.jobs.reactor.send(identity, MsgType.REPLY, body, *payload)
+        serve.__name__ = handler.__name__
+        return serve
+
+    # -- lookups ---------------------------------------------------------------------------------
+
+    def _job(self, job_id: str) -> JobRecord:
+        job = self.state.jobs.get(job_id)
+        if job is None:
+            raise RequestError(ErrorCode.UNKNOWN_JOB, f"unknown job id '{job_id}'")
+        return job
+
+    def _node(self, node_id: str) -> NodeRecord:
+        node = self.state.nodes.get(node_id)
+        if node is None:
+            known = ", ".join(sorted(self.state.nodes)) or "none"
+            raise RequestError(ErrorCode.UNKNOWN_NODE, f"unknown node '{node_id}' (registered nodes: {known})")
+        return node
+
+    def _admin(self, user: str, what: str) -> None:
+        if user not in self.admins:
+            raise RequestError(ErrorCode.PERMISSION_DENIED,
+                               f"permission denied: only admins may {what} (see 'admins' in the master's YAML)")
+
+    # -- handlers --------------------------------------------------------------------------------
+
+    def on_ping(self, body: dict) -> tuple:
+        """Answer a liveness check with the protocol version."""
+        return ({"version": protocol.PROTOCOL_VERSION},)
+
+    def on_submit(self, body: dict) -> tuple:
+        """Validate a job (or an array of them), queue it, and answer with its id."""
+        user, spec = body["user"], body["job"]
+        try:
+            template = self._template(user, spec)
+            array = spec.get("array")
+            indices, limit = parse_array_spec(array) if array is not None else (None, None)
+        except (ValueError, TypeError) as exc:
+            raise RequestError(ErrorCode.BAD_REQUEST, str(exc)) from None
+        capacity = [allocator.NodeCapacity(n.node_id, tuple(g.index for g in n.gpus))
+                    for n in self.state.nodes.values()]
+        problem = allocator.infeasible(allocator.Request("", template.gpus, template.pins), capacity)
+        if problem:
+            raise RequestError(ErrorCode.IMPOSSIBLE, problem)
+        base_id = self._new_id()
+        if indices is None:
+            self.jobs.enqueue(self._record(template, base_id))
+            return ({"job_id": base_id},)
+        tasks = [f"{base_id}_{i}" for i in indices]
+        self.state.arrays[base_id] = tasks
+        for index, task_id in zip(indices, tasks):
+            self.jobs.enqueue(self._record(template, task_id, array_job_id=base_id, array_task_id=index,
+                                           array_limit=limit))
+        return ({"job_id": base_id, "tasks": tasks},)
+
+    def _template(self, user: str, spec: dict) -> JobRecord:
+        """A job record from a SUBMIT body, checked field by field; ValueError names what is wrong."""
+        command, cwd, env = spec.get("command"), spec.get("cwd"), spec.get("env")
+        gpus, pin_spec, priority = spec.get("gpus", 0), spec.get("node_gpu_ids"), spec.get("priority", 0)
+        if not isinstance(command, str) or not command.strip():
+            raise ValueError("the job has no command")
+        if not isinstance(cwd, str) or not os.path.isabs(cwd):
+            raise ValueError("the job's working directory must be an absolute path")
+        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                for k, v in env.items()):
+            raise ValueError("the job's environment must map names to strings")
+        if not _whole(gpus) or gpus < 0:
+            raise ValueError("--gpus must be a whole number >= 0")
+        if not _whole(priority):
+            raise ValueError("--priority must be a whole number")
+        if priority > 0:
+            self._admin(user, "raise a job's priority above 0")
+        pins = None
+        if pin_spec is not None:
+            pins = parse_node_gpu_ids(str(pin_spec))
+            pinned = sum(len(v) for v in pins.values())
+            if gpus and gpus != pinned:
+                raise ValueError(f"--gpus {gpus} does not match the {pinned} GPU(s) named in --node-gpu-ids")
+            gpus = pinned
+        after = spec.get("after") or []
+        if not isinstance(after, list) or not all(isinstance(a, str) for a in after):
+            raise ValueError("--after must list job ids")
+        deps = [task for dep in after for task in self.state.expand(dep)]
+        unknown = next((d for d in deps if d not in self.state.jobs), None)
+        if unknown is not None:
+            raise ValueError(f"unknown job id '{unknown}' in --after")
+        name = spec.get("name")
+        if name is not None and not isinstance(name, str):
+            raise ValueError("--name must be a string")
+        return JobRecord(job_id="", seq=0, user=user, command=command, cwd=cwd, env=env, gpus=gpus,
+                         pins=pins, node_gpu_ids=pin_spec, interactive=bool(spec.get("interactive")),
+                         name=name, priority=priority, time_limit=self._time_limit(spec.get("time_limit")),
+                         requeue=bool(spec.get("requeue")), after=deps, after_any=bool(spec.get("after_any")))
+
+    def _time_limit(self, asked) -> int | None:
+        if asked is None:
+            return self.default_time_limit
+        if not _whole(asked) or asked <= 0:
+            raise ValueError("--time must be a positive number of seconds")
+        if self.max_time_limit is not None and asked > self.max_time_limit:
+            raise RequestError(ErrorCode.IMPOSSIBLE, f"--time {format_duration(asked)} exceeds this cluster's "
+                                                     f"maximum of {format_duration(self.max_time_limit)}")
+        return asked
+
+    def _new_id(self) -> str:
+        job_id = secrets.token_hex(4)
+        while job_id in self.state.jobs or job_id in self.state.arrays:
+            job_id = secrets.token_hex(4)
+        return job_id
+
+    def _record(self, template: JobRecord, job_id: str, **array) -> JobRecord:
+        self.state.next_seq += 1
+        fields = {k: v for k, v in vars(template).items() if k not in ("job_id", "seq", "submit_time")}
+        return JobRecord(job_id=job_id, seq=self.state.next_seq, **{**fields, **array})
+
+    def on_queue(self, body: dict) -> tuple:
+        """List jobs (active ones, or all with ``all``; filtered by owner, states, ids) and nodes."""
+        everything = bool(body.get("all"))
+        owner, states, ids = body.get("owner"), body.get("states"), body.get("job_ids")
+        if ids is not None:
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise RequestError(ErrorCode.BAD_REQUEST, "job_ids must be a list of job ids")
+            candidates = [self.state.jobs[t] for i in ids for t in self.state.expand(i) if t in self.state.jobs]
+        else:
+            candidates = self.state.jobs.values()
+        wanted = set(states) if isinstance(states, list) else None
+        jobs = [self.jobs.job_dict(j) for j in candidates
+                if (everything or ids is not None or not j.state.finished)
+                and (owner is None or j.user == owner) and (wanted is None or j.state.value in wanted)]
+        return ({"jobs": jobs, "nodes": [n.to_dict() for n in self.state.nodes.values()]},)
+
+    def on_job(self, body: dict) -> tuple:
+        """One job's dict."""
+        return ({"job": self.jobs.job_dict(self._job(body["job_id"]))},)
+
+    def on_nodes(self, body: dict) -> tuple:
+        """Every registered node with its GPUs."""
+        return ({"nodes": [n.to_dict() for n in self.state.nodes.values()]},)
+
+    def on_fetch(self, body: dict) -> tuple:
+        """Output bytes the master holds, from an offset (the snapshot half of the Clone pattern)."""
+        job = self._job(body["job_id"])
+        if body["stream"] not in STREAMS or not 0 <= body["rank"] < max(len(job.ranks), 1):
+            raise RequestError(ErrorCode.BAD_REQUEST, "no such rank or stream for this job")
+        key = (job.job_id, body["rank"], body["stream"])
+        offset = max(0, body["offset"])
+        spool = self.jobs.spool
+        return {"offset": offset, "size": spool.size(key)}, spool.read(key, offset, CHUNK_BYTES)
+
+    def on_cancel(self, body: dict) -> tuple:
+        """Cancel each listed job, array task or whole array; one result per id."""
+        if not all(isinstance(job_id, str) for job_id in body["job_ids"]):
+            raise RequestError(ErrorCode.BAD_REQUEST, "job ids must be strings")
+        return ({"results": [self._cancel_one(job_id, body["user"]) for job_id in body["job_ids"]]},)
+
+    def _cancel_one(self, job_id: str, user: str) -> dict:
+        tasks = self.state.arrays.get(job_id)
+        if tasks is not None:
+            live = [self.state.jobs[t] for t in tasks if not self.state.jobs[t].state.finished]
+            for job in live:
+                self.jobs.cancel(job, user)
+            return {"job_id": job_id, "ok": True, "message": f"cancelled {len(live)} task(s) of array {job_id}"}
+        job = self.state.jobs.get(job_id) if _JOB_ID.fullmatch(job_id) else None
+        if job is None:
+            return {"job_id": job_id, "ok": False, "message": f"unknown job id '{job_id}'"}
+        if job.state.finished:
+            return {"job_id": job_id, "ok": False, "message": f"job {job_id} already ended ({job.state.value})"}
+        self.jobs.cancel(job, user)
+        return {"job_id": job_id, "ok": True, "message": f"cancelled job {job_id}"}
+
+    def on_drain(self, body: dict) -> tuple:
+        """Admin: place nothing new on a node; what runs there finishes."""
+        self._admin(body["user"], "drain nodes")
+        node = self._node(body["node_id"])
+        node.drain_reason = body["reason"] or "drained"
+        self.jobs.log.info("node %s drained by %s: %s", node.node_id, body["user"], node.drain_reason)
+        self.jobs.dirty = True
+        return ({"message": f"node {node.node_id} drained"},)
+
+    def on_resume(self, body: dict) -> tuple:
+        """Admin: undo a drain."""
+        self._admin(body["user"], "resume nodes")
+        node = self._node(body["node_id"])
+        node.drain_reason = None
+        self.jobs.log.info("node %s resumed by %s", node.node_id, body["user"])
+        self.jobs.dirty = True
+        return ({"message": f"node {node.node_id} resumed"},)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
