@@ -65,6 +65,7 @@ class MsgType(enum.Enum):
     DISPATCH = b"DISPATCH"        # run one rank of a job
     KILL = b"KILL"                # stop every rank of a job on this node
     RESEND = b"RESEND"            # master's spool has a gap: resend from offset
+    REFUSED = b"REFUSED"          # registration refused (node id in use by another live agent)
 
     # master -> PUB subscribers (OUTPUT above is also published)
     JOB_STATE = b"JOB_STATE"      # a job's dict after a state change
@@ -123,6 +124,7 @@ REQUIRED: dict[MsgType, dict[str, type | tuple]] = {
                        "env": dict, "gpu_indices": list, "kill_grace": _NUM},
     MsgType.KILL: {"job_id": str, "reason": str},
     MsgType.RESEND: {"job_id": str, "rank": int, "stream": str, "offset": int},
+    MsgType.REFUSED: {"reason": str},
     MsgType.JOB_STATE: {"job_id": str, "state": str},
     MsgType.NODE_STATE: {"node_id": str, "state": str},
 }
