@@ -70,8 +70,8 @@ def test_flags_beat_the_file_and_untouched_flags_do_not(tmp_path):
 
 
 def test_flags_alone_beat_defaults():
-    cfg = load_config(NodeConfig, None, {"simulate_gpus": 4, "node_id": "n1", "master_port": 0})
-    assert (cfg.simulate_gpus, cfg.node_id, cfg.master_port) == (4, "n1", 0)
+    cfg = load_config(NodeConfig, None, {"simulate_gpus": 4, "node_id": "n1", "master_port": 9001})
+    assert (cfg.simulate_gpus, cfg.node_id, cfg.master_port) == (4, "n1", 9001)
 
 
 def test_broken_yaml_names_file_and_line(tmp_path):
@@ -248,3 +248,22 @@ def test_master_uses_its_file(run_program, tmp_path):
     proc = run_program([*MASTER, "--config", str(path), "--state-dir", str(tmp_path / "s")])
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "192.0.2.1" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("cls, source, key, value", [
+    (MasterConfig, "flag", "port", 99999),
+    (MasterConfig, "flag", "heartbeat_interval", 0),
+    (ClientConfig, "file", "connection_timeout", -5),
+    (NodeConfig, "file", "master_port", 0),
+])
+def test_out_of_range_values_are_refused_naming_where_they_came_from(tmp_path, cls, source, key, value):
+    if source == "file":
+        path = _write(tmp_path, f"{key}: {value}\n")
+        msg = _error(cls, path)
+        assert str(path) in msg and f"'{key}'" in msg
+    else:
+        with pytest.raises(ConfigError) as info:
+            load_config(cls, None, {key: value})
+        msg = str(info.value)
+        assert "--" + key.replace("_", "-") in msg
+    assert "must be" in msg and str(value) in msg

@@ -25,23 +25,41 @@ def default_state_dir() -> str:
     return os.path.join(base, "zmgpu")
 
 
+def _bounded(default, check, expected: str, **kw):
+    """A field whose value must pass ``check``; ``expected`` completes "must be ..." in the error."""
+    return dataclasses.field(default=default, metadata={"check": check, "expected": expected}, **kw)
+
+
+def _port(default, allow_zero: bool = True):
+    low = 0 if allow_zero else 1
+    return _bounded(default, lambda v: low <= v <= 65535, f"a port number from {low} to 65535")
+
+
+def _positive(default):
+    return _bounded(default, lambda v: v > 0, "greater than 0")
+
+
+def _at_least(default, low):
+    return _bounded(default, lambda v: v >= low, f"at least {low}")
+
+
 @dataclass
 class MasterConfig:
     """Settings of ``zmgpu-master``."""
 
     host: str = "127.0.0.1"
-    port: int = 8080
-    pub_port: typing.Optional[int] = None      # None: port + 1
+    port: int = _port(8080)
+    pub_port: typing.Optional[int] = _port(None)      # None: port + 1
     state_dir: str = dataclasses.field(default_factory=lambda: os.path.join(default_state_dir(), "master"))
-    heartbeat_interval: float = 1.0
-    node_timeout: float = 5.0
-    kill_grace: float = 10.0
+    heartbeat_interval: float = _positive(1.0)
+    node_timeout: float = _positive(5.0)
+    kill_grace: float = _at_least(10.0, 0)
     admins: list[str] = dataclasses.field(default_factory=list)
     default_time_limit: typing.Optional[str] = None   # Slurm format; None: no limit
     max_time_limit: typing.Optional[str] = None       # Slurm format; None: no maximum
-    max_requeue: int = 3
-    user_gpu_limit: typing.Optional[int] = None      # None: no per-user cap
-    finished_retention: float = 86400.0
+    max_requeue: int = _at_least(3, 0)
+    user_gpu_limit: typing.Optional[int] = _at_least(None, 1)   # None: no per-user cap
+    finished_retention: float = _at_least(86400.0, 0)
     verbose: bool = False
 
 
@@ -51,11 +69,11 @@ class NodeConfig:
 
     node_id: typing.Optional[str] = None        # None: the host name
     master_host: str = "127.0.0.1"
-    master_port: int = 8080
+    master_port: int = _port(8080, allow_zero=False)
     state_dir: str = dataclasses.field(default_factory=lambda: os.path.join(default_state_dir(), "node"))
-    simulate_gpus: typing.Optional[int] = None  # None: real GPUs through NVML
-    heartbeat_interval: float = 1.0
-    master_timeout: float = 5.0
+    simulate_gpus: typing.Optional[int] = _at_least(None, 0)  # None: real GPUs through NVML
+    heartbeat_interval: float = _positive(1.0)
+    master_timeout: float = _positive(5.0)
     verbose: bool = False
 
 
@@ -64,12 +82,12 @@ class ClientConfig:
     """Settings of the ``zmgpu`` command line and :class:`zmgpu.Client`."""
 
     host: str = "127.0.0.1"
-    port: int = 8080
-    pub_port: typing.Optional[int] = None       # None: port + 1
-    connection_timeout: float = 30.0
-    session_timeout: float = 7200.0
-    max_wait_time: float = 300.0
-    max_consecutive_timeouts: int = 30
+    port: int = _port(8080, allow_zero=False)
+    pub_port: typing.Optional[int] = _port(None, allow_zero=False)   # None: port + 1
+    connection_timeout: float = _positive(30.0)
+    session_timeout: float = _positive(7200.0)
+    max_wait_time: float = _positive(300.0)
+    max_consecutive_timeouts: int = _at_least(30, 1)
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
@@ -99,10 +117,22 @@ def _check(path: str, key: str, value, hint) -> object:
 def load_config(cls, path: str | os.PathLike | None, overrides: dict | None = None):
     """Build ``cls`` from defaults, then the YAML file at ``path``, then non-None ``overrides``."""
     values: dict = {}
+    source: dict[str, str] = {}
     if path is not None:
         values.update(read_yaml(cls, str(path)))
+        source.update(dict.fromkeys(values, f"{path}: key"))
     names = {f.name for f in fields(cls)}
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None and k in names})
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None and k in names}
+    values.update(flags)
+    source.update({k: "option --" + k.replace("_", "-") for k in flags})
+    for f in fields(cls):
+        check = f.metadata.get("check")
+        value = values.get(f.name)
+        if check is not None and value is not None and not check(value):
+            where = source.get(f.name, "setting")
+            raise ConfigError(f"{where} '{f.name}' must be {f.metadata['expected']}, got {value!r}"
+                              if where.endswith("key") else
+                              f"{where} must be {f.metadata['expected']}, got {value!r}")
     return cls(**values)
 
 

@@ -224,20 +224,25 @@ class JobService:
 
     def on_job_ended(self, identity: bytes, msg: Message) -> None:
         """A rank's process ended (or never started): record it through the common path."""
-        body = msg.body
-        found = self._rank_from(identity, body)
-        if found is None or found[1].ended:
-            return
-        job, part = found
-        for stream, size in body["sizes"].items():
+        found = self._rank_from(identity, msg.body)
+        if found is not None and not found[1].ended:
+            self.settle_rank(identity, found[0], msg.body["rank"], msg.body)
+
+    def settle_rank(self, identity: bytes, job: JobRecord, rank: int, report: dict) -> None:
+        """End a rank as its node reports it (JOB_ENDED, or an ended entry of a REGISTER)."""
+        part = job.ranks[rank]
+        sizes = report.get("sizes")
+        for stream, size in (sizes.items() if isinstance(sizes, dict) else ()):
             if stream not in _STREAMS or not isinstance(size, int):
                 continue
             part.final_sizes[stream] = size
-            held = self.spool.size((job.job_id, body["rank"], stream))
+            held = self.spool.size((job.job_id, rank, stream))
             if held < size:
                 self.reactor.send(identity, MsgType.RESEND,
-                                  {"job_id": job.job_id, "rank": body["rank"], "stream": stream, "offset": held})
-        self.end_rank(job, body["rank"], body["exit_code"], body["signal"], body["reason"])
+                                  {"job_id": job.job_id, "rank": rank, "stream": stream, "offset": held})
+        exit_code, signal, reason = report.get("exit_code"), report.get("signal"), report.get("reason")
+        self.end_rank(job, rank, exit_code if isinstance(exit_code, int) else None,
+                      signal if isinstance(signal, int) else None, reason if isinstance(reason, str) else None)
 
     # -- ending ----------------------------------------------------------------------------------
 

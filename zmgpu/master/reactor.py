@@ -117,7 +117,7 @@ class Reactor:
                 if events.get(fd):
                     callback()
             self._run_timers()
-            self.after_turn()
+            self._guard(self.after_turn)
 
     def stop(self) -> None:
         self.running = False

@@ -61,18 +61,31 @@ class NodeRegistry:
             self.log.warning("refused registration of node %s: %s", node_id, exc)
             return
         node = self.state.nodes.get(node_id)
+        instance = body.get("instance")
+        if node is not None and self._impostor(node, instance, body.get("previous_instance")):
+            reason = (f"node id {node_id} is in use by a live agent on {node.hostname} ({node.address}); give this "
+                      f"agent another --node-id (if that agent is gone, start again after {self.node_timeout:g} s)")
+            self.log.warning("refused registration of %s from %s (%s): %s",
+                             node_id, body["hostname"], body["address"], reason)
+            self.reactor.send(identity, MsgType.REFUSED, {"reason": reason})
+            return
         if node is None:
             node = self.state.nodes[node_id] = NodeRecord(node_id, body["hostname"], body["address"], gpus)
             self.by_identity[identity] = node
         else:
             node.hostname, node.address, node.gpus = body["hostname"], body["address"], gpus
-        node.state = NodeState.UP
+        node.state, node.instance = NodeState.UP, instance
         self.seen(identity)
         self._log_connected(node)
         self._reconcile(node, body["jobs"])
         self.reactor.send(identity, MsgType.REGISTERED, {"heartbeat_interval": self.heartbeat_interval})
         self.publish(node)
         self.jobs.dirty = True
+
+    def _impostor(self, node: NodeRecord, instance, previous) -> bool:
+        """A second live agent under the same node id (not the same agent, nor its restarted successor)."""
+        return (node.up and node.instance is not None and instance != node.instance
+                and previous != node.instance)
 
     def _log_connected(self, node: NodeRecord) -> None:
         self.log.info("node %s connected from %s (host %s) with %d GPU(s)",
@@ -83,16 +96,32 @@ class NodeRegistry:
                           gpu.memory_mb, gpu.uuid, mark)
 
     def _reconcile(self, node: NodeRecord, reported: list) -> None:
-        """Match the ranks a returning node reports with what the master thinks runs there."""
-        held = set()
+        """Match the ranks a returning node reports with what the master thinks runs there.
+
+        Current ranks go on (or are settled, if the node says they ended while
+        the master did not hear); ranks the master no longer wants are killed;
+        ranks the node does not report are lost.
+        """
+        still_running = set()
         for entry in reported:
-            if isinstance(entry, dict) and isinstance(entry.get("job_id"), str) and isinstance(entry.get("rank"), int):
-                held.add((entry["job_id"], entry["rank"]))
-        for job_id, _ in held - node.ranks:
-            self.log.info("node %s still runs job %s, which the master ended; stopping it", node.node_id, job_id)
-            self.reactor.send(node.node_id.encode(), MsgType.KILL,
-                              {"job_id": job_id, "reason": "the master no longer runs this job here"})
-        for job_id, rank in node.ranks - held:
+            if not (isinstance(entry, dict) and isinstance(entry.get("job_id"), str)
+                    and isinstance(entry.get("rank"), int) and isinstance(entry.get("attempt", 0), int)):
+                continue
+            job = self.state.jobs.get(entry["job_id"])
+            key = (entry["job_id"], entry["rank"])
+            current = job is not None and key in node.ranks and entry.get("attempt", 0) == job.requeue_count
+            if entry.get("ended"):
+                if current:
+                    self.jobs.settle_rank(node.node_id.encode(), job, entry["rank"], entry)
+            elif current:
+                still_running.add(key)
+            else:
+                self.log.info("node %s still runs job %s, which the master ended; stopping it",
+                              node.node_id, entry["job_id"])
+                self.reactor.send(node.node_id.encode(), MsgType.KILL,
+                                  {"job_id": entry["job_id"], "attempt": entry.get("attempt", 0),
+                                   "reason": "the master no longer runs this job here"})
+        for job_id, rank in sorted(node.ranks - still_running):
             self.jobs.end_rank(self.state.jobs[job_id], rank, lost=True,
                                reason=f"node {node.node_id} came back without the job's process")
 

@@ -92,8 +92,8 @@ class ClientRequests:
     # -- handlers --------------------------------------------------------------------------------
 
     def on_ping(self, body: dict) -> tuple:
-        """Answer a liveness check with the protocol version."""
-        return ({"version": protocol.PROTOCOL_VERSION},)
+        """Answer a liveness check with the protocol version and the PUB port (a client may not know it)."""
+        return ({"version": protocol.PROTOCOL_VERSION, "pub_port": self.jobs.reactor.pub_port},)
 
     def on_submit(self, body: dict) -> tuple:
         """Validate a job (or an array of them), queue it, and answer with its id."""

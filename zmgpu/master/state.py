@@ -25,6 +25,7 @@ class NodeRecord:
     state: NodeState = NodeState.UP
     reachable: bool = True          # False after a send to it failed, until it is heard from again
     drain_reason: str | None = None  # set by an admin: no new jobs here
+    instance: str | None = None     # the registered agent process, to tell a duplicate from a restart
     expires: float = 0.0            # monotonic deadline for the next sign of life
     last_seen: float = 0.0          # wall clock, for people
     holders: dict[int, str] = field(default_factory=dict)   # GPU index -> job id holding it
