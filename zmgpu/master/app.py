@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     # Checking twice per interval keeps a dead node's detection within half an interval of its deadline.
     reactor.add_timer(config.heartbeat_interval / 2, registry.check_expiry)
     reactor.add_timer(0.5, jobs.check_time_limits)
-    reactor.add_timer(60.0, jobs.purge_finished)
+    # Often enough that a short retention (tests, tiny labs) is honoured within half of it.
+    reactor.add_timer(min(60.0, max(config.finished_retention / 2, 0.5)), jobs.purge_finished)
     signals = SignalPipe([signal.SIGTERM, signal.SIGINT])
 
     def on_signal() -> None:
