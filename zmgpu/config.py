@@ -53,6 +53,7 @@ class MasterConfig:
     state_dir: str = dataclasses.field(default_factory=lambda: os.path.join(default_state_dir(), "master"))
     heartbeat_interval: float = _positive(1.0)
     node_timeout: float = _positive(5.0)
+    node_dead_timeout: float = _positive(60.0)
     kill_grace: float = _at_least(10.0, 0)
     admins: list[str] = dataclasses.field(default_factory=list)
     default_time_limit: typing.Optional[str] = None   # Slurm format; None: no limit

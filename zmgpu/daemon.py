@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -74,3 +76,37 @@ def load_or_exit(cls, args, prog: str):
     except ConfigError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+class StateDirBusy(Exception):
+    """Another live daemon holds the state directory's lock."""
+
+
+def lock_state_dir(state_dir: str):
+    """Hold an exclusive lock on ``<state_dir>/lock`` for the life of the process (the file object is the lock).
+
+    The kernel drops the lock when the process dies, even by ``kill -9``, so a
+    stale lock file never blocks a restart.
+    """
+    fh = open(os.path.join(state_dir, "lock"), "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        fh.seek(0)
+        holder = fh.read().strip()
+        fh.close()
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise StateDirBusy(f"pid {holder}" if holder else "another process") from None
+        raise
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
+
+
+def describe_state_dir_error(state_dir: str, exc: Exception) -> str:
+    """One line for a state directory that cannot be created, written or locked."""
+    if isinstance(exc, StateDirBusy):
+        return f"state directory {state_dir} is in use by {exc} (one daemon per state directory)"
+    return f"cannot use state directory {state_dir}: {getattr(exc, 'strerror', None) or exc}"

@@ -114,6 +114,7 @@ class NodeStatus(str, enum.Enum):
     MIXED = "mixed"          # up, some GPUs held
     ALLOCATED = "allocated"  # up, every GPU held
     DRAINED = "drained"      # an admin stopped new placements (running jobs finish)
+    SUSPECT = "suspect"      # missed heartbeats: nothing new placed, jobs go on until it is declared down
     DOWN = "down"            # not heard from within the node timeout
 
 

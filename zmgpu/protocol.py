@@ -83,6 +83,7 @@ class ErrorCode(str, enum.Enum):
     UNKNOWN_NODE = "UNKNOWN_NODE"    # no node with that id
     PERMISSION_DENIED = "PERMISSION_DENIED"  # only admins (or the owner) may do that
     IMPOSSIBLE = "IMPOSSIBLE"        # the request can never be satisfied
+    STORE_FAILED = "STORE_FAILED"    # the master could not write its state directory
     INTERNAL = "INTERNAL"            # a handler failed; the master goes on
 
 

@@ -9,7 +9,8 @@ import sys
 
 from .. import __version__
 from ..config import MasterConfig
-from ..daemon import SignalPipe, load_or_exit, setup_logging, write_port_file
+from ..daemon import (SignalPipe, StateDirBusy, describe_state_dir_error, load_or_exit, lock_state_dir,
+                      setup_logging, write_port_file)
 from ..model import parse_time_limit
 
 PROG = "zmgpu-master"
@@ -31,12 +32,16 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pub-port", type=int,
                         help="PUB port for job output and events (default: port + 1; 0 picks a free port)")
     parser.add_argument("--state-dir", metavar="DIR",
-                        help="where job output is spooled (default ~/.local/state/zmgpu/master)")
+                        help="where the job database (SQLite) and job output live; one master per directory "
+                             "(default ~/.local/state/zmgpu/master)")
     parser.add_argument("--heartbeat-interval", type=float, metavar="S",
                         help="seconds between heartbeats to node agents (default 1)")
     parser.add_argument("--node-timeout", type=float, metavar="S",
-                        help="a node not heard from for this many seconds is down and its jobs end "
-                             "NODE_FAIL (default 5)")
+                        help="a node not heard from for this many seconds is suspect: nothing new is placed "
+                             "there, its jobs go on (default 5)")
+    parser.add_argument("--node-dead-timeout", type=float, metavar="S",
+                        help="a node not heard from for this many seconds is down: its jobs end NODE_FAIL, or "
+                             "go back to the queue if they asked for --requeue (default 60)")
     parser.add_argument("--kill-grace", type=float, metavar="S",
                         help="seconds between SIGTERM and SIGKILL when a job is cancelled (default 10)")
     parser.add_argument("--port-file", metavar="FILE",
@@ -61,65 +66,49 @@ def _time_limits(config: MasterConfig, path: str | None) -> tuple[int | None, in
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the master until SIGTERM or SIGINT; returns the exit status."""
     args = get_parser().parse_args(argv)
     config = load_or_exit(MasterConfig, args, PROG)
-    log = setup_logging("zmgpu.master", config.verbose)
-    try:
-        os.makedirs(config.state_dir, exist_ok=True)
-    except OSError as exc:
-        print(f"{PROG}: cannot create state directory {config.state_dir}: {exc.strerror}", file=sys.stderr)
-        return 1
-
-    # Imported here so `--help` (and the man page build) does not need zmq.
-    from .jobs import JobService
-    from .output import OutputSpool
-    from .reactor import BindError, Reactor
-    from .registry import NodeRegistry
-    from .requests import ClientRequests
-    from .state import ClusterState
-
     limits = _time_limits(config, args.config)
     if limits is None:
         return 2
+    log = setup_logging("zmgpu.master", config.verbose)
+    try:
+        os.makedirs(config.state_dir, exist_ok=True)
+        lock = lock_state_dir(config.state_dir)
+    except (OSError, StateDirBusy) as exc:
+        print(f"{PROG}: {describe_state_dir_error(config.state_dir, exc)}", file=sys.stderr)
+        return 1
+
+    # Imported here so `--help` (and the man page build) does not need zmq.
+    from .reactor import BindError
+    from .server import Master
+    from .store import StoreError
 
     try:
-        reactor = Reactor(config.host, config.port, config.pub_port, log)
-    except BindError as exc:
+        master = Master(config, limits, log)
+    except (BindError, StoreError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
-    state = ClusterState()
-    jobs = JobService(state, reactor, OutputSpool(config.state_dir), config.kill_grace, config.max_requeue,
-                      config.user_gpu_limit, config.finished_retention, log)
-    requests = ClientRequests(state, jobs, config.admins, *limits)
-    registry = NodeRegistry(state, reactor, jobs, config.heartbeat_interval, config.node_timeout, log)
-    reactor.handlers = {**requests.handlers(), **jobs.handlers(), **registry.handlers()}
-    reactor.peer_seen = registry.seen
-    reactor.after_turn = jobs.schedule
-    reactor.add_timer(config.heartbeat_interval, registry.send_heartbeats)
-    # Checking twice per interval keeps a dead node's detection within half an interval of its deadline.
-    reactor.add_timer(config.heartbeat_interval / 2, registry.check_expiry)
-    reactor.add_timer(0.5, jobs.check_time_limits)
-    # Often enough that a short retention (tests, tiny labs) is honoured within half of it.
-    reactor.add_timer(min(60.0, max(config.finished_retention / 2, 0.5)), jobs.purge_finished)
     signals = SignalPipe([signal.SIGTERM, signal.SIGINT])
 
     def on_signal() -> None:
         if signals.drain():
             log.info("stopping on signal")
-            reactor.stop()
+            master.reactor.stop()
 
-    reactor.add_fd(signals.fileno(), on_signal)
-
+    master.reactor.add_fd(signals.fileno(), on_signal)
+    port, pub_port = master.reactor.port, master.reactor.pub_port
     log.info("listening on tcp://%s:%d (clients and nodes), tcp://%s:%d (output and events); state in %s",
-             config.host, reactor.port, config.host, reactor.pub_port, config.state_dir)
+             config.host, port, config.host, pub_port, config.state_dir)
     if config.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening beyond loopback: anyone who reaches port %d can submit jobs", reactor.port)
+        log.warning("listening beyond loopback: anyone who reaches port %d can submit jobs", port)
     if args.port_file:
-        write_port_file(args.port_file, port=reactor.port, pub_port=reactor.pub_port)
+        write_port_file(args.port_file, port=port, pub_port=pub_port)
     try:
-        reactor.run()
+        master.run()
     finally:
-        reactor.close()
         signals.close()
+        lock.close()
     log.info("stopped")
     return 0

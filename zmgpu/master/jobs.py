@@ -17,6 +17,7 @@ from . import allocator
 from .output import OutputSpool
 from .reactor import Reactor
 from .state import ClusterState, JobRecord, RankRecord
+from .store import Store
 
 _STREAMS = {s.value for s in Stream}
 
@@ -24,11 +25,12 @@ _STREAMS = {s.value for s in Stream}
 class JobService:
     """Job state transitions, the scheduling pass, and the job messages of node agents."""
 
-    def __init__(self, state: ClusterState, reactor: Reactor, spool: OutputSpool, kill_grace: float,
+    def __init__(self, state: ClusterState, reactor: Reactor, spool: OutputSpool, store: Store, kill_grace: float,
                  max_requeue: int, user_gpu_limit: int | None, retention: float, log: logging.Logger):
         self.state = state
         self.reactor = reactor
         self.spool = spool
+        self.store = store
         self.kill_grace = kill_grace
         self.max_requeue = max_requeue
         self.user_gpu_limit = user_gpu_limit
@@ -47,12 +49,15 @@ class JobService:
         return job.to_dict(self.spool.sizes)
 
     def publish_job(self, job: JobRecord) -> None:
+        """Tell subscribers about a change, and have the store write it at the end of the turn."""
+        self.store.job_changed(job)
         self.reactor.publish(protocol.job_topic(job.job_id, "state"), MsgType.JOB_STATE, self.job_dict(job))
 
     def enqueue(self, job: JobRecord) -> None:
         """A new or requeued job joins the pending queue."""
         self.state.jobs[job.job_id] = job
         self.state.pending.add(job)
+        self.store.seq = self.state.next_seq
         self.dirty = True
         self.publish_job(job)
 
@@ -63,6 +68,7 @@ class JobService:
             self._finish(job, JobState.CANCELLED, f"cancelled by {user}")
         else:
             job.cancel_by = user
+            self.store.job_changed(job)
             self.kill_ranks(job, f"cancelled by {user}")
 
     # -- scheduling and dispatch -------------------------------------------------------------
@@ -166,6 +172,7 @@ class JobService:
             deadline = job.deadline
             if deadline is not None and now >= deadline and not job.timed_out and job.cancel_by is None:
                 job.timed_out = True
+                self.store.job_changed(job)
                 self.log.info("job %s reached its time limit of %s", job.job_id, format_duration(job.time_limit))
                 self.kill_ranks(job, "time limit reached")
 
@@ -177,6 +184,7 @@ class JobService:
                if j.state.finished and j.end_time < cutoff and j.job_id not in needed]
         for job in old:
             del self.state.jobs[job.job_id]
+            self.store.job_deleted(job.job_id)
             self.spool.discard(job.job_id, len(job.ranks))
             tasks = self.state.arrays.get(job.array_job_id)
             if tasks is not None:
@@ -207,6 +215,7 @@ class JobService:
         found = self._rank_from(identity, msg.body)
         if found:
             found[1].pid = msg.body["pid"]
+            self.store.job_changed(found[0])
 
     def on_output(self, identity: bytes, msg: Message) -> None:
         """Spool a chunk by offset, publish what is new, ask for a resend on a gap."""
@@ -258,6 +267,7 @@ class JobService:
                     del node.holders[index]
             node.ranks.discard((job.job_id, rank))
         self.dirty = True
+        self.store.job_changed(job)
         if part.failed and job.first_failed is None:
             job.first_failed = rank
         if part.failed and job.live_ranks() and job.cancel_by is None:

@@ -1,9 +1,11 @@
 """Node registry on the master: registration, heartbeats both ways, and declaring nodes dead.
 
-Liveness is not capacity: a heartbeat only moves a node's expiry time; free
-GPUs are the allocator's business.  Any message from a node counts as a sign
-of life.  A node that misses its deadline is marked down and each of its live
-job ranks ends through the job service's common path as a lost rank.
+Liveness is not capacity: a heartbeat only records when the node was last
+heard; free GPUs are the allocator's business.  Any message from a node counts
+as a sign of life.  Two thresholds: a node silent for ``node_timeout`` is
+suspect (nothing new is placed there, its jobs go on); one silent for
+``node_dead_timeout`` is down, and each of its live job ranks ends through the
+job service's common path as a lost rank (NODE_FAIL, or requeued).
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from .state import ClusterState, NodeRecord
 class NodeRegistry:
     """Handlers and timers for node agents."""
 
-    def __init__(self, state: ClusterState, reactor: Reactor, jobs: JobService,
-                 heartbeat_interval: float, node_timeout: float, log: logging.Logger):
+    def __init__(self, state: ClusterState, reactor: Reactor, jobs: JobService, heartbeat_interval: float,
+                 node_timeout: float, dead_timeout: float, log: logging.Logger):
         self.state = state
         self.reactor = reactor
         self.jobs = jobs
         self.heartbeat_interval = heartbeat_interval
         self.node_timeout = node_timeout
+        self.dead_timeout = max(dead_timeout, node_timeout)
         self.log = log
         # Routing id -> node, so the per-message liveness check costs one dict lookup.
         self.by_identity: dict[bytes, NodeRecord] = {}
@@ -40,13 +43,21 @@ class NodeRegistry:
         node = self.by_identity.get(identity)
         if node is None:
             return False
-        if node.up:
-            node.expires = time.monotonic() + self.node_timeout
-            node.last_seen = time.time()
-            if not node.reachable:
-                node.reachable = True
+        if node.up and node.registered:
+            node.heard, node.last_seen = time.monotonic(), time.time()
+            if node.suspect or not node.reachable:
+                if node.suspect:
+                    self.log.info("node %s is answering again", node.node_id)
+                node.suspect, node.reachable = False, True
                 self.jobs.dirty = True
+                self.publish(node)
         return True
+
+    def restore(self, node: NodeRecord) -> None:
+        """A node known before a master restart: suspect until it registers, dead if it never does."""
+        node.state, node.suspect, node.heard, node.registered = NodeState.UP, True, time.monotonic(), False
+        self.state.nodes[node.node_id] = node
+        self.by_identity[node.node_id.encode()] = node
 
     def on_register(self, identity: bytes, msg: Message) -> None:
         """A node agent (re)joins: record its GPUs, reconcile its jobs, welcome it."""
@@ -74,7 +85,7 @@ class NodeRegistry:
             self.by_identity[identity] = node
         else:
             node.hostname, node.address, node.gpus = body["hostname"], body["address"], gpus
-        node.state, node.instance = NodeState.UP, instance
+        node.state, node.instance, node.suspect, node.registered = NodeState.UP, instance, False, True
         self.seen(identity)
         self._log_connected(node)
         self._reconcile(node, body["jobs"])
@@ -84,7 +95,7 @@ class NodeRegistry:
 
     def _impostor(self, node: NodeRecord, instance, previous) -> bool:
         """A second live agent under the same node id (not the same agent, nor its restarted successor)."""
-        return (node.up and node.instance is not None and instance != node.instance
+        return (node.up and node.registered and node.instance is not None and instance != node.instance
                 and previous != node.instance)
 
     def _log_connected(self, node: NodeRecord) -> None:
@@ -128,7 +139,7 @@ class NodeRegistry:
     def on_heartbeat(self, identity: bytes, msg: Message) -> None:
         """A node is alive; one the master does not know (or thinks dead) must register again."""
         node = self.by_identity.get(identity)
-        if node is None or not node.up:
+        if node is None or not node.up or not node.registered:
             self.reactor.send(identity, MsgType.REREGISTER, {})
 
     def send_heartbeats(self) -> None:
@@ -139,20 +150,28 @@ class NodeRegistry:
                 node.reachable = self.reactor.send(node.node_id.encode(), MsgType.HEARTBEAT, {})
 
     def check_expiry(self) -> None:
-        """Declare nodes dead whose deadline passed, and end their jobs' ranks as lost."""
+        """Mark silent nodes suspect, then dead; a dead node's job ranks are lost."""
         now = time.monotonic()
         for node in self.state.nodes.values():
-            if node.up and node.expires < now:
+            silent = now - node.heard
+            if node.up and silent > self.dead_timeout:
                 self._node_down(node)
+            elif node.up and not node.suspect and silent > self.node_timeout:
+                node.suspect = True
+                self.log.warning("node %s suspect: no heartbeat for %g s; nothing new goes there, its jobs go on",
+                                 node.node_id, self.node_timeout)
+                self.publish(node)
 
     def _node_down(self, node: NodeRecord) -> None:
         node.state = NodeState.DOWN
-        reason = f"node {node.node_id} stopped responding (no heartbeat for {self.node_timeout:g} s)"
+        reason = f"node {node.node_id} stopped responding (no heartbeat for {self.dead_timeout:g} s)"
         self.log.warning("node %s down: no heartbeat for %g s; %d job rank(s) lost",
-                         node.node_id, self.node_timeout, len(node.ranks))
+                         node.node_id, self.dead_timeout, len(node.ranks))
         for job_id, rank in sorted(node.ranks):
             self.jobs.end_rank(self.state.jobs[job_id], rank, reason=reason, lost=True)
         self.publish(node)
 
     def publish(self, node: NodeRecord) -> None:
+        """Tell subscribers, and have the store write the node at the end of the turn."""
+        self.jobs.store.node_changed(node)
         self.reactor.publish(node_topic(node.node_id), MsgType.NODE_STATE, node.to_dict())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from dataclasses import dataclass, field
 
 from .. import protocol
 from ..model import JOB_ID_PATTERN, format_duration, parse_array_spec, parse_node_gpu_ids
@@ -19,6 +20,7 @@ from . import allocator
 from .jobs import JobService
 from .output import STREAMS
 from .state import ClusterState, JobRecord, NodeRecord
+from .store import Store, StoreError
 
 _JOB_ID = re.compile(JOB_ID_PATTERN)
 
@@ -31,6 +33,16 @@ class RequestError(Exception):
         self.code = code
 
 
+@dataclass
+class Outgoing:
+    """A reply held until the turn's changes are stored."""
+
+    identity: bytes
+    body: dict
+    payload: list[bytes]
+    new_jobs: list[str] = field(default_factory=list)   # jobs this reply acknowledges
+
+
 class ClientRequests:
     """Handlers for everything a ``zmgpu`` client may ask."""
 
@@ -41,6 +53,8 @@ class ClientRequests:
         self.admins = set(admins)
         self.default_time_limit = default_time_limit
         self.max_time_limit = max_time_limit
+        self.outbox: list[Outgoing] = []
+        self._new_jobs: list[str] = []   # jobs created by the request being served
 
     def handlers(self) -> dict:
         table = {
@@ -60,14 +74,41 @@ class ClientRequests:
         """Wrap a handler that returns reply fields (and payload) or raises RequestError."""
         def serve(identity: bytes, msg: Message) -> None:
             req = msg.body["req"]
+            self._new_jobs = []
             try:
                 fields, *payload = handler(msg.body)
                 body = ok_reply(req, **fields)
             except RequestError as exc:
                 body, payload = error_reply(req, exc.code, str(exc)), []
-            self.jobs.reactor.send(identity, MsgType.REPLY, body, *payload)
+            self.outbox.append(Outgoing(identity, body, payload, self._new_jobs))
         serve.__name__ = handler.__name__
         return serve
+
+    def commit_and_reply(self, store: Store) -> None:
+        """Store the turn's changes, then answer: a submit is acknowledged only once it is on disk."""
+        try:
+            store.flush()
+        except StoreError as exc:
+            self._revoke(store, exc)
+        for out in self.outbox:
+            self.jobs.reactor.send(out.identity, MsgType.REPLY, out.body, *out.payload)
+        self.outbox.clear()
+
+    def _revoke(self, store: Store, exc: StoreError) -> None:
+        """Turn this turn's unsaved submits into errors and forget those jobs."""
+        self.jobs.log.error("%s; refusing this turn's submits", exc)
+        for out in self.outbox:
+            if not out.new_jobs:
+                continue
+            for job_id in out.new_jobs:
+                job = self.state.jobs.pop(job_id)
+                if job_id in self.state.pending:
+                    self.state.pending.remove(job_id)
+                self.state.arrays.pop(job.array_job_id, None)
+            store.forget_unsaved(out.new_jobs)
+            out.body = error_reply(out.body["req"], ErrorCode.STORE_FAILED,
+                                   f"the master could not store the job, so it was not queued ({exc})")
+            out.payload = []
 
     # -- lookups ---------------------------------------------------------------------------------
 
@@ -111,9 +152,11 @@ class ClientRequests:
             raise RequestError(ErrorCode.IMPOSSIBLE, problem)
         base_id = self._new_id()
         if indices is None:
+            self._new_jobs.append(base_id)
             self.jobs.enqueue(self._record(template, base_id))
             return ({"job_id": base_id},)
         tasks = [f"{base_id}_{i}" for i in indices]
+        self._new_jobs.extend(tasks)
         self.state.arrays[base_id] = tasks
         for index, task_id in zip(indices, tasks):
             self.jobs.enqueue(self._record(template, task_id, array_job_id=base_id, array_task_id=index,

@@ -26,7 +26,9 @@ class NodeRecord:
     reachable: bool = True          # False after a send to it failed, until it is heard from again
     drain_reason: str | None = None  # set by an admin: no new jobs here
     instance: str | None = None     # the registered agent process, to tell a duplicate from a restart
-    expires: float = 0.0            # monotonic deadline for the next sign of life
+    heard: float = 0.0              # monotonic time of the last sign of life
+    suspect: bool = False           # silent past the node timeout: no new placements, jobs go on
+    registered: bool = True         # False for a node restored from the store until its agent registers
     last_seen: float = 0.0          # wall clock, for people
     holders: dict[int, str] = field(default_factory=dict)   # GPU index -> job id holding it
     ranks: set[tuple[str, int]] = field(default_factory=set)  # live (job id, rank) here
@@ -42,12 +44,14 @@ class NodeRecord:
     @property
     def usable(self) -> bool:
         """New job ranks may be placed here."""
-        return self.up and self.reachable and self.drain_reason is None
+        return self.up and self.reachable and not self.suspect and self.drain_reason is None
 
     @property
     def status(self) -> NodeStatus:
         if not self.up:
             return NodeStatus.DOWN
+        if self.suspect:
+            return NodeStatus.SUSPECT
         if self.drain_reason is not None:
             return NodeStatus.DRAINED
         if not self.holders and not self.ranks:
