@@ -79,6 +79,7 @@ class Reactor:
         return int(endpoint.rsplit(":", 1)[1])
 
     def add_timer(self, interval: float, callback: Callable[[], None]) -> None:
+        """Call ``callback`` every ``interval`` seconds from the loop."""
         self.timers.append(Timer(interval, callback, time.monotonic() + interval))
 
     def add_fd(self, fd: int, callback: Callable[[], None]) -> None:
@@ -108,6 +109,7 @@ class Reactor:
     # -- loop ----------------------------------------------------------------------------------
 
     def run(self) -> None:
+        """Poll, dispatch, run due timers and the end-of-turn hook, until :meth:`stop`."""
         self.running = True
         while self.running:
             events = dict(self.poller.poll(self._timeout_ms()))
@@ -149,6 +151,7 @@ class Reactor:
             self._dispatch(frames)
 
     def _dispatch(self, frames: list[bytes]) -> None:
+        """Decode one message and call its handler; refuse what cannot be handled, never raise."""
         identity, rest = frames[0], frames[1:]
         from_node = self.peer_seen(identity)
         try:
@@ -180,7 +183,7 @@ class Reactor:
         try:
             callback()
         except Exception:
-            self.log.exception("timer callback %s failed", getattr(callback, "__name__", callback))
+            self.log.exception("%s failed", getattr(callback, "__name__", callback))
 
 
 def _req_of(frames: list[bytes]) -> int | None:
