@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 import zmq
 
 from zmgpu.model import JobState
@@ -165,7 +166,7 @@ class Cluster:
         port_file.unlink(missing_ok=True)
         argv = [sys.executable, "-m", "zmgpu.master", "--port", str(port), "--pub-port", str(pub_port),
                 "--port-file", str(port_file), "--state-dir", str(self.root / "master-state"),
-                "--heartbeat-interval", str(HEARTBEAT), "--node-timeout", str(NODE_TIMEOUT),
+                "--heartbeat-interval", str(HEARTBEAT), "--node-timeout", str(NODE_TIMEOUT), "--node-dead-timeout", str(NODE_TIMEOUT),
                 "--kill-grace", str(KILL_GRACE), *extra]
         self.master = self._spawn("master", argv)
 
@@ -287,6 +288,18 @@ class Cluster:
         except AssertionError as exc:
             raise AssertionError(f"{exc}; last seen: {last.get('job')}") from None
 
+    def wait_jobs_ended(self, job_ids, timeout: float = 20) -> dict[str, dict]:
+        """Poll until every one of ``job_ids`` has ended; their dicts by job id."""
+        return {job_id: self.wait_job_state(job_id, FINISHED, timeout) for job_id in job_ids}
+
+    def cancel_leftovers(self) -> list[str]:
+        """Cancel every job not yet ended (what a failed test left), and wait until they have; their ids."""
+        job_ids = [job["job_id"] for job in self.queue_json(all_jobs=False)["jobs"]]
+        if job_ids:
+            self.request(MsgType.CANCEL, job_ids=job_ids)
+            self.wait_jobs_ended(job_ids, timeout=KILL_GRACE + 8)
+        return job_ids
+
     def wait_node_state(self, node_id: str, state: str, timeout: float = 20) -> dict:
         return poll(lambda: (n := self.node(node_id)) and n["state"] == state and n,
                     timeout, f"node {node_id} to be {state}")
@@ -301,11 +314,42 @@ class Cluster:
         return poll(up, timeout, f"{count} node(s) UP")
 
 
-def make_cluster(root: Path, nodes: dict[str, int]):
-    """Generator behind the cluster fixtures: start, yield, always clean up."""
+def one_line_error(proc: subprocess.CompletedProcess, code: int = 1) -> str:
+    """The single stderr line of a command that failed with ``code`` (and no traceback)."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def queue_table(cluster: Cluster, *args: str) -> tuple[list[str], dict[str, str]]:
+    """``zmgpu queue ARGS`` on an 80-column terminal: its lines (checked to fit), and each job's
+    NODELIST(REASON) cell by job id."""
+    lines = cluster.cli("queue", *args, env={"COLUMNS": "80"}).stdout.rstrip("\n").split("\n")
+    assert all(len(line) <= 80 for line in lines), "\n".join(lines)
+    header = lines[0]
+    assert header.split() == ["ID", "NAME", "USER", "STATE", "TIME", "GPUS", "NODELIST(REASON)"], header
+    at = header.index("NODELIST(REASON)")
+    return lines, {line.split()[0]: line[at:].strip() for line in lines[1:]}
+
+
+def as_user(name: str) -> dict:
+    """Environment that makes the ``zmgpu`` command line ask as user ``name`` (getpass reads these)."""
+    return {"LOGNAME": name, "USER": name}
+
+
+def make_cluster(root: Path, nodes: dict[str, int], master_config: dict | None = None):
+    """Generator behind the cluster fixtures: start (the master reading ``master_config`` as its YAML
+    file, if given), yield, always clean up."""
     cluster = Cluster(root)
     try:
-        cluster.start_master()
+        extra = []
+        if master_config is not None:
+            path = root / "master.yaml"
+            path.write_text(yaml.safe_dump(master_config))
+            extra = ["--config", str(path)]
+        cluster.start_master(0, 0, *extra)
         for node_id, gpus in nodes.items():
             cluster.start_node(node_id, gpus)
         cluster.wait_nodes_up(len(nodes))

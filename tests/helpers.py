@@ -63,6 +63,17 @@ def wait_for_file_sh(path: str, timeout: float = 90) -> str:
     return f'i=0; while [ ! -e "{path}" ] && [ $i -lt {loops} ]; do sleep 0.1; i=$((i+1)); done'
 
 
+def hold_sh(path: str, then: str | None = None) -> str:
+    """Shell snippet for a held job: wait until ``path`` exists (:func:`release` makes it), then ``then``."""
+    return wait_for_file_sh(path) + (f"; {then}" if then else "")
+
+
+def release(directory, *names: str) -> None:
+    """Create the files that held jobs working in ``directory`` wait for."""
+    for name in names:
+        open(os.path.join(directory, name), "a").close()
+
+
 # -- subcommands run inside jobs ------------------------------------------------------------------
 
 def _spew(size: str, exit_code: str) -> int:

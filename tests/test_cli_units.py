@@ -1,7 +1,8 @@
-"""Unit tests of the ``zmgpu`` command line's pure parts: arguments, settings precedence, queue tables.
+"""Unit tests of the ``zmgpu`` command line's pure parts: arguments, settings precedence, the tables.
 
-The two tests that run the real CLI as a subprocess talk to no daemon: one checks
-the start-up imports, the other a master that never answers.
+No test here talks to a daemon: usage errors must fail before any request, the
+formatting functions take job and node dicts, and the two tests that run the
+real CLI as a subprocess check the start-up imports and a master that never answers.
 """
 
 from __future__ import annotations
@@ -11,15 +12,21 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from zmgpu.cli import nodes as nodes_cmd
 from zmgpu.cli import queue as queue_cmd
-from zmgpu.cli.common import UsageError, client_config, port_number, positive_int, seconds
-from zmgpu.cli.main import get_parser
+from zmgpu.cli import show as show_cmd
+from zmgpu.cli import wait as wait_cmd
+from zmgpu.cli.common import (UsageError, client_config, ending, is_job_id, not_a_job_id, port_number,
+                              positive_int, seconds)
+from zmgpu.cli.main import get_parser, main
 from zmgpu.cli.submit import command_line
 from zmgpu.config import ClientConfig, ConfigError
+from zmgpu.model import JobState
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -123,59 +130,237 @@ def test_broken_environment_and_file_are_config_errors(tmp_path):
         client_config(_args("--config", str(bad)), environ={})
 
 
-# -- queue tables -----------------------------------------------------------------------------------
+# -- the new submit options -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("90", 90 * 60), ("1:30", 90), ("2:00:00", 7200), ("1-2", 26 * 3600), ("1-2:30", 26 * 3600 + 1800),
+    ("1-00:00:01", 86401),
+])
+def test_submit_time_limit_in_slurm_formats(text, expected):
+    assert get_parser().parse_args(["submit", "--time", text, "true"]).time == expected
+
+
+def test_submit_scheduling_options_parse():
+    args = get_parser().parse_args(["submit", "--name", "train 1", "--requeue", "--after", "0123abcd:89abef01_7",
+                                    "--after-any", "--array", "0-99%8", "--priority", "-5", "true"])
+    assert (args.name, args.requeue, args.after, args.after_any, args.array, args.priority) == (
+        "train 1", True, ["0123abcd", "89abef01_7"], True, "0-99%8", -5)
+    assert args.command == ["true"]
+
+
+def test_untouched_scheduling_options_are_none():
+    args = get_parser().parse_args(["submit", "true"])
+    assert (args.time, args.name, args.requeue, args.after, args.after_any, args.array, args.priority) == (
+        None,) * 7
+
+
+def _one_line_usage_error(argv, capsys) -> str:
+    """Run ``zmgpu argv`` in this process; it must fail with status 2 and exactly one line on stderr."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    captured = capsys.readouterr()
+    assert info.value.code == 2 and captured.out == ""
+    assert captured.err.count("\n") == 1, captured.err
+    return captured.err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["submit", "--time", "1:2:3:4", "true"], "D-HH:MM:SS"),
+    (["submit", "--time", "0", "true"], "longer than zero"),
+    (["submit", "--array", "5-1", "true"], "0-99%8"),
+    (["submit", "--array", "0-3%0", "true"], "--array"),
+    (["submit", "--after", "0123abcd:nope", "true"], "'nope' is not a job id"),
+    (["submit", "--name", "two\nlines", "true"], "job name"),
+    (["submit", "--priority", "high", "true"], "--priority"),
+    (["queue", "--state", "RUNNING,SLEEPING"], "SLEEPING"),
+    (["show", "0123ABCD"], "not a job id"),
+    (["wait", "0123abcd", "12345678_x"], "'12345678_x'"),
+    (["drain", "n1"], "--reason"),
+    ([], "COMMAND"),
+])
+def test_usage_errors_are_one_line(argv, needle, capsys):
+    assert needle in _one_line_usage_error(argv, capsys)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["submit", "--interactive", "--array", "0-3", "true"], "--array"),
+    (["submit", "--after-any", "true"], "--after"),
+    (["drain", "n1", "--reason", "  "], "--reason"),
+])
+def test_contradictions_fail_before_asking_the_master(argv, needle, capsys):
+    # --port 1: were the master asked, the error would be "no answer", not a usage error.
+    assert main(["--port", "1", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and "no answer" not in err
+
+
+def test_cancel_reports_a_malformed_id_without_crashing(capsys):
+    assert main(["--port", "1", "cancel", "not-an-id", "0123abcd_x"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [f"zmgpu: {not_a_job_id('not-an-id')}",
+                                         f"zmgpu: {not_a_job_id('0123abcd_x')}"]
+
+
+@pytest.mark.parametrize("text, ok", [
+    ("0123abcd", True), ("0123abcd_0", True), ("0123abcd_1234567", True), ("0123abcd_12345678", False),
+    ("0123ABCD", False), ("0123abc", False), ("0123abcd_", False), ("0123abcd-1", False),
+])
+def test_job_id_pattern(text, ok):
+    assert is_job_id(text) is ok
+
+
+def test_queue_state_filter_takes_names_and_slurm_codes():
+    args = get_parser().parse_args(["queue", "--state", "running,PD, cd ,node_fail"])
+    assert args.state == [JobState.RUNNING, JobState.PENDING, JobState.COMPLETED, JobState.NODE_FAIL]
+
+
+# -- queue table ------------------------------------------------------------------------------------
 
 NOW = 1_000_000.0
 
-LISTING = {
-    "jobs": [
-        {"job_id": "0123abcd", "state": "RUNNING", "user": "alice", "reason": None,
-         "command": "python train.py --epochs 100 " + "--flag " * 30,
-         "allocation": [{"node_id": "node1", "gpu_indices": [0, 1]}, {"node_id": "node2", "gpu_indices": [0]}],
-         "start_time": NOW - 3723, "end_time": None},
-        {"job_id": "4567cdef", "state": "PENDING", "user": "bob", "reason": "Resources",
-         "command": "sleep\n10", "allocation": [], "start_time": None, "end_time": None},
-        {"job_id": "89abef01", "state": "COMPLETED", "user": "carol", "reason": None, "command": "true",
-         "allocation": [{"node_id": "node3", "gpu_indices": []}], "start_time": NOW - 50, "end_time": NOW - 45},
-    ],
-    "nodes": [
-        {"node_id": "node1", "state": "UP", "gpus": [
-            {"index": i, "name": "NVIDIA H200", "simulated": False, "job_id": "0123abcd" if i < 2 else None}
-            for i in range(8)]},
-        {"node_id": "node2", "state": "DOWN", "gpus": [
-            {"index": 0, "name": "Simulated GPU", "simulated": True, "job_id": "0123abcd"},
-            {"index": 1, "name": "Simulated GPU", "simulated": True, "job_id": None}]},
-        {"node_id": "node3", "state": "UP", "gpus": []},
-    ],
-}
+
+def _job(job_id: str, state: str, **fields) -> dict:
+    job = {"job_id": job_id, "name": None, "user": "alice", "state": state, "reason": None, "gpus": 0,
+           "command": "true", "allocation": [], "start_time": None, "end_time": None}
+    return {**job, **fields}
 
 
-def test_queue_table_rows():
-    text = queue_cmd.format_queue(LISTING, NOW, width=80)
-    lines = text.splitlines()
-    assert lines[0].split() == list(queue_cmd.JOB_HEADERS)
-    running, pending, done = lines[1:4]
-    assert running.split()[:5] == ["0123abcd", "RUNNING", "alice", "node1:0,1", "node2:0"]
-    assert "1:02:03" in running and running.endswith("...")
-    assert pending.split()[:5] == ["4567cdef", "PENDING", "bob", "(Resources)", "0:00:00"]
-    assert pending.endswith("sleep 10")
-    assert done.split()[3:5] == ["node3", "0:00:05"]
-    assert all(len(line) <= 80 for line in lines)
+JOBS = [
+    _job("0123abcd", "RUNNING", name="train-resnet50-on-imagenet-full-run", gpus=3,
+         allocation=[{"node_id": "node1", "gpu_indices": [0, 1]}, {"node_id": "node2", "gpu_indices": [0]}],
+         start_time=NOW - 3723),
+    _job("4567cdef_12", "PENDING", user="bartholomew", command="sleep\n10", gpus=8, reason="Resources"),
+    _job("89abef01", "COMPLETED", name="eval", gpus=1, start_time=NOW - 50, end_time=NOW - 45,
+         allocation=[{"node_id": "node3", "gpu_indices": [2]}]),
+    _job("89abef02", "CANCELLED", end_time=NOW, reason="cancelled while pending"),
+    _job("89abef03", "PENDING"),
+]
 
 
-def test_nodes_table_counts_and_marks_simulated():
-    lines = queue_cmd.format_queue(LISTING, NOW, width=80).splitlines()
-    nodes = lines[lines.index("") + 1:]
-    assert nodes[0].split() == list(queue_cmd.NODE_HEADERS)
-    assert nodes[1].split() == ["node1", "UP", "6/2/8", "8", "x", "NVIDIA", "H200"]
-    assert nodes[2].split() == ["node2", "DOWN", "0/1/2", "2", "x", "simulated"]   # a down node lends nothing
-    assert nodes[3].split() == ["node3", "UP", "0/0/0", "-"]
+def test_queue_table_columns_and_cells():
+    lines = queue_cmd.format_queue(JOBS, NOW, width=200).splitlines()
+    assert lines[0].split() == ["ID", "NAME", "USER", "STATE", "TIME", "GPUS", "NODELIST(REASON)"]
+    running, pending, done, cancelled, no_reason = (line.split("  ") for line in lines[1:])
+    cells = [[cell.strip() for cell in line if cell.strip()] for line in
+             (running, pending, done, cancelled, no_reason)]
+    assert cells[0] == ["0123abcd", "train-resnet50-on-imagenet-full-run", "alice", "RUNNING", "1:02:03", "3",
+                        "node1:0,1 node2:0"]
+    # No name: the command stands in, on one line; a user name is cut to 8 characters, marked "+".
+    assert cells[1] == ["4567cdef_12", "sleep 10", "barthol+", "PENDING", "0:00", "8", "(Resources)"]
+    assert cells[2] == ["89abef01", "eval", "alice", "COMPLETED", "0:05", "1", "node3:2"]
+    assert cells[3][-1] == "(cancelled while pending)"        # never ran: why it ended
+    assert cells[4][-1] == "(None)"
 
 
-def test_elapsed_format():
-    assert queue_cmd.elapsed(None, None, NOW) == "0:00:00"
-    assert queue_cmd.elapsed(NOW - 59, None, NOW) == "0:00:59"
-    assert queue_cmd.elapsed(NOW - 100 * 3600, NOW - 1, NOW) == "99:59:59"
+def test_queue_table_fits_80_columns_and_cuts_with_a_mark():
+    lines = queue_cmd.format_queue(JOBS, NOW, width=80).splitlines()
+    assert all(len(line) <= 80 for line in lines), "\n".join(lines)
+    assert lines[0].endswith("NODELIST(REASON)")
+    assert lines[1].startswith("0123abcd") and "train-res" in lines[1]
+    assert "+" in lines[1].split()[1]                           # the long name is cut, and says so
+    assert lines[2].split()[0] == "4567cdef_12"                  # ids are never cut
+
+
+def test_queue_table_time_column_right_aligned_over_days():
+    jobs = [_job("0123abcd", "RUNNING", start_time=NOW - 2 * 86400 - 5), _job("4567cdef", "RUNNING",
+                                                                            start_time=NOW - 9)]
+    lines = queue_cmd.format_queue(jobs, NOW).splitlines()
+    ends = {line.index(text) + len(text) for line, text in zip(lines, ("TIME", "2-00:00:05", "0:09"))}
+    assert len(ends) == 1
+
+
+def test_queue_table_without_jobs_is_the_header():
+    assert queue_cmd.format_queue([], NOW).split() == ["ID", "NAME", "USER", "STATE", "TIME", "GPUS",
+                                                       "NODELIST(REASON)"]
+
+
+# -- nodes listing ----------------------------------------------------------------------------------
+
+def _gpu(index: int, job_id=None, simulated=False, memory_mb=143771, name="NVIDIA H200") -> dict:
+    return {"index": index, "name": name, "uuid": f"GPU-{index}", "memory_mb": memory_mb,
+            "simulated": simulated, "job_id": job_id}
+
+
+NODES = [
+    {"node_id": "node1", "state": "UP", "status": "mixed", "drain_reason": None,
+     "gpus": [_gpu(0, "0123abcd"), _gpu(1)]},
+    {"node_id": "node2", "state": "UP", "status": "drained", "drain_reason": "fan replacement " * 10,
+     "gpus": [_gpu(0, simulated=True, memory_mb=16384, name="Simulated GPU"),
+              _gpu(1, "4567cdef_3", simulated=True, memory_mb=512, name="Simulated GPU")]},
+    {"node_id": "node3", "state": "DOWN", "status": "down", "drain_reason": None, "gpus": [_gpu(0)]},
+    {"node_id": "cpu1", "state": "UP", "status": "idle", "drain_reason": None, "gpus": []},
+]
+
+
+def test_nodes_listing():
+    lines = nodes_cmd.format_nodes(NODES, width=80).splitlines()
+    assert all(len(line) <= 80 for line in lines), "\n".join(lines)
+    assert lines[0].split() == ["NODE", "STATUS", "FREE/TOTAL", "REASON"]
+    assert lines[1].split() == ["node1", "mixed", "1/2"]
+    assert lines[2].split() == ["GPU", "0", "NVIDIA", "H200", "140.4", "GiB", "0123abcd"]
+    assert lines[3].split() == ["GPU", "1", "NVIDIA", "H200", "140.4", "GiB", "-"]
+    # A drained node lends no GPU, its reason is cut to the width; simulated GPUs say so.
+    assert lines[4].split()[:4] == ["node2", "drained", "0/2", "fan"] and lines[4].endswith("+")
+    assert lines[5].split() == ["GPU", "0", "Simulated", "GPU", "16", "GiB", "simulated", "-"]
+    assert lines[6].split() == ["GPU", "1", "Simulated", "GPU", "512", "MiB", "simulated", "4567cdef_3"]
+    assert lines[7].split() == ["node3", "down", "0/1"]
+    assert lines[9].split() == ["cpu1", "idle", "0/0"] and len(lines) == 10
+    assert all(line.startswith("  GPU") for line in (lines[2], lines[3], lines[5], lines[6], lines[8]))
+
+
+# -- show -------------------------------------------------------------------------------------------
+
+SHOWN = {**JOBS[0], "cwd": "/home/alice", "node_gpu_ids": None, "interactive": False, "priority": -2,
+         "time_limit": 7200, "requeue": True, "requeue_count": 1, "after": ["aaaaaaaa", "bbbbbbbb_1"],
+         "after_any": False, "array_job_id": None, "array_task_id": None, "submit_time": NOW - 4000,
+         "exit_code": None, "signal": None, "added_later": {"x": 1},
+         "outputs": [{"rank": 0, "stream": "stdout", "size": 1536}, {"rank": 0, "stream": "stderr", "size": 0},
+                     {"rank": 1, "stream": "stdout", "size": 5 * 2 ** 20}, {"rank": 1, "stream": "stderr",
+                                                                             "size": 12}]}
+
+
+def test_show_prints_every_field():
+    lines = show_cmd.format_job(SHOWN, NOW).splitlines()
+    fields = dict(line.split(": ", 1) for line in lines)
+    assert len(fields) == len(lines) == len(SHOWN) + 1              # every field, plus RunTime
+    assert fields["JobId"] == "0123abcd" and fields["State"] == "RUNNING"
+    assert fields["Allocation"] == "node1:0,1 (rank 0), node2:0 (rank 1)"
+    assert fields["SubmitTime"] == time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(NOW - 4000))
+    assert fields["EndTime"] == "-" and fields["RunTime"] == "1:02:03" and fields["TimeLimit"] == "2:00:00"
+    assert (fields["Requeue"], fields["RequeueCount"], fields["After"]) == ("yes", "1", "aaaaaaaa:bbbbbbbb_1")
+    assert fields["Output"] == "rank 0: stdout 1.5 KiB, stderr 0 B; rank 1: stdout 5.0 MiB, stderr 12 B"
+    assert fields["AddedLater"] == '{"x": 1}'                     # a field this CLI does not know yet
+    assert lines.index("RunTime: 1:02:03") == lines.index("EndTime: -") + 1
+
+
+def test_show_without_time_limit():
+    assert "TimeLimit: UNLIMITED" in show_cmd.format_job({**SHOWN, "time_limit": None}, NOW).splitlines()
+
+
+# -- wait's exit status -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("state, exit_code, signal, status", [
+    ("FAILED", 3, None, 3),
+    ("CANCELLED", None, 15, 143),
+    ("TIMEOUT", None, 9, 137),
+    ("CANCELLED", None, None, 1),      # cancelled while pending: no exit code of its own
+    ("NODE_FAIL", None, None, 1),
+    ("CANCELLED", 0, None, 1),         # a job that caught SIGTERM and exited 0 did not complete
+])
+def test_wait_exit_status(state, exit_code, signal, status):
+    assert wait_cmd.exit_status(_job("0123abcd", state, exit_code=exit_code, signal=signal)) == status
+
+
+@pytest.mark.parametrize("fields, text", [
+    ({"state": "FAILED", "exit_code": 3, "signal": None}, "job 0123abcd FAILED: exit code 3"),
+    ({"state": "TIMEOUT", "exit_code": None, "signal": 9, "reason": "time limit 1:00 reached"},
+     "job 0123abcd TIMEOUT: time limit 1:00 reached"),
+    ({"state": "CANCELLED", "exit_code": None, "signal": 15}, "job 0123abcd CANCELLED: killed by signal 15"),
+    ({"state": "NODE_FAIL", "exit_code": None, "signal": None}, "job 0123abcd NODE_FAIL"),
+])
+def test_ending_line(fields, text):
+    assert ending(_job("0123abcd", "PENDING") | fields) == text
 
 
 # -- the real CLI, no daemon ------------------------------------------------------------------------

@@ -6,7 +6,7 @@ Example::
     from zmgpu import Client, ClientError
 
     with Client(host="gpu-master", port=8080) as client:
-        job_id = client.submit("python train.py", gpus=2)
+        job_id = client.submit("python train.py", gpus=2, name="train", time_limit=3600)
         for job in client.queue()["jobs"]:
             print(job["job_id"], job["state"], job["allocation"])
         job = client.stream(job_id)            # the job's output, as it is produced
@@ -21,6 +21,8 @@ sentence; a master that does not answer raises :class:`MasterUnreachable`.
 topics on the master's PUB socket first, then fetches what the master already
 holds, so output written before the client arrived is not lost; each published
 chunk carries its byte offset, so duplicates are dropped and gaps re-fetched.
+:meth:`Client.wait` follows the jobs' state topics the same way, and asks the
+master once a second in case PUB dropped an event.
 
 ``zmq`` is imported only when the first socket is made, so importing this
 module costs almost nothing.
@@ -30,13 +32,14 @@ from __future__ import annotations
 
 import enum
 import getpass
+import math
 import os
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Optional
+from typing import BinaryIO, Callable, Iterable, Optional, Sequence
 
 from . import protocol
 from .model import JobState
@@ -54,6 +57,7 @@ class LocalError(str, enum.Enum):
     SESSION_TIMEOUT = "SESSION_TIMEOUT"  # an interactive session reached its longest; the job runs on
     WAIT_TIMEOUT = "WAIT_TIMEOUT"        # an interactive job stayed pending too long; it was cancelled
     DETACHED = "DETACHED"                # the caller chose to stop watching (second Ctrl-C)
+    WAIT_DEADLINE = "WAIT_DEADLINE"      # Client.wait ran out of time; the jobs are left as they are
 
 
 class ClientError(Exception):
@@ -201,8 +205,11 @@ class Client:
         return {k: v for k, v in body.items() if k not in ("ok", "req")}
 
     def submit(self, command: str, gpus: int = 0, node_gpu_ids: Optional[str] = None,
-               cwd: Optional[str] = None, env: Optional[dict] = None, interactive: bool = False) -> str:
-        """Submit a job and return its id (8 hex characters).
+               cwd: Optional[str] = None, env: Optional[dict] = None, interactive: bool = False, *,
+               name: Optional[str] = None, time_limit: Optional[int] = None, requeue: bool = False,
+               after: Sequence[str] = (), after_any: bool = False, array: Optional[str] = None,
+               priority: int = 0) -> str:
+        """Submit a job and return its id (8 hex characters); for an array, the array id.
 
         :param command: a command line, run by ``/bin/sh -c`` on the node.
         :param gpus: how many GPUs; more than one node has free spans several nodes (one rank per node).
@@ -210,8 +217,18 @@ class Client:
         :param cwd: working directory on the node; ``None`` means the current directory.
         :param env: the job's environment; ``None`` means a copy of this process's.
         :param interactive: mark the job as watched by :meth:`stream`.
+        :param name: a name shown by ``zmgpu queue``; ``None`` leaves it unnamed.
+        :param time_limit: seconds the job may run before it is stopped and ends TIMEOUT
+            (:func:`zmgpu.model.parse_time_limit` reads Slurm's formats); ``None``: the master's default.
+        :param requeue: put the job back in the queue, same id, when its node fails.
+        :param after: job ids (an array id means all its tasks) that must complete first.
+        :param after_any: with ``after``, start once those jobs end in any state.
+        :param array: an array spec such as ``"0-99%8"`` or ``"1,5,7"``: one task per index,
+            with ``ZMGPU_ARRAY_JOB_ID`` and ``ZMGPU_ARRAY_TASK_ID`` set.
+        :param priority: queue priority; users may only lower it (``<= 0``), admins may raise it.
 
-        Raises ClientError with code ``IMPOSSIBLE`` when no registered set of nodes could ever run it.
+        Raises ClientError with code ``IMPOSSIBLE`` when no registered set of nodes could ever run it
+        (or the time limit exceeds the master's maximum), ``PERMISSION_DENIED`` for a raised priority.
         """
         job = {
             "command": command,
@@ -220,15 +237,32 @@ class Client:
             "gpus": gpus,
             "node_gpu_ids": node_gpu_ids,
             "interactive": interactive,
+            "name": name,
+            "time_limit": time_limit,
+            "requeue": requeue,
+            "after": list(after),
+            "after_any": after_any,
+            "array": array,
+            "priority": priority,
         }
         return self._request(MsgType.SUBMIT, job=job).body["job_id"]
 
-    def queue(self, all: bool = False) -> dict:
-        """``{"jobs": [job dict], "nodes": [node dict]}``; ``all`` includes finished jobs.
+    def queue(self, all: bool = False, user: Optional[str] = None, states: Optional[Iterable[str]] = None,
+              job_ids: Optional[Iterable[str]] = None) -> dict:
+        """``{"jobs": [job dict], "nodes": [node dict]}``, the jobs filtered as asked.
+
+        :param all: include finished jobs (the master keeps them for its retention time).
+        :param user: only this user's jobs.
+        :param states: only jobs in these states (:class:`zmgpu.model.JobState` names).
+        :param job_ids: only these jobs; an array id matches every task of the array.
 
         The dict layouts are described in :mod:`zmgpu.model`.
         """
-        body = self._request(MsgType.QUEUE, all=all).body
+        # "user" on the wire is who asks, so the owner filter travels as "owner".
+        filters = {"owner": user, "states": None if states is None else [JobState(s).value for s in states],
+                   "job_ids": None if job_ids is None else list(job_ids)}
+        body = self._request(MsgType.QUEUE, all=all,
+                             **{key: value for key, value in filters.items() if value is not None}).body
         return {"jobs": body["jobs"], "nodes": body["nodes"]}
 
     def job(self, job_id: str) -> dict:
@@ -236,8 +270,36 @@ class Client:
         return self._request(MsgType.JOB, job_id=job_id).body["job"]
 
     def cancel(self, *job_ids: str) -> list:
-        """Cancel jobs; one ``{"job_id", "ok", "message"}`` per id, in order."""
+        """Cancel jobs; one ``{"job_id", "ok", "message"}`` per id, in order.
+
+        An id may be a job id, an array task id (``ARRAYID_INDEX``) or an array id
+        (every unfinished task of the array).
+        """
         return self._request(MsgType.CANCEL, job_ids=list(job_ids)).body["results"]
+
+    def nodes(self) -> list:
+        """Every node's dict: liveness, ``status`` (a :class:`zmgpu.model.NodeStatus` value), GPUs and holders."""
+        return self._request(MsgType.NODES).body["nodes"]
+
+    def drain(self, node_id: str, reason: str) -> None:
+        """Place no new jobs on a node (running ones finish); admins only (``PERMISSION_DENIED``)."""
+        self._request(MsgType.DRAIN, node_id=node_id, reason=reason)
+
+    def resume(self, node_id: str) -> None:
+        """Undo :meth:`drain`; admins only.  An unknown node raises ClientError ``UNKNOWN_NODE``."""
+        self._request(MsgType.RESUME, node_id=node_id)
+
+    def wait(self, job_ids: Iterable[str], timeout: Optional[float] = None) -> list:
+        """Block until every job has ended; return their final dicts.
+
+        :param job_ids: job ids, array task ids, or array ids (which stand for all their tasks).
+        :param timeout: the longest to wait, in seconds (``None``: no limit); then ClientError
+            with code ``WAIT_DEADLINE`` is raised and the jobs are left as they are.
+
+        The dicts follow the order of ``job_ids`` (an array's tasks by index), each job once.
+        An id the master does not know raises ClientError with code ``UNKNOWN_JOB``.
+        """
+        return _Waiter(self, list(dict.fromkeys(job_ids)), timeout).run()
 
     def fetch(self, job_id: str, rank: int, stream: str, offset: int) -> tuple:
         """Up to ``protocol.CHUNK_BYTES`` of one rank's ``"stdout"`` or ``"stderr"`` from ``offset``.
@@ -464,6 +526,73 @@ class _Attachment:
             return
         self.last_news = time.monotonic()
         self.misses = 0
+
+
+class _Waiter:
+    """One :meth:`Client.wait` call: each job's latest dict, in result order, and the deadline."""
+
+    def __init__(self, client: Client, job_ids: list, timeout: Optional[float]):
+        self.client = client
+        self.job_ids = job_ids
+        self.timeout = timeout
+        self.deadline = math.inf if timeout is None else time.monotonic() + timeout
+        self.jobs: dict[str, dict] = {}   # job or task id -> latest dict
+
+    def _unfinished(self) -> list:
+        return [job_id for job_id, job in self.jobs.items() if not JobState(job["state"]).finished]
+
+    def _expand(self) -> None:
+        """The first check: every given id's jobs (an array's tasks in index order); unknown ids fail."""
+        found = self.client.queue(all=True, job_ids=self.job_ids)["jobs"]
+        for job_id in self.job_ids:
+            matches = sorted((job for job in found if job_id in (job["job_id"], job.get("array_job_id"))),
+                             key=lambda job: job.get("array_task_id") or 0)
+            if not matches:
+                raise ClientError(protocol.ErrorCode.UNKNOWN_JOB.value, f"unknown job id '{job_id}'")
+            self.jobs.update((job["job_id"], job) for job in matches)
+
+    def _check(self) -> None:
+        """Ask the master about the jobs still running."""
+        for job in self.client.queue(all=True, job_ids=self._unfinished())["jobs"]:
+            if job["job_id"] in self.jobs:
+                self.jobs[job["job_id"]] = job
+
+    def _receive(self, sub) -> None:
+        """A published state change of one of our jobs; anything else is dropped."""
+        try:
+            msg = protocol.decode(sub.recv_multipart()[1:])
+        except protocol.ProtocolError:
+            return
+        if msg.type is MsgType.JOB_STATE and msg.body["job_id"] in self.jobs:
+            self.jobs[msg.body["job_id"]] = msg.body
+
+    def run(self) -> list:
+        """Subscribe, take a snapshot, then follow events and check each interval until all have ended."""
+        import zmq
+
+        sub = self.client._socket(zmq.SUB)
+        # Subscribed before the snapshot, so an end between the two is not missed.
+        for job_id in self.job_ids:
+            sub.setsockopt(zmq.SUBSCRIBE, protocol.job_topic(job_id, "state"))
+        sub.connect(self.client._endpoint(self.client.pub_port))
+        try:
+            self._expand()
+            for task_id in set(self.jobs) - set(self.job_ids):
+                sub.setsockopt(zmq.SUBSCRIBE, protocol.job_topic(task_id, "state"))
+            next_check = time.monotonic() + CHECK_INTERVAL
+            while self._unfinished():
+                now = time.monotonic()
+                if now >= self.deadline:
+                    raise ClientError(LocalError.WAIT_DEADLINE, f"jobs still unfinished after {self.timeout:g} "
+                                                                f"s: {' '.join(self._unfinished())}")
+                if now >= next_check:
+                    self._check()   # in case the PUB socket dropped an event
+                    next_check = now + CHECK_INTERVAL
+                elif sub.poll(max(1, int((min(next_check, self.deadline) - now) * 1000))):
+                    self._receive(sub)
+            return list(self.jobs.values())
+        finally:
+            sub.close()
 
 
 class _CtrlCTrap:

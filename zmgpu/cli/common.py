@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from dataclasses import fields
 
 from ..config import ClientConfig, parse_master_address, read_yaml
+from ..model import JOB_ID_PATTERN, JobState
 
 #: The client file read when neither --config nor $ZMGPU_CONFIG names one (only if it exists).
 DEFAULT_CONFIG = os.path.join("~", ".config", "zmgpu", "client.yaml")
@@ -42,6 +44,33 @@ seconds = _number(float, 0, False, "a number of seconds > 0")
 positive_int = _number(int, 1, True, "an integer >= 1")
 non_negative_int = _number(int, 0, True, "an integer >= 0")
 port_number = _number(int, 1, True, "a port number (1-65535)", high=65535)
+
+
+def is_job_id(text: str) -> bool:
+    """A job id, an array id or an array task id (``ARRAYID_INDEX``)."""
+    return re.fullmatch(JOB_ID_PATTERN, text) is not None
+
+
+def not_a_job_id(text: str) -> str:
+    """The complaint about a malformed job id."""
+    return f"'{text}' is not a job id (8 hex characters, or ID_INDEX for an array task)"
+
+
+def job_id_arg(text: str) -> str:
+    """An argparse ``type`` for a job id: refused here when malformed, so it never reaches the master."""
+    if not is_job_id(text):
+        raise argparse.ArgumentTypeError(not_a_job_id(text))
+    return text
+
+
+def ending(job: dict) -> str:
+    """``job X FAILED: reason`` (or the exit code or signal when the master gave no reason)."""
+    detail = job.get("reason")
+    if not detail and job.get("signal"):
+        detail = f"killed by signal {job['signal']}"
+    elif not detail and job.get("exit_code") not in (None, 0):
+        detail = f"exit code {job['exit_code']}"
+    return f"job {job['job_id']} {JobState(job['state']).value}" + (f": {detail}" if detail else "")
 
 
 def add_connection_timeout(parser: argparse.ArgumentParser) -> None:

@@ -1,4 +1,4 @@
-"""``zmgpu demo``: a master and a node on loopback, two interactive jobs, the queue, a clean stop.
+"""``zmgpu demo``: a master and a node on loopback, two interactive jobs, the queue and nodes, a clean stop.
 
 The one-command proof that an installation works: it runs the real daemons
 (``python -m zmgpu.master`` and ``python -m zmgpu.node``) in a temporary
@@ -23,14 +23,16 @@ from pathlib import Path
 from ..config import ClientConfig
 from ..model import NodeState
 from .common import non_negative_int
-from .queue import format_queue, gpu_models
+from .nodes import format_nodes, gpu_models
+from .queue import format_queue
 
 HELP = "start a master and a node on loopback, run jobs through them, stop them"
 DESCRIPTION = (
     "Check an installation end to end: start zmgpu-master and zmgpu-node on loopback in a temporary "
     "directory (real GPUs when NVML finds some, else 4 simulated ones), run an interactive job that "
-    "prints where it runs, then a 2-GPU job streamed here, show the queue, and stop both daemons.  "
-    "Exit status 0 when everything worked; 1 with the reason and the daemons' log files otherwise.")
+    "prints where it runs, then a 2-GPU job streamed here, show the queue and the nodes, and stop both "
+    "daemons.  Exit status 0 when everything worked; 1 with the reason and the daemons' log files "
+    "otherwise.")
 
 NODE_ID = "demo-node"
 SIMULATED_BY_DEFAULT = 4
@@ -102,7 +104,7 @@ def _heading(text: str) -> None:
 
 
 def _walk_through(args: argparse.Namespace, workdir: str, daemons: list) -> None:
-    """Start the daemons, run the jobs, show the queue (the daemons are stopped by the caller)."""
+    """Start the daemons, run the jobs, show the queue and nodes (the daemons are stopped by the caller)."""
     from ..client import Client
 
     simulate = _gpus_to_simulate(args.gpus_simulated)
@@ -129,14 +131,17 @@ def _walk_through(args: argparse.Namespace, workdir: str, daemons: list) -> None
         gpu_count = len(node["gpus"])
         print(f"node {NODE_ID} registered; GPUs: "
               + (gpu_models(node["gpus"]) if gpu_count else "none, so the jobs run on CPU"))
-        _run_job(client, workdir, "An interactive job that prints where it runs", WHERE_COMMAND,
+        _run_job(client, workdir, "An interactive job that prints where it runs", "where", WHERE_COMMAND,
                  min(1, gpu_count))
         wide = min(2, gpu_count)
         kind = f"A {wide}-GPU job" if wide else "A CPU job"
-        _run_job(client, workdir, f"{kind}, its output streamed as it runs", WORK_COMMAND, wide)
+        _run_job(client, workdir, f"{kind}, its output streamed as it runs", "steps", WORK_COMMAND, wide)
 
+        width = shutil.get_terminal_size().columns
         _heading("zmgpu queue --all")
-        print(format_queue(client.queue(all=True), time.time(), shutil.get_terminal_size().columns))
+        print(format_queue(client.queue(all=True)["jobs"], time.time(), width))
+        _heading("zmgpu nodes")
+        print(format_nodes(client.nodes(), width))
     _heading("Stopping the node and the master (SIGTERM)")
 
 
@@ -193,19 +198,19 @@ def _read_ports(path: str) -> dict | None:
 
 def _registered(client) -> dict | None:
     """The demo node's dict once the master lists it as up."""
-    for node in client.queue()["nodes"]:
+    for node in client.nodes():
         if node["node_id"] == NODE_ID and node["state"] == NodeState.UP.value:
             return node
     return None
 
 
-def _run_job(client, workdir: str, title: str, command: str, gpus: int) -> None:
+def _run_job(client, workdir: str, title: str, name: str, command: str, gpus: int) -> None:
     """Submit ``command`` interactively and stream it; fail unless it exits 0."""
     from .submit import attach
 
     _heading(title)
-    print(f"$ zmgpu submit --interactive --gpus {gpus} {shlex.quote(command)}", flush=True)
-    job_id = client.submit(command, gpus=gpus, cwd=workdir, interactive=True)
+    print(f"$ zmgpu submit --interactive --gpus {gpus} --name {name} {shlex.quote(command)}", flush=True)
+    job_id = client.submit(command, gpus=gpus, cwd=workdir, interactive=True, name=name)
     status = attach(client, job_id, ClientConfig())
     if status != 0:
         raise DemoFailed(f"job {job_id} ended with exit status {status}")

@@ -15,29 +15,39 @@ import sys
 from .. import __version__
 from ..client import ClientError
 from ..config import ConfigError
-from . import cancel, demo, queue, submit
+from . import cancel, demo, drain, nodes, queue, resume, show, submit, wait
 from .common import DEFAULT_CONFIG, UsageError, port_number
 
 #: Sub-command name -> module with HELP, DESCRIPTION, add_arguments(parser) and run(args) -> int.
-COMMANDS = {"submit": submit, "queue": queue, "cancel": cancel, "demo": demo}
+COMMANDS = {"submit": submit, "queue": queue, "show": show, "wait": wait, "cancel": cancel, "nodes": nodes,
+            "drain": drain, "resume": resume, "demo": demo}
 
 #: Expected failures -> exit status; each is printed as one line, never a traceback.
 EXIT_STATUS = {ConfigError: 2, UsageError: 2, ClientError: 1}
 
 DESCRIPTION = (
-    "Submit jobs to a zmgpu master, watch them and cancel them.  The master is found from --host and "
-    "--port, else ZMGPU_MASTER=host:port, else the client config file, else 127.0.0.1:8080.")
+    "Submit jobs to a zmgpu master, watch them, wait for them and cancel them; list and drain nodes.  "
+    "The master is found from --host and --port, else ZMGPU_MASTER=host:port, else the client config "
+    "file, else 127.0.0.1:8080.")
 
 EPILOG = (
     f"Environment: ZMGPU_MASTER=host:port names the master (flags win over it, it wins over the config "
     f"file); ZMGPU_CONFIG names the client config file (default {DEFAULT_CONFIG}, read only if it "
     f"exists).  Exit status: 0 on success, 1 when a request fails or the master does not answer, 2 for a "
-    f"usage or config error; an interactive job's own exit status otherwise.")
+    f"usage or config error; an interactive job's own exit status for submit --interactive, and the "
+    f"first unsuccessful job's for wait.")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line: what is wrong, and where the usage is."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message}; see '{self.prog} --help'\n")
 
 
 def get_parser() -> argparse.ArgumentParser:
     """The full ``zmgpu`` parser (no side effects: argparse-manpage calls this)."""
-    parser = argparse.ArgumentParser(prog="zmgpu", description=DESCRIPTION, epilog=EPILOG)
+    parser = _Parser(prog="zmgpu", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"zmgpu {__version__}")
     parser.add_argument("--host", default=None, metavar="HOST",
                         help="the master's host name or address (default: 127.0.0.1)")

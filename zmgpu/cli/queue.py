@@ -1,4 +1,4 @@
-"""``zmgpu queue``: the jobs and nodes the master knows, as two tables or as JSON."""
+"""``zmgpu queue``: the jobs the master knows, as one squeue-like table or as JSON."""
 
 from __future__ import annotations
 
@@ -6,59 +6,138 @@ import argparse
 import json
 import shutil
 import time
-from collections import Counter
+from dataclasses import dataclass
 
-from ..model import JobState, NodeState
+from ..model import JobState, format_duration
 from .common import add_connection_timeout, client_config, make_client
 
-HELP = "show jobs and nodes"
+HELP = "show jobs (pending and running; finished ones with --all)"
 DESCRIPTION = (
-    "Show the jobs (id, state, user, node:GPU list, elapsed time, command) and the nodes (state, GPUs "
-    "free/busy/total, their model, and whether they are simulated).  A pending job shows why it waits "
-    "in place of its node list.  Finished jobs are shown with --all.")
+    "Show one line per job, as squeue does: ID, NAME (the command when the job has no name), USER, STATE, "
+    "TIME (elapsed; 0:00 while pending), GPUS, and NODELIST(REASON): the node:GPU list of a running or "
+    "finished job, or why a pending job waits in parentheses (Resources, Priority, Dependency, "
+    "UserGPULimit, NodeDown, PinnedGPUsBusy, ArrayLimit).  Cells that do not fit the terminal end in "
+    "'+'.  zmgpu nodes shows the nodes.")
 
-JOB_HEADERS = ("ID", "STATE", "USER", "NODES:GPUS", "ELAPSED", "COMMAND")
-NODE_HEADERS = ("NODE", "STATE", "FREE/BUSY/TOTAL", "GPUS")
-ELLIPSIS = "..."
+#: Slurm's short state codes (squeue -t), accepted by --state beside the full names.
+STATE_CODES = {"PD": JobState.PENDING, "R": JobState.RUNNING, "CD": JobState.COMPLETED,
+               "F": JobState.FAILED, "CA": JobState.CANCELLED, "TO": JobState.TIMEOUT,
+               "NF": JobState.NODE_FAIL}
+
+CUT = "+"            # marks a cell cut to fit, as sacct does
+GAP = "  "           # between columns
+NAME_MIN = 8         # a name is never cut shorter than squeue's 8 characters ...
+USER_MAX = 8         # ... and a user name never shown longer
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the table: its header, and whether its cells align right (numbers)."""
+
+    header: str
+    right: bool = False
+
+
+COLUMNS = (Column("ID"), Column("NAME"), Column("USER"), Column("STATE"), Column("TIME", right=True),
+           Column("GPUS", right=True), Column("NODELIST(REASON)"))
+NAME, USER, NODELIST = 1, 2, 6   # the columns whose width depends on the room left
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``zmgpu queue``."""
     parser.add_argument("--all", "-a", action="store_true", default=None,
-                        help="include finished jobs (default: pending and running jobs only)")
+                        help="include finished jobs, as long as the master keeps them (default: pending "
+                             "and running jobs only)")
+    parser.add_argument("--user", "-u", default=None, metavar="USER",
+                        help="only this user's jobs (default: everyone's)")
+    parser.add_argument("--state", "-t", type=_states, default=None, metavar="STATE[,STATE...]",
+                        help="only jobs in these states: " + ", ".join(s.value for s in JobState)
+                             + ", or Slurm's codes " + ", ".join(STATE_CODES) + "; a finished state "
+                             "implies --all (default: every state shown)")
     parser.add_argument("--json", action="store_true", default=None,
                         help='print {"jobs": [...], "nodes": [...]} as the master gives it '
-                             "(default: tables)")
+                             "(default: a table)")
     add_connection_timeout(parser)
+
+
+def _states(text: str) -> list[JobState]:
+    """``running,PD`` -> [RUNNING, PENDING]."""
+    states = []
+    for word in filter(None, (w.strip().upper() for w in text.split(","))):
+        state = STATE_CODES.get(word) or JobState.__members__.get(word)
+        if state is None:
+            raise argparse.ArgumentTypeError(f"unknown job state '{word}'")
+        states.append(state)
+    if not states:
+        raise argparse.ArgumentTypeError("no state given")
+    return states
 
 
 def run(args: argparse.Namespace) -> int:
     """Print the queue."""
+    states = args.state or []
+    finished_wanted = any(state.finished for state in states)
     with make_client(client_config(args)) as client:
-        listing = client.queue(all=bool(args.all))
+        listing = client.queue(all=bool(args.all) or finished_wanted, user=args.user,
+                               states=[state.value for state in states] or None)
     if args.json:
         print(json.dumps(listing, indent=2))
     else:
-        print(format_queue(listing, time.time(), shutil.get_terminal_size().columns))
+        print(format_queue(listing["jobs"], time.time(), shutil.get_terminal_size().columns))
     return 0
 
 
-def format_queue(listing: dict, now: float, width: int = 80) -> str:
-    """The jobs table, a blank line, the nodes table; the last column is cut to ``width``."""
-    jobs = table(JOB_HEADERS, [job_row(job, now) for job in listing["jobs"]], width)
-    nodes = table(NODE_HEADERS, [node_row(node) for node in listing["nodes"]], width)
-    return "\n".join(jobs + [""] + nodes)
+def format_queue(jobs: list, now: float, width: int = 80) -> str:
+    """The jobs as a table whose lines fit ``width`` (NAME and NODELIST(REASON) give way first)."""
+    rows = [job_row(job, now) for job in jobs]
+    cells = [[column.header for column in COLUMNS]] + [list(row) for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    widths[USER] = min(widths[USER], USER_MAX)
+    # NAME and NODELIST share what the fixed columns leave.  When both are long, where jobs run
+    # matters more: NODELIST keeps two thirds (at least its header's width), NAME the rest (at
+    # least NAME_MIN).
+    fixed = sum(w for i, w in enumerate(widths) if i not in (NAME, NODELIST)) + len(GAP) * (len(COLUMNS) - 1)
+    room = max(0, width - fixed)
+    nodelist_share = min(widths[NODELIST], max(len(COLUMNS[NODELIST].header), room * 2 // 3))
+    widths[NAME] = min(widths[NAME], max(NAME_MIN, room - nodelist_share))
+    widths[NODELIST] = max(len(CUT), room - widths[NAME])
+    return "\n".join(_line(row, widths) for row in cells)
+
+
+def _line(row: list, widths: list) -> str:
+    """One table line: each cell cut to its column, padded on the side its column aligns."""
+    cells = []
+    for column, text, w in zip(COLUMNS, row, widths):
+        text = cut(text, w)
+        cells.append(text.rjust(w) if column.right else text.ljust(w))
+    return GAP.join(cells).rstrip()
+
+
+def cut(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters, its end replaced by ``+`` when cut."""
+    return text if len(text) <= width else text[:max(0, width - len(CUT))] + CUT
 
 
 def job_row(job: dict, now: float) -> tuple:
     """One job as table cells."""
-    if job["state"] == JobState.PENDING.value:
-        where = f"({job['reason']})" if job.get("reason") else "-"
-    else:
-        where = placement(job["allocation"]) or "-"
-    return (job["job_id"], job["state"], job["user"], where,
-            elapsed(job.get("start_time"), job.get("end_time"), now),
-            " ".join(job["command"].split()))
+    name = job.get("name") or " ".join(job["command"].split())
+    return (job["job_id"], name, job["user"], job["state"], format_duration(run_time(job, now)),
+            str(job["gpus"]), nodelist_or_reason(job))
+
+
+def run_time(job: dict, now: float) -> float:
+    """Seconds the job has run (until it ended, or until ``now``); 0 before it starts."""
+    start, end = job.get("start_time"), job.get("end_time")
+    return 0 if start is None else (end if end is not None else now) - start
+
+
+def nodelist_or_reason(job: dict) -> str:
+    """Where the job runs or ran (``n1:0,1 n2:0``); why it waits, or why it never ran, in parentheses."""
+    if job["state"] != JobState.PENDING.value:
+        where = placement(job["allocation"])
+        if where:
+            return where
+    return f"({job.get('reason') or 'None'})"
 
 
 def placement(allocation: list) -> str:
@@ -69,40 +148,3 @@ def placement(allocation: list) -> str:
         parts.append(f"{rank['node_id']}:{indices}" if indices else rank["node_id"])
     return " ".join(parts)
 
-
-def elapsed(start: float | None, end: float | None, now: float) -> str:
-    """Run time as H:MM:SS (0:00:00 before the job starts)."""
-    seconds = 0 if start is None else max(0, int((end if end is not None else now) - start))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
-
-
-def node_row(node: dict) -> tuple:
-    """One node as table cells; a down node has no free GPUs."""
-    gpus = node["gpus"]
-    busy = sum(1 for gpu in gpus if gpu.get("job_id"))
-    free = len(gpus) - busy if node["state"] == NodeState.UP.value else 0
-    return (node["node_id"], node["state"], f"{free}/{busy}/{len(gpus)}", gpu_models(gpus))
-
-
-def gpu_models(gpus: list) -> str:
-    """``4 x NVIDIA H200``; simulated GPUs say so; ``-`` for a node without GPUs."""
-    counts = Counter("simulated" if gpu.get("simulated") else gpu["name"] for gpu in gpus)
-    return ", ".join(f"{n} x {name}" for name, n in counts.items()) or "-"
-
-
-def table(headers: tuple, rows: list, width: int) -> list:
-    """Left-aligned columns two spaces apart; the last cell is cut so a line fits ``width``."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
-    lines = []
-    for row in (headers, *rows):
-        head = "  ".join(str(cell).ljust(w) for cell, w in zip(row[:-1], widths))
-        lines.append(head + "  " + fit(str(row[-1]), width - len(head) - 2))
-    return lines
-
-
-def fit(text: str, room: int) -> str:
-    """``text`` cut to ``room`` characters, ending in ``...`` when cut (at least the ellipsis shows)."""
-    if len(text) <= room:
-        return text
-    return text[:max(0, room - len(ELLIPSIS))] + ELLIPSIS

@@ -6,17 +6,18 @@ import argparse
 import shlex
 import sys
 
-from ..model import JobState, parse_node_gpu_ids, shell_exit_status
-from .common import (UsageError, add_connection_timeout, client_config, make_client, non_negative_int,
-                     positive_int, seconds)
+from ..model import JobState, parse_array_spec, parse_node_gpu_ids, parse_time_limit, shell_exit_status
+from .common import (UsageError, add_connection_timeout, client_config, ending, job_id_arg,
+                     make_client, non_negative_int, positive_int, seconds)
 
 HELP = "submit a job (prints its id), or run it interactively"
 DESCRIPTION = (
     "Submit a command to run on GPUs of the cluster.  The command is one string, run by /bin/sh on the "
     "node, or the words after --, quoted so that each stays one argument.  The job runs in the current "
     "directory with the current environment, plus CUDA_VISIBLE_DEVICES (the GPUs it was given), "
-    "CUDA_DEVICE_ORDER=PCI_BUS_ID, ZMGPU_JOB_ID and ZMGPU_NODE_ID.  Without --interactive the job id "
-    "(8 hex characters) is printed alone on stdout.  With --interactive nothing else is printed on stdout: "
+    "CUDA_DEVICE_ORDER=PCI_BUS_ID, ZMGPU_JOB_ID and ZMGPU_NODE_ID (and ZMGPU_ARRAY_JOB_ID and "
+    "ZMGPU_ARRAY_TASK_ID in an array task).  Without --interactive the job id (8 hex characters; for "
+    "--array, the array id) is printed alone on stdout.  With --interactive nothing else is printed on stdout: "
     "the job's stdout and stderr come to this terminal's stdout and stderr byte for byte, and zmgpu exits "
     "with the job's exit status (128+N when a signal N killed it).  The first Ctrl-C cancels the job and "
     "keeps showing its last output; a second Ctrl-C detaches and leaves the job as it is.")
@@ -30,6 +31,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node-gpu-ids", type=_gpu_pins, default=None, metavar="SPEC",
                         help="run on exactly these GPUs instead, e.g. 'node001:0,1;node002:0' "
                              "(default: any free GPUs)")
+    parser.add_argument("--time", "-t", type=_time_limit, default=None, metavar="LIMIT",
+                        help="stop the job after this long (TERM, then KILL after the master's grace "
+                             "period) and end it TIMEOUT; Slurm's formats MM, MM:SS, HH:MM:SS, D-HH, "
+                             "D-HH:MM, D-HH:MM:SS (default: the master's default limit, if any)")
+    parser.add_argument("--name", "-J", type=_job_name, default=None, metavar="NAME",
+                        help="a name for the job, shown by zmgpu queue (default: none; the queue shows "
+                             "the command)")
+    parser.add_argument("--requeue", action="store_true", default=None,
+                        help="if the job's node fails, put it back in the queue with the same id, up "
+                             "to the master's requeue limit (default: the job ends NODE_FAIL)")
+    parser.add_argument("--after", type=_job_ids, default=None, metavar="JOB[:JOB...]",
+                        help="start only after these jobs completed successfully (an array id means "
+                             "all its tasks); if one does not, this job is cancelled (default: no "
+                             "dependency)")
+    parser.add_argument("--after-any", action="store_true", default=None,
+                        help="with --after: start once those jobs have ended, in any state (default: "
+                             "only after they completed)")
+    parser.add_argument("--array", "-a", type=_array_spec, default=None, metavar="SPEC",
+                        help="submit one task per index, e.g. 0-99, 0-99%%8 (at most 8 at once), "
+                             "0-10:2 or 1,5,7, each with ZMGPU_ARRAY_JOB_ID and ZMGPU_ARRAY_TASK_ID "
+                             "set; not with --interactive (default: one job)")
+    parser.add_argument("--priority", type=int, default=None, metavar="N",
+                        help="queue priority: higher starts first, ties in submission order; users may "
+                             "only lower their own (N < 0), admins may raise it (default: 0)")
     parser.add_argument("--interactive", "-i", action="store_true", default=None,
                         help="stream the job's output here and exit with its exit status "
                              "(default: print the job id and return at once)")
@@ -49,13 +74,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "program and its arguments")
 
 
-def _gpu_pins(text: str) -> str:
-    """Check a --node-gpu-ids spec here, so a typo fails before reaching the master."""
-    try:
-        parse_node_gpu_ids(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _checked(parse, keep_text: bool):
+    """An argparse ``type`` that runs a model parser here, so a typo fails before reaching the master.
+
+    The parser's ValueError is already a sentence for the user.  ``keep_text``: the option's value is
+    the text as given (the master reads the spec itself), else what ``parse`` returned.
+    """
+    def check(text: str):
+        try:
+            value = parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text if keep_text else value
+
+    return check
+
+
+_gpu_pins = _checked(parse_node_gpu_ids, keep_text=True)
+_array_spec = _checked(parse_array_spec, keep_text=True)
+_time_limit = _checked(parse_time_limit, keep_text=False)   # seconds
+
+
+def _job_name(text: str) -> str:
+    """A --name: not blank, and on one line so the queue table stays a table."""
+    if not text.strip() or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"bad job name {text!r}: expected printable text on one line")
     return text
+
+
+def _job_ids(text: str) -> list[str]:
+    """An --after list ``JOB[:JOB...]``."""
+    return [job_id_arg(word) for word in text.split(":")]
 
 
 def command_line(words: list[str]) -> str:
@@ -73,10 +122,17 @@ def command_line(words: list[str]) -> str:
 def run(args: argparse.Namespace) -> int:
     """Submit; print the id, or stream the job and return its exit status."""
     command = command_line(args.command)
+    if args.interactive and args.array:
+        raise UsageError("--array cannot be --interactive: submit the array, then zmgpu wait for it")
+    if args.after_any and not args.after:
+        raise UsageError("--after-any needs --after JOB[:JOB...]")
     config = client_config(args)
     with make_client(config) as client:
         job_id = client.submit(command, gpus=args.gpus, node_gpu_ids=args.node_gpu_ids,
-                               interactive=bool(args.interactive))
+                               interactive=bool(args.interactive), name=args.name, time_limit=args.time,
+                               requeue=bool(args.requeue), after=args.after or [],
+                               after_any=bool(args.after_any), array=args.array,
+                               priority=args.priority or 0)
         if not args.interactive:
             print(job_id)
             return 0
@@ -120,5 +176,4 @@ def _report_end(job: dict) -> None:
     ran_to_an_exit = job["exit_code"] is not None or job["signal"] is not None
     if state is JobState.COMPLETED or (state is JobState.FAILED and ran_to_an_exit):
         return
-    reason = f": {job['reason']}" if job.get("reason") else ""
-    print(f"zmgpu: job {job['job_id']} {state.value}{reason}", file=sys.stderr, flush=True)
+    print(f"zmgpu: {ending(job)}", file=sys.stderr, flush=True)

@@ -9,8 +9,18 @@ reaped and their output spooled to disk whether or not a master is listening,
 and output goes out with non-blocking sends from the spool files' offsets.
 
 Jobs do not wait on the agent either: an agent that starts takes over the ranks
-its predecessor left running and reports them in its REGISTER, and the master
-answers with a KILL for those it no longer wants.
+its predecessor left running and reports them in its REGISTER, with the ranks
+that ended in the last hour (in case the master missed their JOB_ENDED), and the
+master answers with a KILL for those it no longer wants.
+
+A KILL stops the whole job, not only the ranks' process groups: every process on
+this host marked with the job's id gets SIGTERM, and SIGKILL after the grace
+period or as soon as the rank's leader has ended (see sweep.py).
+
+While ranks run the loop polls their spool files for output: every 10 ms while
+output moves, backing off to 100 ms while it does not.  SIGCHLD still wakes the
+loop at once when a rank it spawned ends, and the poll never sleeps past a
+kill's SIGKILL deadline.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import math
 import signal
 import socket
 import time
+from dataclasses import dataclass
 
 import zmq
 
@@ -28,10 +39,14 @@ from ..config import NodeConfig
 from ..daemon import SignalPipe
 from ..model import GpuInfo
 from ..protocol import MsgType, Stream
-from .runner import RankProcess, spool_keys, valid_rank_key
+from .identity import new_instance, read_instance, write_instance
+from .runner import RankKey, RankProcess, is_count, recent_ends, spool_keys, valid_job_id
+from .sweep import JobProcesses
 
-#: Poll timeout while a rank runs or has output to send: reaping backstop, kill deadlines, output.
-TICK_MS = 10
+#: Poll timeout while ranks run or have output to send: right after output moved, and at most when idle.
+TICK_MIN_MS = 10
+TICK_MAX_MS = 100
+TICK_BACKOFF = 1.5
 #: Output bytes sent per loop turn, so heartbeats and master messages keep flowing during a flood.
 PUMP_BUDGET = 4 * 1024 * 1024
 #: Messages read from the master per loop turn.
@@ -42,8 +57,20 @@ BACKOFF_MAX = 32.0
 LINGER_MS = 500
 #: Messages queued towards the master at most; beyond that the spool files hold the output.
 SEND_HWM = 64
+#: Ranks that ended this long ago (seconds) or less are listed in REGISTER, for a master that missed the end.
+ENDED_LOOKBACK = 3600.0
+#: Grace period of a KILL for a job none of whose ranks is held here (its DISPATCH carried the real one).
+DEFAULT_KILL_GRACE = 10.0
+#: Exit status when the master refuses this agent's node id: a restart would be refused again.
+EXIT_REFUSED = 2
 
-RankKey = tuple[str, int]
+
+@dataclass
+class PendingKill:
+    """A KILL in its grace period: at ``deadline`` whatever of the job is still running gets SIGKILL."""
+
+    target: JobProcesses
+    deadline: float             # monotonic
 
 
 def route_address(host: str, port: int) -> str:
@@ -69,6 +96,12 @@ class Agent:
         self.ipv6 = ":" in host
         self.endpoint = f"tcp://[{host}]:{config.master_port}" if self.ipv6 else f"tcp://{host}:{config.master_port}"
         self.ranks: dict[RankKey, RankProcess] = {}
+        self.kills: dict[tuple[str, int | None], PendingKill] = {}   # by (job id, attempt or None)
+        self.instance = new_instance()
+        self.previous_instance = read_instance(config.state_dir)
+        self.instance_saved = False
+        self.exit_status = 0
+        self.tick_ms = float(TICK_MIN_MS)
         self.context = zmq.Context()
         self.poller = zmq.Poller()
         self.sock: zmq.Socket | None = None
@@ -86,12 +119,13 @@ class Agent:
             MsgType.DISPATCH: self._on_dispatch,
             MsgType.KILL: self._on_kill,
             MsgType.RESEND: self._on_resend,
+            MsgType.REFUSED: self._on_refused,
         }
 
     # -- the loop -----------------------------------------------------------------------
 
     def run(self) -> int:
-        """Serve until SIGTERM or SIGINT; running jobs are left running (they have their own sessions)."""
+        """Serve until SIGTERM or SIGINT (0) or a refused registration (2); running jobs are left running."""
         signals = SignalPipe((signal.SIGCHLD, signal.SIGTERM, signal.SIGINT))
         self.poller.register(signals.fileno(), zmq.POLLIN)
         self._adopt_leftovers()
@@ -109,48 +143,67 @@ class Agent:
             self._disconnect()
             signals.close()
             self.context.term()
-        return 0
+        return self.exit_status
 
     def _turn(self, now: float) -> None:
         """Work that does not wait for a message: reap, escalate kills, send output, keep the link."""
+        busy = False
         for rank in self.ranks.values():
             if rank.poll():
-                self.log.info("job %s rank %d %s", rank.job_id, rank.rank, rank.describe_end())
+                busy = True
+                self.log.info("%s %s", rank.key, rank.describe_end())
+                if rank.killed:
+                    self._kill_leftovers(JobProcesses(rank.key.job_id, rank.key.attempt), "its leader ended")
             if rank.escalate(now):
-                self.log.warning("job %s rank %d outlived its %g s grace period: SIGKILL",
-                                 rank.job_id, rank.rank, rank.kill_grace)
+                self.log.warning("%s outlived its %g s grace period: SIGKILL", rank.key, rank.kill_grace)
+        for key, pending in list(self.kills.items()):
+            if now >= pending.deadline:
+                del self.kills[key]
+                self._kill_leftovers(pending.target, "the grace period ran out")
         if self.registered:
-            self._pump()
+            busy |= self._pump()
         self._keep_alive(now)
+        # Output that moved may go on moving; quiet ranks are looked at less and less often.
+        self.tick_ms = TICK_MIN_MS if busy else min(self.tick_ms * TICK_BACKOFF, TICK_MAX_MS)
 
     def _adopt_leftovers(self) -> None:
         """Take over the ranks a previous agent started and did not see end, so REGISTER reports them."""
-        for job_id, rank in spool_keys(self.config.state_dir):
+        for key in spool_keys(self.config.state_dir):
             try:
-                rank_proc = RankProcess.adopt(self.config.state_dir, job_id, rank)
+                rank_proc = RankProcess.adopt(self.config.state_dir, key)
             except ValueError as exc:
-                self.log.warning("job %s rank %d: cannot take it over: %s", job_id, rank, exc)
+                self.log.warning("%s: cannot take it over: %s", key, exc)
                 continue
             if rank_proc is None:
                 continue
-            self.ranks[(job_id, rank)] = rank_proc
+            self.ranks[key] = rank_proc
             started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rank_proc.spawned.spawned_at))
             if rank_proc.running:
-                self.log.info("job %s rank %d: taken over from the previous node agent (pid %d, started %s)",
-                              job_id, rank, rank_proc.pid, started)
+                self.log.info("%s: taken over from the previous node agent (pid %d, started %s)",
+                              key, rank_proc.pid, started)
             else:
-                self.log.info("job %s rank %d (started %s) %s", job_id, rank, started, rank_proc.describe_end())
+                self.log.info("%s (started %s) %s", key, started, rank_proc.describe_end())
 
     def _poll_timeout_ms(self) -> int:
-        if any(rank.running for rank in self.ranks.values()) or (self.registered and self.ranks):
-            return TICK_MS
         if self.sock is None:
             deadline = self.reconnect_at
         elif self.registered:
             deadline = min(self.next_heartbeat, self.last_heard + self.config.master_timeout)
         else:
             deadline = self.last_heard + self.config.master_timeout
-        return max(0, math.ceil((deadline - time.monotonic()) * 1000))
+        kills = [p.deadline for p in self.kills.values()]
+        kills += [r.kill_deadline for r in self.ranks.values() if r.running and r.kill_deadline is not None]
+        timeout = math.ceil((min([deadline, *kills]) - time.monotonic()) * 1000)
+        if any(rank.running for rank in self.ranks.values()) or (self.registered and self.ranks):
+            # Adopted ranks are not our children (no SIGCHLD), and output is found only by looking.
+            timeout = min(timeout, math.ceil(self.tick_ms))
+        return max(0, timeout)
+
+    def _kill_leftovers(self, target: JobProcesses, why: str) -> None:
+        """SIGKILL whatever of a stopped job still runs on this host, children that left its group included."""
+        killed = target.kill()
+        if killed:
+            self.log.warning("%s: SIGKILL to %d process(es) still running after %s", target, killed, why)
 
     def _on_signals(self, signums: set[int]) -> None:
         stops = sorted(signums & {signal.SIGTERM, signal.SIGINT})
@@ -217,7 +270,10 @@ class Agent:
             "hostname": socket.gethostname(),
             "address": route_address(self.config.master_host, self.config.master_port),
             "gpus": [gpu.to_dict() for gpu in self.gpus],
-            "jobs": [{"job_id": job_id, "rank": rank} for job_id, rank in self.ranks],
+            "jobs": [key.wire() for key in self.ranks]
+                    + recent_ends(self.config.state_dir, time.time() - ENDED_LOOKBACK, skip=self.ranks),
+            "instance": self.instance,
+            "previous_instance": self.previous_instance,
         })
 
     def _send(self, msg_type: MsgType, body: dict, *payload: bytes) -> bool:
@@ -267,6 +323,26 @@ class Agent:
         self.next_heartbeat = time.monotonic() + self.heartbeat_interval
         self.log.info("registered with master at %s as node %s (%d GPUs, %d job ranks held)",
                       self.endpoint, self.node_id, len(self.gpus), len(self.ranks))
+        if not self.instance_saved:
+            # From now on the master knows this instance: the next agent here names it as its predecessor.
+            try:
+                write_instance(self.config.state_dir, self.instance)
+                self.instance_saved = True
+            except OSError as exc:
+                self.log.warning("cannot record this agent's instance id in %s: %s; a restarted agent will be "
+                                 "refused until the master declares this node down", self.config.state_dir,
+                                 exc.strerror or exc)
+
+    def _on_refused(self, body: dict) -> None:
+        """The master refused the registration (another live agent holds this node id): stop, status 2."""
+        if self.registered:
+            # Accepted registrations stand; this answer was meant for another agent using the same node id.
+            self.log.warning("ignored a refusal from the master while registered as node %s (%s): another "
+                             "agent is trying to use this node id", self.node_id, body["reason"])
+            return
+        self.log.error("the master at %s refused node %s: %s", self.endpoint, self.node_id, body["reason"])
+        self.exit_status = EXIT_REFUSED
+        self.stopping = True
 
     def _on_heartbeat(self, body: dict) -> None:
         """The master is alive; receiving the message already counted."""
@@ -279,85 +355,124 @@ class Agent:
 
     def _on_dispatch(self, body: dict) -> None:
         """Start one rank of a job here; JOB_STARTED (or JOB_ENDED if it cannot start) follows."""
-        job_id, rank = body["job_id"], body["rank"]
+        key = RankKey(body["job_id"], body["rank"], body.get("attempt", 0))
         indices = body["gpu_indices"]
-        if not valid_rank_key(job_id, rank) or not all(
-                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
-            self.log.warning("dropped a DISPATCH with a bad job id, rank or GPU list: %r", body)
+        if not key.valid() or not all(is_count(i) for i in indices):
+            self.log.warning("dropped a DISPATCH with a bad job id, rank, attempt or GPU list: %r", body)
             return
-        known = self.ranks.get((job_id, rank))
+        if not self.registered:
+            # Before REGISTERED it may be meant for another agent with this node id (the master hands a
+            # node id's connection to the newest agent); the master's reconciliation settles the rank.
+            self.log.warning("dropped a DISPATCH of %s: the master has not accepted this agent yet", key)
+            return
+        known = self.ranks.get(key)
         if known is not None:
-            self.log.warning("job %s rank %d is already here; reporting it again", job_id, rank)
+            self.log.warning("%s is already here; reporting it again", key)
             known.start_reported = known.pid is None
             return
+        self._spare_from_kills(key)
         rank_proc = RankProcess.spawn(
-            state_dir=self.config.state_dir, node_id=self.node_id, job_id=job_id, rank=rank,
+            state_dir=self.config.state_dir, node_id=self.node_id, key=key,
             command=body["command"], cwd=body["cwd"], env=body["env"], gpu_indices=indices,
             kill_grace=body["kill_grace"])
-        self.ranks[(job_id, rank)] = rank_proc
+        self.ranks[key] = rank_proc
         if rank_proc.proc is None:
-            self.log.warning("job %s rank %d could not start: %s", job_id, rank, rank_proc.reason)
+            self.log.warning("%s could not start: %s", key, rank_proc.reason)
         else:
             gpus = ",".join(map(str, indices)) or "none"
-            self.log.info("job %s rank %d started: pid %d, GPUs %s", job_id, rank, rank_proc.pid, gpus)
+            self.log.info("%s started: pid %d, GPUs %s", key, rank_proc.pid, gpus)
+
+    def _spare_from_kills(self, key: RankKey) -> None:
+        """A KILL of every attempt of a job came before this attempt was dispatched: it is not for this one."""
+        pending = self.kills.get((key.job_id, None))
+        if pending is not None:
+            below = key.attempt if pending.target.below is None else min(pending.target.below, key.attempt)
+            pending.target = JobProcesses(key.job_id, below=below)
+        self.kills.pop((key.job_id, key.attempt), None)
 
     def _on_kill(self, body: dict) -> None:
-        """Stop every rank of the job on this node: SIGTERM now, SIGKILL after the grace period."""
+        """Stop the job here (one attempt of it if given): SIGTERM now, SIGKILL after the grace period."""
+        job_id, attempt = body["job_id"], body.get("attempt")
+        if not valid_job_id(job_id) or not (attempt is None or is_count(attempt)):
+            self.log.warning("dropped a KILL with a bad job id or attempt: %r", body)
+            return
         now = time.monotonic()
-        for rank in self.ranks.values():
-            if rank.job_id == body["job_id"] and rank.kill(now):
-                self.log.info("job %s rank %d: stopping (%s); SIGKILL in %g s if still running",
-                              rank.job_id, rank.rank, body["reason"], rank.kill_grace)
+        ranks = [rank for key, rank in self.ranks.items()
+                 if key.job_id == job_id and attempt in (None, key.attempt)]
+        for rank in ranks:
+            rank.kill(now)
+        target = JobProcesses(job_id, attempt)
+        pending = self.kills.get((job_id, attempt))
+        # A KILL repeated keeps its first deadline, unless attempts spared from it are now to be stopped too.
+        if pending is None or pending.target != target:
+            grace = max((rank.kill_grace for rank in ranks), default=DEFAULT_KILL_GRACE)
+            pending = self.kills[(job_id, attempt)] = PendingKill(target, now + grace)
+        # Every process of the job, not only the ranks' groups: children that called setsid left those.
+        signalled = pending.target.terminate()
+        self.log.info("%s: stopping (%s): SIGTERM to %d process(es), SIGKILL to any left in %g s",
+                      pending.target, body["reason"], signalled, pending.deadline - now)
 
     def _on_resend(self, body: dict) -> None:
-        """The master's copy of a stream has a gap: send again from that offset."""
+        """The master's copy of a stream has a gap: send again from that offset (of the newest attempt here)."""
         job_id, rank, offset = body["job_id"], body["rank"], body["offset"]
         stream = Stream(body["stream"])
-        if not valid_rank_key(job_id, rank):
+        if not RankKey(job_id, rank, 0).valid():
             self.log.warning("dropped a RESEND with a bad job id or rank: %r", body)
             return
-        rank_proc = self.ranks.get((job_id, rank))
+        attempt = self._current_attempt(job_id, rank)
+        if attempt is None:
+            self.log.warning("cannot resend %s of job %s rank %d: nothing spooled here", stream.value, job_id, rank)
+            return
+        key = RankKey(job_id, rank, attempt)
+        rank_proc = self.ranks.get(key)
         if rank_proc is None:
             # Already reported and forgotten: the spool still has the bytes and the exit status.
-            rank_proc = RankProcess.revive(self.config.state_dir, job_id, rank)
+            rank_proc = RankProcess.revive(self.config.state_dir, key)
             if rank_proc is None:
-                self.log.warning("cannot resend %s of job %s rank %d: nothing spooled here",
-                                 stream.value, job_id, rank)
+                self.log.warning("cannot resend %s of %s: its spool is unreadable", stream.value, key)
                 return
-            self.ranks[(job_id, rank)] = rank_proc
+            self.ranks[key] = rank_proc
         if rank_proc.rewind(stream, offset):
-            self.log.debug("resending %s of job %s rank %d from byte %d", stream.value, job_id, rank, offset)
+            self.log.debug("resending %s of %s from byte %d", stream.value, key, offset)
+
+    def _current_attempt(self, job_id: str, rank: int) -> int | None:
+        """The highest attempt of a job's rank that this node holds or has spooled; None if none."""
+        attempts = [key.attempt for key in (*self.ranks, *spool_keys(self.config.state_dir))
+                    if (key.job_id, key.rank) == (job_id, rank)]
+        return max(attempts, default=None)
 
     # -- output ---------------------------------------------------------------------------
 
-    def _pump(self) -> None:
+    def _pump(self) -> bool:
         """Send each rank's start, new output and end, in that order, within the per-turn budget.
 
         A send that would block stops the pump until the next turn: the offsets say
-        what went out, and the spool files keep the rest.
+        what went out, and the spool files keep the rest.  True when anything went out.
         """
         budget = PUMP_BUDGET
+        sent = False
         for key, rank in list(self.ranks.items()):
             if not rank.start_reported:
-                if not self._send(MsgType.JOB_STARTED, {"job_id": rank.job_id, "rank": rank.rank,
-                                                        "pid": rank.pid}):
-                    return
-                rank.start_reported = True
+                if not self._send(MsgType.JOB_STARTED, {**key.wire(), "pid": rank.pid}):
+                    return sent
+                rank.start_reported = sent = True
             for stream in Stream:
                 while budget > 0:
                     chunk = rank.read_chunk(stream, budget)
                     if not chunk:
                         break
-                    header = {"job_id": rank.job_id, "rank": rank.rank, "stream": stream.value,
-                              "offset": rank.sent[stream]}
+                    header = {**key.wire(), "stream": stream.value, "offset": rank.sent[stream]}
                     if not self._send(MsgType.OUTPUT, header, chunk):
-                        return
+                        return sent
                     rank.advance(stream, len(chunk))
                     budget -= len(chunk)
+                    sent = True
             if budget <= 0:
-                return
+                return sent
             if rank.ended and not rank.has_unsent():
                 if not self._send(MsgType.JOB_ENDED, rank.ended_body()):
-                    return
+                    return sent
+                sent = True
                 rank.close()
                 del self.ranks[key]
+        return sent

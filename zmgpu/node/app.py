@@ -10,6 +10,7 @@ import sys
 
 from ..config import NodeConfig
 from ..daemon import load_or_exit, setup_logging
+from .identity import lock_state_dir
 
 PROG = "zmgpu-node"
 
@@ -26,7 +27,9 @@ def get_parser() -> argparse.ArgumentParser:
                     "in their own sessions, so stopping or restarting the agent does not stop them.",
         epilog="Without NVML (no NVIDIA driver, or the nvidia-ml-py package missing) the node offers no GPUs "
                "and still runs CPU jobs (zmgpu submit --gpus 0); --simulate-gpus N rehearses a GPU node "
-               "on any machine.")
+               "on any machine. Exit status: 0 when stopped by SIGTERM or SIGINT; 1 when the state directory "
+               "cannot be used or another agent runs on it; 2 for a bad option or configuration, or when the "
+               "master refuses the node id because another live agent holds it.")
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="YAML file with node settings (keys as in conf/node.yaml); options given on "
                              "the command line override it (default: none, built-in defaults)")
@@ -84,8 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     log = setup_logging("zmgpu.node", config.verbose)
     try:
         os.makedirs(os.path.join(config.state_dir, "jobs"), exist_ok=True)
+        lock = lock_state_dir(config.state_dir)
     except OSError as exc:
-        log.error("cannot create the state directory %s: %s", config.state_dir, exc.strerror or exc)
+        log.error("cannot use the state directory %s: %s", config.state_dir, exc.strerror or exc)
+        return 1
+    if lock is None:
+        log.error("another node agent is already running on the state directory %s; stop it first, or give "
+                  "this one its own --state-dir", config.state_dir)
         return 1
 
     # Imported here so that the parser above stays cheap for the man page generator.
@@ -98,4 +106,5 @@ def main(argv: list[str] | None = None) -> int:
                  " (simulated)" if gpu.simulated else "")
     if not gpus:
         log.info("no GPUs offered: only CPU jobs (--gpus 0) will run on this node")
+    # The lock stays held (its fd open) until this process exits.
     return Agent(config, config.node_id, gpus, log).run()

@@ -1,11 +1,14 @@
 """One job rank on this node: spawn it in its own session, spool its output, signal it, reap it.
 
-A rank's stdout and stderr go to files under ``<state_dir>/jobs/<job_id>.<rank>/``.
-The agent forwards them to the master from a sent offset per stream, so the
-spool file is the buffer: a slow or absent master loses nothing, and a RESEND
-only moves the offset back.  When a rank ends its exit status is written next
-to its output, so a RESEND that arrives after the agent has reported and
-forgotten the rank can still be served (:meth:`RankProcess.revive`).
+A rank's stdout and stderr go to files under
+``<state_dir>/jobs/<job_id>.<rank>.<attempt>/`` (a requeued job runs again as a
+new attempt, beside the old one).  The agent forwards them to the master from a
+sent offset per stream, so the spool file is the buffer: a slow or absent master
+loses nothing, and a RESEND only moves the offset back.  When a rank ends its
+exit status is written next to its output, so a RESEND that arrives after the
+agent has reported and forgotten the rank can still be served
+(:meth:`RankProcess.revive`), and a master that missed the JOB_ENDED can learn
+it from the agent's next REGISTER (:func:`recent_ends`).
 
 Ranks outlive their agent (each runs in its own session).  At spawn the agent
 records who the rank's process is (:class:`SpawnRecord`), so that its successor
@@ -24,11 +27,14 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
+from ..model import JOB_ID_PATTERN
 from ..protocol import CHUNK_BYTES, Stream
+from .sweep import ATTEMPT_VAR, JOB_ID_VAR
 
-_JOB_ID = re.compile(r"[0-9a-f]{8}")
-_SPOOL_NAME = re.compile(r"([0-9a-f]{8})\.([0-9]+)")
+_JOB_ID = re.compile(JOB_ID_PATTERN)
+_SPOOL_NAME = re.compile(rf"({JOB_ID_PATTERN})\.([0-9]+)\.([0-9]+)")
 #: Written when a rank's end is recorded: a rank with this file is never taken over.
 _STATUS_FILE = "status"
 #: Written at spawn: the :class:`SpawnRecord` a restarted agent adopts the rank by.
@@ -39,23 +45,85 @@ ENDED_WHILE_AWAY = "exit status unknown: the job ended while the node agent was 
 ENDED_AFTER_RESTART = "exit status unknown: the job outlived a restart of the node agent"
 
 
-def valid_rank_key(job_id: str, rank: int) -> bool:
-    """True for a well-formed job id and rank; they name a spool directory, so nothing else may pass."""
-    return bool(_JOB_ID.fullmatch(job_id)) and rank >= 0
+def valid_job_id(job_id) -> bool:
+    """True for a well-formed job id (``8hex`` or an array task's ``8hex_N``)."""
+    return isinstance(job_id, str) and bool(_JOB_ID.fullmatch(job_id))
 
 
-def spool_dir(state_dir: str, job_id: str, rank: int) -> str:
-    """Where one rank's output and exit status live."""
-    return os.path.join(state_dir, "jobs", f"{job_id}.{rank}")
+def is_count(value) -> bool:
+    """True for an int >= 0 (bool is an int subclass, and never a rank or an attempt)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def spool_keys(state_dir: str) -> list[tuple[str, int]]:
-    """The (job id, rank) of every spool directory under ``state_dir``, in name order."""
+class RankKey(NamedTuple):
+    """Which rank of which attempt of a job: a requeued job runs again as attempt 1, 2, ..."""
+
+    job_id: str
+    rank: int
+    attempt: int
+
+    def valid(self) -> bool:
+        """True for a well-formed key; it names a spool directory, so nothing else may pass."""
+        return valid_job_id(self.job_id) and is_count(self.rank) and is_count(self.attempt)
+
+    def spool(self, state_dir: str) -> str:
+        """Where this rank's output and exit status live."""
+        return os.path.join(state_dir, "jobs", f"{self.job_id}.{self.rank}.{self.attempt}")
+
+    def wire(self) -> dict:
+        """The fields naming this rank in a message to the master."""
+        return {"job_id": self.job_id, "rank": self.rank, "attempt": self.attempt}
+
+    def __str__(self) -> str:
+        retry = f" (attempt {self.attempt})" if self.attempt else ""
+        return f"job {self.job_id} rank {self.rank}{retry}"
+
+
+def spool_keys(state_dir: str) -> list[RankKey]:
+    """The key of every spool directory under ``state_dir``, in name order."""
     try:
         names = sorted(os.listdir(os.path.join(state_dir, "jobs")))
     except OSError:
         return []
-    return [(match[1], int(match[2])) for match in map(_SPOOL_NAME.fullmatch, names) if match]
+    return [RankKey(match[1], int(match[2]), int(match[3])) for match in map(_SPOOL_NAME.fullmatch, names) if match]
+
+
+def recent_ends(state_dir: str, since: float, skip) -> list[dict]:
+    """How the spooled ranks that ended after ``since`` (epoch seconds) ended, as REGISTER "jobs" entries.
+
+    A master that missed a JOB_ENDED (it restarted, or the link dropped it) settles
+    the rank from these; ranks in ``skip`` (the agent still holds them) are left out.
+    """
+    entries = []
+    for key in spool_keys(state_dir):
+        if key in skip:
+            continue
+        spool = key.spool(state_dir)
+        try:
+            if os.stat(os.path.join(spool, _STATUS_FILE)).st_mtime < since:
+                continue
+            status = _load_status(spool)
+        except (OSError, ValueError):
+            continue
+        sizes = {stream.value: _file_size(os.path.join(spool, stream.value)) for stream in Stream}
+        entries.append({**key.wire(), "ended": True, **status, "sizes": sizes})
+    return entries
+
+
+def _load_status(spool: str) -> dict:
+    """The exit status a rank's end recorded; OSError, or ValueError for a file that is not one."""
+    with open(os.path.join(spool, _STATUS_FILE)) as fh:
+        status = json.load(fh)
+    if not isinstance(status, dict):
+        raise ValueError(f"{_STATUS_FILE} is not an exit status")
+    return {name: status.get(name) for name in ("exit_code", "signal", "reason")}
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -127,8 +195,7 @@ class SpawnRecord:
 class RankProcess:
     """One rank of a job on this node, from spawn until its end and all its output are reported."""
 
-    job_id: str
-    rank: int
+    key: RankKey
     spool: str
     gpu_indices: list[int] = field(default_factory=list)
     kill_grace: float = 10.0
@@ -139,6 +206,7 @@ class RankProcess:
     reason: str | None = None
     ended: bool = False
     start_reported: bool = False           # JOB_STARTED is on its way to the master
+    killed: bool = False                   # a KILL came: its end must leave no process of the job behind
     kill_deadline: float | None = None     # monotonic time for SIGKILL after a KILL
     sent: dict[Stream, int] = field(default_factory=lambda: dict.fromkeys(Stream, 0))
     _readers: dict[Stream, int] = field(default_factory=dict, repr=False)
@@ -146,10 +214,10 @@ class RankProcess:
     # -- life cycle -----------------------------------------------------------------
 
     @classmethod
-    def spawn(cls, *, state_dir: str, node_id: str, job_id: str, rank: int, command: str, cwd: str,
+    def spawn(cls, *, state_dir: str, node_id: str, key: RankKey, command: str, cwd: str,
               env: dict, gpu_indices: list[int], kill_grace: float) -> "RankProcess":
         """Start one rank; a rank that cannot start comes back already ended, with the reason."""
-        rank_proc = cls(job_id, rank, spool_dir(state_dir, job_id, rank), list(gpu_indices), kill_grace)
+        rank_proc = cls(key, key.spool(state_dir), list(gpu_indices), kill_grace)
         try:
             outputs = rank_proc._create_spool()
         except OSError as exc:
@@ -165,7 +233,10 @@ class RankProcess:
                 "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in gpu_indices),
                 # CUDA's own default orders by speed; NVML (and so the master) orders by PCI bus.
                 "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-                "ZMGPU_JOB_ID": job_id,
+                # These two mark every process of the job, wherever it goes (see sweep.py);
+                # the attempt count is Slurm's SLURM_RESTART_COUNT.
+                JOB_ID_VAR: key.job_id,
+                ATTEMPT_VAR: str(key.attempt),
                 "ZMGPU_NODE_ID": node_id,
             }
             try:
@@ -183,18 +254,18 @@ class RankProcess:
         return rank_proc
 
     @classmethod
-    def adopt(cls, state_dir: str, job_id: str, rank: int) -> "RankProcess | None":
+    def adopt(cls, state_dir: str, key: RankKey) -> "RankProcess | None":
         """A rank that a previous agent started and did not see end; None if the spool holds no such rank.
 
         Its output goes out again from offset 0 (the master skips what it has).  A
         rank whose process is gone comes back ended, its exit status unknown.
         Raises ValueError when the spool cannot be read.
         """
-        spool = spool_dir(state_dir, job_id, rank)
+        spool = key.spool(state_dir)
         if os.path.exists(os.path.join(spool, _STATUS_FILE)) or \
                 not os.path.exists(os.path.join(spool, _PROCESS_FILE)):
             return None
-        rank_proc = cls(job_id, rank, spool)
+        rank_proc = cls(key, spool)
         try:
             rank_proc.spawned = SpawnRecord.load(spool)
             rank_proc._open_readers()
@@ -208,19 +279,17 @@ class RankProcess:
         return rank_proc
 
     @classmethod
-    def revive(cls, state_dir: str, job_id: str, rank: int) -> "RankProcess | None":
+    def revive(cls, state_dir: str, key: RankKey) -> "RankProcess | None":
         """An already reported, ended rank rebuilt from its spool, to serve a late RESEND."""
-        rank_proc = cls(job_id, rank, spool_dir(state_dir, job_id, rank), start_reported=True, ended=True)
+        rank_proc = cls(key, key.spool(state_dir), start_reported=True, ended=True)
         try:
-            with open(os.path.join(rank_proc.spool, _STATUS_FILE)) as fh:
-                status = json.load(fh)
+            status = _load_status(rank_proc.spool)
             rank_proc._open_readers()
         except (OSError, ValueError):
             rank_proc.close()
             return None
-        rank_proc.exit_code = status.get("exit_code")
-        rank_proc.signal = status.get("signal")
-        rank_proc.reason = status.get("reason")
+        rank_proc.exit_code, rank_proc.signal, rank_proc.reason = (
+            status["exit_code"], status["signal"], status["reason"])
         rank_proc.sent = {stream: rank_proc.size(stream) for stream in Stream}
         return rank_proc
 
@@ -299,6 +368,7 @@ class RankProcess:
         """SIGCONT and SIGTERM to the rank's process group; SIGKILL follows after the grace period."""
         if not self.running:
             return False
+        self.killed = True
         if self.kill_deadline is None:
             self.kill_deadline = now + self.kill_grace
         self.spawned.signal_group(signal.SIGCONT)    # a stopped process would never see the SIGTERM
@@ -353,7 +423,7 @@ class RankProcess:
 
     def ended_body(self) -> dict:
         """Body of the JOB_ENDED message, with the final output sizes."""
-        return {"job_id": self.job_id, "rank": self.rank, "exit_code": self.exit_code,
+        return {**self.key.wire(), "exit_code": self.exit_code,
                 "signal": self.signal, "reason": self.reason,
                 "sizes": {stream.value: self.sent[stream] for stream in Stream}}
 

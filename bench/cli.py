@@ -1,0 +1,72 @@
+"""Command-line start-up: wall time of ``zmgpu queue`` with 10,000 finished jobs in the history, and of ``zmgpu submit``.
+
+The history is made fast with one array of trivial 1-GPU jobs; tasks the time
+budget does not let run are cancelled while pending, which also leaves them
+finished (the note says how many ran).  Each command runs as a fresh process
+(``python -m zmgpu.cli``, as the ``zmgpu`` script does), output to /dev/null,
+several times; the figure is the median.  The limit is the start-up floor of
+any Python client of ZeroMQ: ``python -c "import zmq"``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from typing import Iterator
+
+from bench.harness import (BenchError, Better, Cluster, Context, Figure, StateWatcher, median,
+                           subprocess_env)
+
+NAME = "cli"
+TARGET_RATIO = 2.0
+
+
+def wall_seconds(argv: list[str], runs: int, env: dict, cwd: str) -> list[float]:
+    """Wall time of ``runs`` runs of ``argv``; BenchError if one fails."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        done = subprocess.run(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+        times.append(time.perf_counter() - start)
+        if done.returncode != 0:
+            last = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+            raise BenchError(f"'{' '.join(argv[1:])}' exited with status {done.returncode}: {last[0]}")
+    return times
+
+
+def fill_history(cluster: Cluster, count: int, deadline: float) -> str:
+    """Leave ``count`` finished jobs in the master's history; a sentence saying how they ended."""
+    with StateWatcher(cluster) as watcher, cluster.client(timeout=120) as client:
+        array_id = client.submit("true", gpus=1, cwd=cluster.work_dir, array=f"0-{count - 1}")
+        tasks = [f"{array_id}_{index}" for index in range(count)]
+        try:
+            jobs = watcher.wait(client, tasks, deadline)
+        except BenchError:
+            client.cancel(array_id)
+            jobs = watcher.wait(client, tasks, time.monotonic() + 60)
+    ran = sum(job["state"] == "COMPLETED" for job in jobs.values())
+    return f"{count} finished jobs in the history ({ran} ran, {count - ran} cancelled while pending)"
+
+
+def run(ctx: Context) -> Iterator[Figure]:
+    runs = ctx.pick(10, 3)
+    with Cluster(NAME, nodes=1, gpus=4, profile_dir=ctx.profile_dir) as cluster:
+        # Most of the budget may go to running the history; the timings need a few seconds.
+        history = fill_history(cluster, ctx.pick(10_000, 500), time.monotonic() + ctx.remaining() * 0.6)
+        env = subprocess_env(ZMGPU_MASTER=f"127.0.0.1:{cluster.port}")
+        env.pop("ZMGPU_CONFIG", None)
+        zmgpu = [sys.executable, "-m", "zmgpu.cli"]
+        floor = median(wall_seconds([sys.executable, "-c", "import zmq"], runs, env, cluster.work_dir))
+        yield Figure(NAME, "import_zmq_ms", 1000 * floor, "ms", Better.LOWER,
+                     note="python -c 'import zmq': the limit of the figures below")
+        commands = {
+            "queue_ms": (["queue"], history),
+            "queue_all_ms": (["queue", "--all"], f"every job listed; {history}"),
+            "submit_ms": (["submit", "--gpus", "1", "true"], "a trivial 1-GPU job"),
+        }
+        for figure, (args, note) in commands.items():
+            took = median(wall_seconds([*zmgpu, *args], runs, env, cluster.work_dir))
+            yield Figure(NAME, figure, 1000 * took, "ms", Better.LOWER, limit=1000 * floor,
+                         target_ratio=TARGET_RATIO, note=f"median of {runs}; {note}")

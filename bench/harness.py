@@ -1,0 +1,408 @@
+"""What every benchmark shares: figures as JSON lines, real daemons in a temp dir, finished-job watching, /proc.
+
+A :class:`Cluster` starts ``python -m zmgpu.master`` (optionally under
+cProfile) and ``python -m zmgpu.node --simulate-gpus N`` agents on loopback in
+a fresh temporary directory, and stops them all on exit, even when the
+benchmark failed.  A :class:`Figure` is one measured number with the
+machine's own limit measured in the same run and issue 6's target; it prints
+as one JSON line.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import json
+import os
+import platform
+import pstats
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Iterable, Optional
+
+import zmq
+
+from zmgpu import Client, protocol
+from zmgpu.model import JobState
+from zmgpu.protocol import MsgType
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: How long a daemon may take to come up, and to stop after SIGTERM before SIGKILL.
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+
+
+class BenchError(Exception):
+    """A benchmark that could not produce its figures; the message is one line for a person."""
+
+
+class Better(str, enum.Enum):
+    """Which way a figure improves."""
+
+    LOWER = "lower"
+    HIGHER = "higher"
+
+
+@dataclass
+class Figure:
+    """One measured number, the machine's limit for the same work, and issue 6's target.
+
+    ``ratio`` is ``value / limit``: for times, how many times the limit it takes;
+    for rates, the share of the limit it reaches.  ``target`` is an absolute
+    target in ``unit``; ``target_ratio`` one expressed against the limit.
+    """
+
+    bench: str
+    figure: str
+    value: Optional[float]
+    unit: str
+    better: Better
+    limit: Optional[float] = None
+    target: Optional[float] = None
+    target_ratio: Optional[float] = None
+    note: Optional[str] = None
+
+    @property
+    def ratio(self) -> Optional[float]:
+        if self.value is None or not self.limit:
+            return None
+        return self.value / self.limit
+
+    @property
+    def meets(self) -> Optional[bool]:
+        """Whether every stated target holds; None when there is no target or no value."""
+        checks = [(self.value, self.target), (self.ratio, self.target_ratio)]
+        checks = [(got, want) for got, want in checks if want is not None]
+        if not checks or any(got is None for got, _ in checks):
+            return None
+        if self.better is Better.LOWER:
+            return all(got <= want for got, want in checks)
+        return all(got >= want for got, want in checks)
+
+    def to_json(self, **extra) -> str:
+        data = {"bench": self.bench, "figure": self.figure, "value": _round(self.value), "unit": self.unit,
+                "limit": _round(self.limit), "ratio": _round(self.ratio), "target": self.target,
+                "target_ratio": self.target_ratio, "better": self.better.value, "meets": self.meets,
+                "machine": machine(), **extra}
+        if self.note:
+            data["note"] = self.note
+        return json.dumps(data)
+
+
+def _round(value: Optional[float]) -> Optional[float]:
+    return None if value is None else float(f"{value:.4g}")
+
+
+@dataclass
+class Context:
+    """How one benchmark should run: full or quick sizes, its time budget, where profiles go."""
+
+    quick: bool
+    budget: float                      # seconds this benchmark may take, all phases together
+    profile_dir: Optional[str] = None  # run masters under cProfile and write their stats here
+    started: float = field(default_factory=time.monotonic)
+
+    def pick(self, full, quick):
+        """The full-run size, or the small one in --quick mode."""
+        return quick if self.quick else full
+
+    @property
+    def deadline(self) -> float:
+        """Monotonic time by which the benchmark must have finished."""
+        return self.started + self.budget
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+
+@lru_cache(maxsize=None)
+def machine() -> str:
+    """Cores (as ``nproc`` counts them), CPU model and Python version of this machine."""
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{len(os.sched_getaffinity(0))} cores, {model}, Python {platform.python_version()}"
+
+
+# -- numbers ---------------------------------------------------------------------------------------
+
+def percentile(samples: Iterable[float], q: float) -> float:
+    """The nearest-rank ``q``-th percentile (0-100) of ``samples``."""
+    ordered = sorted(samples)
+    if not ordered:
+        raise BenchError("no samples were taken")
+    rank = max(1, -(-len(ordered) * q // 100))
+    return ordered[int(rank) - 1]
+
+
+def median(samples: Iterable[float]) -> float:
+    return percentile(samples, 50)
+
+
+def popen_true_seconds(count: int) -> list[float]:
+    """Wall time of ``count`` plain ``Popen(["true"]).wait()`` calls, one by one: the spawn limit."""
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        subprocess.Popen(["true"]).wait()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+# -- /proc -----------------------------------------------------------------------------------------
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far."""
+    with open(f"/proc/{pid}/stat") as fh:
+        # The command name may hold spaces; the fields after its closing ')' do not.
+        rest = fh.read().rsplit(")", 1)[1].split()
+    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory (VmRSS) of a process, in MiB."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise BenchError(f"no VmRSS for process {pid}")
+
+
+def cpu_percent(pid: int, seconds: float) -> float:
+    """Share of one core a process uses over the next ``seconds`` (the window is the measurement)."""
+    cpu0, wall0 = cpu_seconds(pid), time.monotonic()
+    time.sleep(seconds)
+    return 100 * (cpu_seconds(pid) - cpu0) / (time.monotonic() - wall0)
+
+
+# -- processes -------------------------------------------------------------------------------------
+
+def subprocess_env(**extra: str) -> dict:
+    """This environment with the repository importable, for daemons, the CLI and helpers."""
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
+    return env
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within STOP_TIMEOUT."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def profile_summary(path: str, top: int = 15) -> str:
+    """A cProfile dump's top zmgpu functions by cumulative time, then the top functions of all by own time."""
+    out = io.StringIO()
+    stats = pstats.Stats(path, stream=out)
+    # Restricting to zmgpu's files skips the interpreter's start-up frames that head any cumulative list.
+    stats.sort_stats("cumulative").print_stats(f"{os.sep}zmgpu{os.sep}", top)
+    stats.sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, errors="replace") as fh:
+            return "".join(fh.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class Cluster:
+    """A master and ``nodes`` simulated-GPU node agents on loopback, in a temp dir, stopped on exit.
+
+    With ``profile_dir`` the master runs under cProfile; on exit its stats go
+    to ``<profile_dir>/<name>.master.prof`` and a summary to stderr.
+    """
+
+    def __init__(self, name: str, nodes: int = 1, gpus: int = 4, profile_dir: Optional[str] = None,
+                 master_args: Iterable[str] = ()):
+        self.name = name
+        self.nodes = nodes
+        self.gpus = gpus
+        self.profile_dir = profile_dir
+        self.master_args = list(master_args)
+        self.dir = ""
+        self.master: Optional[subprocess.Popen] = None
+        self.agents: list[subprocess.Popen] = []
+        self.port = self.pub_port = self.master_pid = 0
+
+    def __enter__(self) -> "Cluster":
+        self.dir = tempfile.mkdtemp(prefix=f"zmgpu-bench-{self.name}-")
+        try:
+            self._start_master()
+            for index in range(self.nodes):
+                self._start_node(f"{self.name}-node{index}")
+            if self.nodes:
+                self._wait_for_nodes()
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if self.agents and self.master is not None and self.master.poll() is None:
+                self._cancel_active()
+            for agent in self.agents:
+                stop_process(agent)
+            if self.master is not None:
+                stop_process(self.master)
+            if exc_type is not None and self.dir:
+                print(f"bench: {self.name}: master log ends with:\n{_tail(self._log('master'))}", file=sys.stderr)
+            self._report_profile()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    @property
+    def work_dir(self) -> str:
+        """A directory for the jobs' own files (their working directory)."""
+        path = os.path.join(self.dir, "work")
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def client(self, timeout: float = 30.0) -> Client:
+        return Client(port=self.port, pub_port=self.pub_port, timeout=timeout)
+
+    def _log(self, who: str) -> str:
+        return os.path.join(self.dir, f"{who}.log")
+
+    def _spawn(self, who: str, argv: list[str]) -> subprocess.Popen:
+        with open(self._log(who), "wb") as log:
+            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                                    env=subprocess_env(), cwd=self.dir)
+
+    @property
+    def _profile_path(self) -> Optional[str]:
+        if not self.profile_dir:
+            return None
+        return os.path.join(os.path.abspath(self.profile_dir), f"{self.name}.master.prof")
+
+    def _start_master(self) -> None:
+        port_file = os.path.join(self.dir, "master.port")
+        profiler = ["-m", "cProfile", "-o", self._profile_path] if self._profile_path else []
+        self.master = self._spawn("master", [
+            sys.executable, *profiler, "-m", "zmgpu.master", "--port", "0", "--pub-port", "0",
+            "--port-file", port_file, "--state-dir", os.path.join(self.dir, "master"), "--kill-grace", "1",
+            *self.master_args])
+        deadline = time.monotonic() + START_TIMEOUT
+        while not os.path.exists(port_file):
+            self._check_alive(self.master, "master")
+            if time.monotonic() > deadline:
+                raise BenchError(f"the master wrote no port file within {START_TIMEOUT:g} s")
+            time.sleep(0.02)
+        with open(port_file) as fh:
+            ports = json.load(fh)
+        self.port, self.pub_port, self.master_pid = ports["port"], ports["pub_port"], ports["pid"]
+
+    def _start_node(self, node_id: str) -> None:
+        self.agents.append(self._spawn(node_id, [
+            sys.executable, "-m", "zmgpu.node", "--node-id", node_id, "--master-port", str(self.port),
+            "--simulate-gpus", str(self.gpus), "--state-dir", os.path.join(self.dir, node_id)]))
+
+    def _check_alive(self, proc: subprocess.Popen, who: str) -> None:
+        if proc.poll() is not None:
+            raise BenchError(f"{who} exited with status {proc.returncode}: {_tail(self._log(who), 3).strip()}")
+
+    def _wait_for_nodes(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        with self.client(timeout=5) as client:
+            while sum(n["state"] == "UP" for n in client.nodes()) < self.nodes:
+                for index, agent in enumerate(self.agents):
+                    self._check_alive(agent, f"{self.name}-node{index}")
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{self.nodes} node agent(s) did not register within {START_TIMEOUT:g} s")
+                time.sleep(0.05)
+
+    def _cancel_active(self) -> None:
+        """Best effort: stop jobs still running, so no job process outlives the benchmark."""
+        try:
+            with self.client(timeout=5) as client:
+                active = [job["job_id"] for job in client.queue()["jobs"]]
+                if active:
+                    client.cancel(*active)
+                    deadline = time.monotonic() + STOP_TIMEOUT
+                    while client.queue()["jobs"] and time.monotonic() < deadline:
+                        time.sleep(0.1)
+        except Exception as exc:  # the cluster is going away anyway; say so and stop it
+            print(f"bench: {self.name}: could not cancel the remaining jobs: {exc}", file=sys.stderr)
+
+    def _report_profile(self) -> None:
+        path = self._profile_path
+        if path is None:
+            return
+        if not os.path.exists(path):
+            print(f"bench: {self.name}: the master wrote no profile", file=sys.stderr)
+            return
+        summary = profile_summary(path)
+        with open(path[:-len(".prof")] + ".txt", "w") as fh:
+            fh.write(summary)
+        print(f"bench: {self.name}: master profile ({path}):\n{summary}", file=sys.stderr)
+
+
+class StateWatcher:
+    """Finished jobs as the master publishes them, with a poll every second for events PUB dropped."""
+
+    def __init__(self, cluster: Cluster):
+        self.ctx = zmq.Context()
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.RCVHWM, 0)   # keep every event we are sent; the master's SNDHWM still drops
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"job.")
+        self.sub.connect(f"tcp://127.0.0.1:{cluster.pub_port}")
+        self.finished: dict[str, dict] = {}
+
+    def __enter__(self) -> "StateWatcher":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.sub.close()
+        self.ctx.term()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                frames = self.sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = protocol.decode(frames[1:])
+            except protocol.ProtocolError:
+                continue
+            if msg.type is MsgType.JOB_STATE and JobState(msg.body["state"]).finished:
+                self.finished[msg.body["job_id"]] = msg.body
+
+    def wait(self, client: Client, job_ids: Iterable[str], deadline: float) -> dict[str, dict]:
+        """The final dicts of ``job_ids`` once all have finished; BenchError past ``deadline`` (monotonic)."""
+        wanted = list(job_ids)
+        missing = set(wanted) - set(self.finished)
+        next_check = time.monotonic() + 1.0
+        while missing:
+            now = time.monotonic()
+            if now > deadline:
+                raise BenchError(f"{len(missing)} of {len(wanted)} job(s) still unfinished at the time limit")
+            if now >= next_check:
+                for job in client.queue(all=True, job_ids=sorted(missing))["jobs"]:
+                    if JobState(job["state"]).finished:
+                        self.finished[job["job_id"]] = job
+                next_check = time.monotonic() + 1.0
+            elif self.sub.poll(max(1, int((min(next_check, deadline) - now) * 1000))):
+                self._drain()
+            missing.difference_update(self.finished)
+        return {job_id: self.finished[job_id] for job_id in wanted}

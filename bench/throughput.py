@@ -1,0 +1,66 @@
+"""Throughput: trivial 1-GPU jobs (``true``) through one node with 4 simulated GPUs, in jobs completed per second.
+
+The same number of jobs goes through twice: submitted one by one through the
+Python API, then as one array.  The rate is jobs / (last job's end, as the
+master records it - the moment before the first submit).  The limit is a plain
+``Popen(["true"]).wait()`` loop on this machine: the spawn rate nothing that
+starts processes can beat.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+from bench.harness import BenchError, Better, Cluster, Context, Figure, StateWatcher, popen_true_seconds
+
+NAME = "throughput"
+TARGET_PER_S = 800.0
+TARGET_SHARE_OF_POPEN = 0.5
+
+
+def _finished(watcher: StateWatcher, client, job_ids: list, deadline: float) -> tuple[dict, str | None]:
+    """The jobs' final dicts, and a sentence if the time limit cut the wait short."""
+    try:
+        return watcher.wait(client, job_ids, deadline), None
+    except BenchError as exc:
+        return {j: watcher.finished[j] for j in job_ids if j in watcher.finished}, str(exc)
+
+
+def _figure(name: str, jobs: dict, first_submit: float, cut: str | None, limit: float, how: str) -> Figure:
+    if cut is None:
+        elapsed = max(job["end_time"] for job in jobs.values()) - first_submit
+    else:
+        elapsed = time.time() - first_submit
+    failed = sum(job["state"] != "COMPLETED" for job in jobs.values())
+    note = f"{len(jobs)} jobs {how}" + (f", {failed} not COMPLETED" if failed else "") + (f"; {cut}" if cut else "")
+    return Figure(NAME, name, len(jobs) / elapsed, "jobs/s", Better.HIGHER, limit=limit, target=TARGET_PER_S,
+                  target_ratio=TARGET_SHARE_OF_POPEN, note=note)
+
+
+def run(ctx: Context) -> Iterator[Figure]:
+    count = ctx.pick(2000, 100)
+    spawns = popen_true_seconds(min(count, 1000))
+    popen_rate = len(spawns) / sum(spawns)
+    yield Figure(NAME, "popen_true_per_s", popen_rate, "jobs/s", Better.HIGHER,
+                 note=f"{len(spawns)} Popen(['true']).wait() in a loop: the limit of the figures below")
+    with Cluster(NAME, nodes=1, gpus=4, profile_dir=ctx.profile_dir) as cluster, \
+            StateWatcher(cluster) as watcher, cluster.client(timeout=120) as client:
+        work = cluster.work_dir
+        # Half the time left for each way of submitting.
+        deadline = time.monotonic() + ctx.remaining() / 2
+        first = time.time()
+        job_ids = []
+        while len(job_ids) < count and time.monotonic() < deadline:
+            job_ids.append(client.submit("true", gpus=1, cwd=work))
+        submitted = time.time()
+        yield Figure(NAME, "api_submits_per_s", len(job_ids) / (submitted - first), "jobs/s", Better.HIGHER,
+                     note=f"{len(job_ids)} Client.submit calls in a row, while the jobs run")
+        jobs, cut = _finished(watcher, client, job_ids, deadline)
+        yield _figure("api_jobs_per_s", jobs, first, cut, popen_rate, "submitted one by one")
+
+        first = time.time()
+        array_id = client.submit("true", gpus=1, cwd=work, array=f"0-{count - 1}")
+        tasks = [f"{array_id}_{index}" for index in range(count)]
+        jobs, cut = _finished(watcher, client, tasks, ctx.deadline)
+        yield _figure("array_jobs_per_s", jobs, first, cut, popen_rate, "as one array")

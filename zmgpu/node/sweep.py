@@ -1,0 +1,97 @@
+"""Find and signal every process of a job on this host, wherever in the process tree it went.
+
+Signalling a rank's process group is not enough to stop a job: a child that
+calls setsid (a PyTorch DataLoader worker, a daemonised server) leaves the
+group, and one that ignores SIGTERM survives it, holding its GPU memory.  Such
+processes keep the environment the rank gave them, which the runner marks with
+the job id and the attempt, so reading ``/proc/<pid>/environ`` finds them.
+
+Reading the environment of every process on the host costs milliseconds, so the
+agent sweeps only when a job is being stopped (a KILL), never on a normal end.
+Processes of other users cannot be read and are skipped: jobs run as the
+agent's user.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+#: Set in every rank's environment: the job id, and how many times the job was requeued before.
+JOB_ID_VAR = "ZMGPU_JOB_ID"
+ATTEMPT_VAR = "ZMGPU_RESTART_COUNT"
+
+#: Rounds of SIGKILL at most: each one also catches what the previous round's victims forked meanwhile.
+KILL_ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class JobProcesses:
+    """The processes of a job on this host: of one attempt, or of every attempt below ``below`` (None: all)."""
+
+    job_id: str
+    attempt: int | None = None
+    below: int | None = None
+
+    def __str__(self) -> str:
+        if self.attempt:
+            return f"job {self.job_id} (attempt {self.attempt})"
+        if self.below is not None:
+            return f"job {self.job_id} (attempts before {self.below})"
+        return f"job {self.job_id}"
+
+    def pids(self) -> list[int]:
+        """Pids of the live processes (other than this one) that match."""
+        mark = f"{JOB_ID_VAR}={self.job_id}".encode()
+        me = os.getpid()
+        found = []
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) == me:
+                continue
+            try:
+                with open(f"/proc/{name}/environ", "rb") as fh:
+                    entries = fh.read().split(b"\0")
+            except OSError:
+                continue  # gone meanwhile, or another user's process
+            # A zombie's environment reads empty, so a process already ended never matches.
+            if mark in entries and self._attempt_matches(entries):
+                found.append(int(name))
+        return found
+
+    def _attempt_matches(self, entries: list[bytes]) -> bool:
+        if self.attempt is None and self.below is None:
+            return True
+        prefix = f"{ATTEMPT_VAR}=".encode()
+        value = next((e[len(prefix):] for e in entries if e.startswith(prefix)), b"")
+        if not value.isdigit():
+            return False
+        attempt = int(value)
+        return attempt == self.attempt if self.attempt is not None else attempt < self.below
+
+    def terminate(self) -> int:
+        """SIGCONT (a stopped process never sees a SIGTERM) and SIGTERM to every match; how many."""
+        pids = self.pids()
+        _signal(pids, signal.SIGCONT, signal.SIGTERM)
+        return len(pids)
+
+    def kill(self) -> int:
+        """SIGKILL every match until none is found (or KILL_ROUNDS rounds); how many were killed."""
+        killed = set()
+        for _ in range(KILL_ROUNDS):
+            pids = self.pids()
+            if not pids:
+                break
+            _signal(pids, signal.SIGKILL)
+            killed.update(pids)
+        return len(killed)
+
+
+def _signal(pids: list[int], *signums: int) -> None:
+    """Send each signal, in order, to each process; one that is gone already is skipped."""
+    for pid in pids:
+        for signum in signums:
+            try:
+                os.kill(pid, signum)
+            except (ProcessLookupError, PermissionError):
+                break
