@@ -52,7 +52,7 @@ def fill_history(cluster: Cluster, count: int, deadline: float) -> str:
 
 def run(ctx: Context) -> Iterator[Figure]:
     runs = ctx.pick(10, 3)
-    with Cluster(NAME, nodes=1, gpus=4, profile_dir=ctx.profile_dir) as cluster:
+    with Cluster(NAME, ctx, nodes=1, gpus=4) as cluster:
         # Most of the budget may go to running the history; the timings need a few seconds.
         history = fill_history(cluster, ctx.pick(10_000, 500), time.monotonic() + ctx.remaining() * 0.6)
         env = subprocess_env(ZMGPU_MASTER=f"127.0.0.1:{cluster.port}")

@@ -107,6 +107,7 @@ class Context:
     quick: bool
     budget: float                      # seconds this benchmark may take, all phases together
     profile_dir: Optional[str] = None  # run masters under cProfile and write their stats here
+    keep: bool = False                 # leave the clusters' temporary directories (logs, spools) behind
     started: float = field(default_factory=time.monotonic)
 
     def pick(self, full, quick):
@@ -178,13 +179,6 @@ def rss_mb(pid: int) -> float:
     raise BenchError(f"no VmRSS for process {pid}")
 
 
-def cpu_percent(pid: int, seconds: float) -> float:
-    """Share of one core a process uses over the next ``seconds`` (the window is the measurement)."""
-    cpu0, wall0 = cpu_seconds(pid), time.monotonic()
-    time.sleep(seconds)
-    return 100 * (cpu_seconds(pid) - cpu0) / (time.monotonic() - wall0)
-
-
 # -- processes -------------------------------------------------------------------------------------
 
 def subprocess_env(**extra: str) -> dict:
@@ -204,6 +198,41 @@ def stop_process(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def stop_strays(marker: str) -> None:
+    """Stop processes whose command line names ``marker`` (a cluster's temp dir): job keepers, stray jobs.
+
+    A node agent's job keeper outlives the agent by design, so stopping the
+    agent is not enough to leave nothing behind.
+    """
+    strays = []
+    for pid in (int(entry) for entry in os.listdir("/proc") if entry.isdigit()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if pid != os.getpid() and marker.encode() in fh.read():
+                    strays.append(pid)
+        except OSError:
+            continue   # gone already
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        for pid in strays:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while strays and time.monotonic() < deadline:
+            strays = [pid for pid in strays if _running(pid)]
+            time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting for a parent to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def profile_summary(path: str, top: int = 15) -> str:
@@ -227,17 +256,16 @@ def _tail(path: str, lines: int = 15) -> str:
 class Cluster:
     """A master and ``nodes`` simulated-GPU node agents on loopback, in a temp dir, stopped on exit.
 
-    With ``profile_dir`` the master runs under cProfile; on exit its stats go
-    to ``<profile_dir>/<name>.master.prof`` and a summary to stderr.
+    With ``ctx.profile_dir`` the master runs under cProfile; on exit its stats
+    go to ``<profile_dir>/<name>.master.prof`` and a summary to stderr.
     """
 
-    def __init__(self, name: str, nodes: int = 1, gpus: int = 4, profile_dir: Optional[str] = None,
-                 master_args: Iterable[str] = ()):
+    def __init__(self, name: str, ctx: Context, nodes: int = 1, gpus: int = 4):
         self.name = name
         self.nodes = nodes
         self.gpus = gpus
-        self.profile_dir = profile_dir
-        self.master_args = list(master_args)
+        self.profile_dir = ctx.profile_dir
+        self.keep = ctx.keep
         self.dir = ""
         self.master: Optional[subprocess.Popen] = None
         self.agents: list[subprocess.Popen] = []
@@ -264,11 +292,16 @@ class Cluster:
                 stop_process(agent)
             if self.master is not None:
                 stop_process(self.master)
+            if self.dir:
+                stop_strays(self.dir)
             if exc_type is not None and self.dir:
                 print(f"bench: {self.name}: master log ends with:\n{_tail(self._log('master'))}", file=sys.stderr)
             self._report_profile()
         finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            if self.keep:
+                print(f"bench: {self.name}: logs and spools kept in {self.dir}", file=sys.stderr)
+            else:
+                shutil.rmtree(self.dir, ignore_errors=True)
 
     @property
     def work_dir(self) -> str:
@@ -300,7 +333,7 @@ class Cluster:
         self.master = self._spawn("master", [
             sys.executable, *profiler, "-m", "zmgpu.master", "--port", "0", "--pub-port", "0",
             "--port-file", port_file, "--state-dir", os.path.join(self.dir, "master"), "--kill-grace", "1",
-            *self.master_args])
+])
         deadline = time.monotonic() + START_TIMEOUT
         while not os.path.exists(port_file):
             self._check_alive(self.master, "master")

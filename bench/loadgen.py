@@ -14,7 +14,8 @@ stdout once done or past its ``timeout`` (seconds, default 60):
 - ``{"cmd": "churn", "count": k, "timeout": t, "budget": b}``: ends the oldest job up to ``k`` times
   (none started after ``b`` seconds), each time timing how long until the next DISPATCH arrives:
   ``{"samples": [s, ...], "timed_out": bool}``.
-- ``{"cmd": "stats"}``: counters (dispatches, reregisters, kills, refusals, heartbeats sent).
+- ``{"cmd": "stats"}``: counters (dispatches, reregisters, kills, refusals, heartbeats sent, jobs
+  running, nodes that were told to register again).
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ class Churn(Command):
 
 class Stats(Command):
     def result(self) -> dict | None:
-        return {**self.gen.counts, "running": self.gen.running_count()}
+        return {**self.gen.counts, "running": self.gen.running_count(), "declared_dead": len(self.gen.declared_dead)}
 
 
 COMMANDS = {"register": Register, "fill": Fill, "churn": Churn, "stats": Stats}
@@ -165,6 +166,7 @@ class LoadGenerator:
         self.heartbeats = [(start + interval * i / nodes, i) for i in range(nodes)]
         self.oldest: collections.deque = collections.deque()   # (node, key) in dispatch order
         self.counts = collections.Counter()
+        self.declared_dead: set[str] = set()   # nodes that were told to register again
         self.command: Command | None = None
         self.poller = zmq.Poller()
         for node in self.nodes:
@@ -199,6 +201,7 @@ class LoadGenerator:
     def _on_reregister(self, node: FakeNode, body: dict, now: float) -> None:
         """The master thinks this node dead: register again, with the jobs it holds."""
         self.counts["reregisters"] += 1
+        self.declared_dead.add(node.node_id)
         node.register()
 
     def _on_refused(self, node: FakeNode, body: dict, now: float) -> None:

@@ -40,8 +40,11 @@ def get_parser() -> argparse.ArgumentParser:
                         help="small sizes and short budgets, for a smoke test (default: full sizes)")
     parser.add_argument("--profile", metavar="DIR", default=None,
                         help="run each master under cProfile, write its stats to DIR/<bench>.master.prof and "
-                             "print the top functions to stderr (default: no profiling; figures are then "
-                             "slower than usual)")
+                             "print the top functions to stderr (default: off; a profiled master is several "
+                             "times slower, so its figures are not comparable)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep each cluster's temporary directory (daemon logs, output spools) and say "
+                             "where (default: delete it)")
     return parser
 
 
@@ -57,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench: machine: {machine()}", file=sys.stderr)
     for name in args.benchmarks or BENCHMARKS:
         module, budgets = BENCHMARKS[name]
-        ctx = Context(quick=args.quick, budget=budgets[args.quick], profile_dir=args.profile)
+        ctx = Context(quick=args.quick, budget=budgets[args.quick], profile_dir=args.profile,
+                      keep=args.keep)
         print(f"bench: {name} (budget {ctx.budget:g} s)", file=sys.stderr, flush=True)
         try:
             for figure in module.run(ctx):

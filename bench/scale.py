@@ -1,14 +1,19 @@
 """Scale: 1,000 simulated nodes x 8 GPUs (one load-generator process, bench/loadgen.py) and 100,000 queued jobs.
 
-Phases, each timed: the nodes register; the master's CPU share is sampled
-over a window while they only heartbeat; jobs are submitted as arrays (8,000
-to fill every GPU plus 100,000 that stay queued) and dispatched; resident
-memory (VmRSS) and CPU share are read again with the full queue; then the
-load generator ends one job at a time and times how long until the next
-DISPATCH arrives.  That gap is a scheduling pass seen from outside (it also
-holds the JOB_ENDED handling and two loopback hops, well under a
-millisecond), because the master does not log its passes.  Last, single
-submits are timed for a window, with the full queue behind them.
+Phases, each timed: the nodes register; the master is watched over a window
+while they only heartbeat (its CPU share from /proc, and PINGs ten times a
+second, whose longest round trip is the longest turn of its loop); 8,000 jobs
+fill every GPU and a tenth of the queue waits behind them, and the load
+generator ends one job at a time, timing how long until the next DISPATCH
+arrives; the rest of the 100,000 queued jobs follows, resident memory
+(VmRSS) is read, the master is watched again and the end -> dispatch timing
+repeated; last, single submits are timed for a window.
+
+The end -> dispatch gap is a scheduling pass seen from outside (it also holds
+the JOB_ENDED handling and two loopback hops, well under a millisecond),
+because the master does not log its passes.  If the freed GPU's node is not
+usable at that moment (suspect after a long turn), no DISPATCH comes and the
+figure is empty; the note says so.
 
 Issue 6's targets have no machine limit to compare with, so these figures
 carry no ``limit``.
@@ -21,10 +26,12 @@ import select
 import subprocess
 import sys
 import time
+from collections import Counter
 from typing import Iterator
 
-from bench.harness import (BenchError, Better, Cluster, Context, Figure, cpu_percent, median, rss_mb,
+from bench.harness import (BenchError, Better, Cluster, Context, Figure, cpu_seconds, median, rss_mb,
                            stop_process, subprocess_env)
+from zmgpu.model import NodeStatus
 
 NAME = "scale"
 TARGET_PASS_MS = 50.0
@@ -32,6 +39,9 @@ TARGET_HEARTBEAT_CPU_PERCENT = 20.0
 TARGET_RSS_MB = 1024.0
 #: Largest array submitted at once (the master accepts up to 100,000 tasks per array).
 ARRAY_CHUNK = 50_000
+#: Seconds between PINGs while the master is watched, and the longest wait for one pass.
+PING_EVERY = 0.1
+PASS_TIMEOUT = 30.0
 
 
 class LoadGenerator:
@@ -82,49 +92,87 @@ def _submit_rate(client, cwd: str, seconds: float) -> tuple[float, int]:
     return count / (time.perf_counter() - start), count
 
 
+def _observe(client, pid: int, seconds: float) -> tuple[float, list[float]]:
+    """The master's CPU share over a window, and its PING round trips sampled ten times a second meanwhile.
+
+    A PING is answered between two turns of the master's loop, so the longest
+    round trip shows the longest turn (a scheduling pass, store writes) as a
+    client feels it.
+    """
+    cpu0, start = cpu_seconds(pid), time.monotonic()
+    pings = []
+    while time.monotonic() - start < seconds:
+        sent = time.perf_counter()
+        client.ping()
+        pings.append(time.perf_counter() - sent)
+        time.sleep(max(0.0, PING_EVERY - pings[-1]))
+    return 100 * (cpu_seconds(pid) - cpu0) / (time.monotonic() - start), pings
+
+
+def _pass_figure(name: str, churn: dict, pending: int, timeout: float, target: float | None) -> Figure:
+    samples = churn["samples"]
+    cut = f"; no DISPATCH came within {timeout:.0f} s of a JOB_ENDED, so the rest were skipped" \
+        if churn["timed_out"] else ""
+    return Figure(NAME, name, 1000 * median(samples) if samples else None, "ms", Better.LOWER, target=target,
+                  note=f"JOB_ENDED sent -> next DISPATCH received, median of {len(samples)} (max "
+                       f"{1000 * max(samples, default=0):.0f} ms) with {pending} jobs pending{cut}")
+
+
+def _observed_figures(prefix: str, observed: tuple[float, list[float]], what: str) -> Iterator[Figure]:
+    cpu, pings = observed
+    yield Figure(NAME, f"{prefix}_cpu_percent", cpu, "% of one core", Better.LOWER,
+                 target=TARGET_HEARTBEAT_CPU_PERCENT, note=what)
+    yield Figure(NAME, f"{prefix}_ping_max_ms", 1000 * max(pings), "ms", Better.LOWER,
+                 note=f"longest of {len(pings)} PING round trips (median {1000 * median(pings):.1f} ms) "
+                      f"over the same window: the longest turn of the master's loop")
+
+
 def run(ctx: Context) -> Iterator[Figure]:
     nodes, gpus = ctx.pick(1000, 50), 8
     capacity, queued = nodes * gpus, ctx.pick(100_000, 5_000)
-    window = ctx.pick(5.0, 3.0)
-    churns = ctx.pick(10, 5)
+    first_queue = queued // 10
+    window, churns = ctx.pick(5.0, 3.0), ctx.pick(10, 5)
     where = f"{nodes} nodes x {gpus} GPUs"
-    with Cluster(NAME, nodes=0, profile_dir=ctx.profile_dir) as cluster, \
+    with Cluster(NAME, ctx, nodes=0) as cluster, \
             LoadGenerator(cluster, nodes, gpus) as gen, cluster.client(timeout=ctx.budget) as client:
-        pid = cluster.master_pid
+        pid, cwd = cluster.master_pid, cluster.work_dir
         reg = gen.request("register", timeout=60)
         if reg["registered"] < nodes:
             raise BenchError(f"only {reg['registered']} of {nodes} simulated nodes registered within 60 s")
         yield Figure(NAME, "register_all_s", reg["seconds"], "s", Better.LOWER, note=f"{where} registering at once")
-        yield Figure(NAME, "heartbeat_cpu_percent", cpu_percent(pid, window), "% of one core", Better.LOWER,
-                     target=TARGET_HEARTBEAT_CPU_PERCENT, note=f"{where} heartbeating every 1 s, no jobs; "
-                                                               f"{window:g} s window")
+        yield from _observed_figures("heartbeat", _observe(client, pid, window),
+                                     f"{where} heartbeating every 1 s, no jobs; {window:g} s window")
 
-        accept = _submit_queue(client, capacity + queued, cluster.work_dir)
-        yield Figure(NAME, "array_submit_s", accept, "s", Better.LOWER,
-                     note=f"{capacity + queued} jobs as arrays of up to {ARRAY_CHUNK}, until the last reply")
-        fill = gen.request("fill", count=capacity, timeout=max(10.0, ctx.remaining() / 3))
+        # A tenth of the queue first, for a second point of the pass time against the queue's length.
+        accept = _submit_queue(client, capacity + first_queue, cwd)
+        fill = gen.request("fill", count=capacity, timeout=max(10.0, ctx.remaining() / 4))
         yield Figure(NAME, "dispatch_fill_s", accept + fill["seconds"], "s", Better.LOWER,
-                     note=f"first submit until {fill['running']} of {capacity} GPUs run a job")
+                     note=f"{capacity + first_queue} jobs submitted as arrays until {fill['running']} of {capacity} "
+                          f"GPUs run a job")
+        timeout = min(PASS_TIMEOUT, max(5.0, ctx.remaining() / 4))
+        churn = gen.request("churn", count=churns, timeout=timeout, budget=timeout)
+        yield _pass_figure("scheduling_pass_tenth_ms", churn, first_queue, timeout, None)
+
+        accept = _submit_queue(client, queued - first_queue, cwd)
+        yield Figure(NAME, "array_submit_s", accept, "s", Better.LOWER,
+                     note=f"{queued - first_queue} more jobs as arrays of up to {ARRAY_CHUNK}, until the last reply")
         yield Figure(NAME, "master_rss_mb", rss_mb(pid), "MiB", Better.LOWER, target=TARGET_RSS_MB,
-                     note=f"{queued} jobs pending, {fill['running']} running, {where}")
-        yield Figure(NAME, "queued_heartbeat_cpu_percent", cpu_percent(pid, window), "% of one core",
-                     Better.LOWER, target=TARGET_HEARTBEAT_CPU_PERCENT,
-                     note=f"{where} heartbeating with {queued} jobs pending and nothing changing")
+                     note=f"{queued} jobs pending, {capacity} running, {where}")
+        yield from _observed_figures("queued", _observe(client, pid, window),
+                                     f"{window:g} s once {queued} jobs are pending and every GPU busy, only "
+                                     f"heartbeats arriving: what the master still does with a full queue")
+        # Keep time for the submit window after the churn.
+        timeout = min(PASS_TIMEOUT, max(5.0, ctx.remaining() - window - 20))
+        churn = gen.request("churn", count=churns, timeout=timeout, budget=timeout)
+        yield _pass_figure("scheduling_pass_ms", churn, queued, timeout, TARGET_PASS_MS)
 
-        # Keep time for the submit window after the churn; one pass may take all of the rest.
-        per_sample = max(5.0, ctx.remaining() - window - 20)
-        churn = gen.request("churn", count=churns, timeout=per_sample, budget=per_sample / 2)
-        samples = churn["samples"]
-        cut = f"; a pass took over {per_sample:.0f} s and the rest were skipped" if churn["timed_out"] else ""
-        yield Figure(NAME, "scheduling_pass_ms", 1000 * median(samples) if samples else None, "ms", Better.LOWER,
-                     target=TARGET_PASS_MS,
-                     note=f"JOB_ENDED sent -> next DISPATCH received, median of {len(samples)} (max "
-                          f"{1000 * max(samples, default=0):.0f} ms) with {queued} pending{cut}")
-
-        rate, count = _submit_rate(client, cluster.work_dir, min(window, max(1.0, ctx.remaining() - 20)))
+        rate, count = _submit_rate(client, cwd, min(window, max(1.0, ctx.remaining() - 20)))
         yield Figure(NAME, "submits_per_s", rate, "jobs/s", Better.HIGHER,
                      note=f"{count} single Client.submit calls in a row with {queued} pending")
         stats = gen.request("stats")
-        yield Figure(NAME, "nodes_declared_dead", stats.get("reregisters", 0), "count", Better.LOWER, target=0,
-                     note=f"REREGISTERs the simulated nodes received (the master had declared them dead); "
-                          f"{stats.get('kills', 0)} KILLs, {stats.get('dispatches', 0)} dispatches")
+        statuses = Counter(node["status"] for node in client.nodes())
+        unusable = statuses[NodeStatus.SUSPECT.value] + statuses[NodeStatus.DOWN.value]
+        yield Figure(NAME, "nodes_unusable", unusable, "count", Better.LOWER, target=0,
+                     note=f"nodes suspect or down at the end though every one heartbeats each second "
+                          f"({dict(statuses)}); {stats['declared_dead']} were told to register again; "
+                          f"{stats.get('dispatches', 0)} dispatches, {stats.get('kills', 0)} KILLs")

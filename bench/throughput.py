@@ -44,7 +44,7 @@ def run(ctx: Context) -> Iterator[Figure]:
     popen_rate = len(spawns) / sum(spawns)
     yield Figure(NAME, "popen_true_per_s", popen_rate, "jobs/s", Better.HIGHER,
                  note=f"{len(spawns)} Popen(['true']).wait() in a loop: the limit of the figures below")
-    with Cluster(NAME, nodes=1, gpus=4, profile_dir=ctx.profile_dir) as cluster, \
+    with Cluster(NAME, ctx, nodes=1, gpus=4) as cluster, \
             StateWatcher(cluster) as watcher, cluster.client(timeout=120) as client:
         work = cluster.work_dir
         # Half the time left for each way of submitting.

@@ -63,13 +63,18 @@ def written(path: Path, timeout: float = 20) -> str:
     return poll(lambda: path.exists() and path.read_text().strip(), timeout, f"{path.name} to be written")
 
 
-def pid_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
+def process_state(pid: int) -> str | None:
+    """The state letter of ``pid`` in /proc (R, S, T for stopped, Z for a zombie, ...); None once it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+            return fh.read().rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    return process_state(pid) not in (None, "Z")
 
 
 def marked_pids(token: str) -> list[int]:
@@ -300,6 +305,27 @@ class Cluster:
             self.wait_jobs_ended(job_ids, timeout=KILL_GRACE + 8)
         return job_ids
 
+    def client(self, **kw):
+        """A :class:`zmgpu.Client` for this cluster's master (the caller closes it)."""
+        from zmgpu import Client
+
+        return Client(host="127.0.0.1", port=self.port, pub_port=self.pub_port, **kw)
+
+    def output_size(self, job_id: str, stream: str = "stdout", rank: int = 0) -> int:
+        """Bytes of one stream of a job that the master holds (0 before any)."""
+        sizes = {(o["rank"], o["stream"]): o["size"] for o in self.job(job_id)["outputs"]}
+        return sizes.get((rank, stream), 0)
+
+    def output(self, job_id: str, stream: str = "stdout", rank: int = 0) -> bytes:
+        """Every byte of one stream of a job that the master holds, fetched chunk by chunk."""
+        data = bytearray()
+        with self.client(timeout=10) as client:
+            while True:
+                chunk, size = client.fetch(job_id, rank, stream, len(data))
+                data += chunk
+                if not chunk or len(data) >= size:
+                    return bytes(data)
+
     def wait_node_state(self, node_id: str, state: str, timeout: float = 20) -> dict:
         return poll(lambda: (n := self.node(node_id)) and n["state"] == state and n,
                     timeout, f"node {node_id} to be {state}")
@@ -339,16 +365,17 @@ def as_user(name: str) -> dict:
     return {"LOGNAME": name, "USER": name}
 
 
-def make_cluster(root: Path, nodes: dict[str, int], master_config: dict | None = None):
+def make_cluster(root: Path, nodes: dict[str, int], master_config: dict | None = None,
+                 master_args: tuple[str, ...] = ()):
     """Generator behind the cluster fixtures: start (the master reading ``master_config`` as its YAML
-    file, if given), yield, always clean up."""
+    file, if given, and taking ``master_args`` as extra flags), yield, always clean up."""
     cluster = Cluster(root)
     try:
-        extra = []
+        extra = [*master_args]
         if master_config is not None:
             path = root / "master.yaml"
             path.write_text(yaml.safe_dump(master_config))
-            extra = ["--config", str(path)]
+            extra += ["--config", str(path)]
         cluster.start_master(0, 0, *extra)
         for node_id, gpus in nodes.items():
             cluster.start_node(node_id, gpus)

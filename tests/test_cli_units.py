@@ -31,9 +31,10 @@ from zmgpu.model import JobState
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _cli(*argv: str, timeout: float = 30) -> subprocess.CompletedProcess:
+def _cli(*argv: str, timeout: float = 30, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("ZMGPU_MASTER", "ZMGPU_CONFIG")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(env_extra or {})
     return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=timeout)
 
 
@@ -44,7 +45,8 @@ def _cli(*argv: str, timeout: float = 30) -> subprocess.CompletedProcess:
     (["--", "python", "train.py", "--lr", "3"], "python train.py --lr 3"),
     (["--", "my prog", "it's"], "'my prog' 'it'\"'\"'s'"),               # each word stays one argument
     (["--", "echo $HOME"], "'echo $HOME'"),                               # after --, no shell expansion
-    (["python", "train.py"], "python train.py"),
+    (["--", "python", "--", "-x"], "python -- -x"),                      # after --, words stay as they are
+    (["python", "train.py", "--lr", "3"], "python train.py --lr 3"),     # srun style: words go to the program
 ])
 def test_command_line(words, expected):
     assert command_line(words) == expected
@@ -53,6 +55,12 @@ def test_command_line(words, expected):
 @pytest.mark.parametrize("words", [[], ["--"]])
 def test_command_line_missing(words):
     with pytest.raises(UsageError):
+        command_line(words)
+
+
+@pytest.mark.parametrize("words", [["echo hi", "--gpus", "2"], ["python train.py", "--gpus", "2"]])
+def test_words_after_a_one_string_command_are_a_usage_error(words):
+    with pytest.raises(UsageError, match="put options before the command, or use -- program args"):
         command_line(words)
 
 
@@ -176,14 +184,27 @@ def _one_line_usage_error(argv, capsys) -> str:
     (["show", "0123ABCD"], "not a job id"),
     (["wait", "0123abcd", "12345678_x"], "'12345678_x'"),
     (["drain", "n1"], "--reason"),
+    (["logs", "--rank", "-1", "0123abcd"], "--rank"),
+    (["attach", "nope"], "'nope' is not a job id"),
     ([], "COMMAND"),
 ])
 def test_usage_errors_are_one_line(argv, needle, capsys):
     assert needle in _one_line_usage_error(argv, capsys)
 
 
+def test_logs_and_attach_options_parse():
+    args = get_parser().parse_args(["logs", "-f", "--stderr", "--rank", "1", "0123abcd_4"])
+    assert (args.job_id, args.follow, args.stderr, args.rank) == ("0123abcd_4", True, True, 1)
+    args = get_parser().parse_args(["attach", "--from-now", "--session-timeout", "5", "0123abcd"])
+    assert (args.job_id, args.from_now, args.session_timeout, args.max_consecutive_timeouts) == (
+        "0123abcd", True, 5.0, None)
+    args = get_parser().parse_args(["logs", "0123abcd"])
+    assert (args.follow, args.stderr, args.rank, args.max_consecutive_timeouts) == (None,) * 4
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["submit", "--interactive", "--array", "0-3", "true"], "--array"),
+    (["submit", "-i", "echo hi", "--gpus", "2"], "put options before the command"),
     (["submit", "--after-any", "true"], "--after"),
     (["drain", "n1", "--reason", "  "], "--reason"),
 ])
@@ -371,6 +392,16 @@ def test_help_loads_neither_zmq_nor_yaml():
     loaded = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
     assert "zmgpu.cli.submit" in loaded
     assert not {"zmq", "yaml"} & loaded
+
+
+@pytest.mark.parametrize("argv, environ", [
+    (["--host", "bad host", "queue"], {}),
+    (["logs", "0123abcd"], {"ZMGPU_MASTER": "bad host:8080"}),
+])
+def test_malformed_master_address_is_one_line_and_exit_2(argv, environ):
+    proc = _cli("-m", "zmgpu.cli.main", *argv, env_extra=environ)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr.count("\n") == 1 and "tcp://bad host:8080" in proc.stderr, proc.stderr
 
 
 def test_unreachable_master_is_one_line_and_exit_1():

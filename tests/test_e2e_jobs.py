@@ -72,9 +72,11 @@ def test_queue_lists_nodes_and_running_jobs(pair, workdir):
         held = [g["index"] for g in nodes[node_id]["gpus"] if g["job_id"] == job_id]
         assert len(indices) == 2 and held == indices
 
-        text = pair.cli("queue").stdout
-        assert job_id in text and "RUNNING" in text and "n1" in text and "n2" in text
-        assert "simulated" in text.lower()
+        [job_line] = [line for line in pair.cli("queue").stdout.splitlines() if line.startswith(job_id)]
+        assert "RUNNING" in job_line and f"{node_id}:{cvd(indices)}" in job_line
+        # The nodes are zmgpu nodes' business: each with its GPUs, simulated and marked so.
+        text = pair.cli("nodes").stdout
+        assert "n1" in text and "n2" in text and "simulated" in text.lower()
     finally:
         release_all(workdir)
     pair.wait_job_state(job_id, "COMPLETED")

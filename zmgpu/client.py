@@ -1,4 +1,4 @@
-"""The Python API of zmgpu: requests to the master and interactive output (the CLI is built on it).
+"""The Python API of zmgpu: requests to the master, and following jobs (the CLI is built on it).
 
 Example::
 
@@ -17,10 +17,9 @@ number; the master answers each with one REPLY carrying the same number.  A
 failed request raises :class:`ClientError` with the master's error code and
 sentence; a master that does not answer raises :class:`MasterUnreachable`.
 
-:meth:`Client.stream` follows the Clone pattern: it subscribes to the job's
-topics on the master's PUB socket first, then fetches what the master already
-holds, so output written before the client arrived is not lost; each published
-chunk carries its byte offset, so duplicates are dropped and gaps re-fetched.
+:meth:`Client.stream` and :meth:`Client.logs` follow a job's output with the
+Clone pattern (:mod:`zmgpu.stream`): subscribe first, fetch what the master
+already holds, re-fetch any gap by offset, and ride out a master restart.
 :meth:`Client.wait` follows the jobs' state topics the same way, and asks the
 master once a second in case PUB dropped an event.
 
@@ -30,65 +29,22 @@ module costs almost nothing.
 
 from __future__ import annotations
 
-import enum
+import errno
 import getpass
 import math
 import os
-import signal
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Iterable, Optional, Sequence
+from typing import BinaryIO, Iterable, Optional, Sequence
 
 from . import protocol
+from .errors import BadAddress, ClientError, Detached, LocalError, MasterUnreachable
 from .model import JobState
 from .protocol import MsgType, Stream
+from .stream import CHECK_INTERVAL, Follower, InterruptHandler, Limits, SignalTrap, View, own_trap
 
-#: Seconds without news on the PUB socket after which :meth:`Client.stream`
-#: asks the master how the job is doing; also how long it waits for that answer.
-CHECK_INTERVAL = 1.0
-
-
-class LocalError(str, enum.Enum):
-    """Codes of failures the client detects itself (the master's own are :class:`protocol.ErrorCode`)."""
-
-    UNREACHABLE = "UNREACHABLE"          # the master did not answer in time
-    SESSION_TIMEOUT = "SESSION_TIMEOUT"  # an interactive session reached its longest; the job runs on
-    WAIT_TIMEOUT = "WAIT_TIMEOUT"        # an interactive job stayed pending too long; it was cancelled
-    DETACHED = "DETACHED"                # the caller chose to stop watching (second Ctrl-C)
-    WAIT_DEADLINE = "WAIT_DEADLINE"      # Client.wait ran out of time; the jobs are left as they are
-
-
-class ClientError(Exception):
-    """A request that failed.
-
-    ``code`` is the master's error code (a :class:`zmgpu.protocol.ErrorCode`
-    value such as ``"UNKNOWN_JOB"`` or ``"IMPOSSIBLE"``) or a
-    :class:`LocalError` value; ``message`` is one sentence for a person, and
-    ``str(exc) == exc.message``.
-    """
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-class MasterUnreachable(ClientError):
-    """The master did not answer in time; the message names its address."""
-
-    def __init__(self, message: str):
-        super().__init__(LocalError.UNREACHABLE, message)
-
-
-class Detached(ClientError):
-    """:meth:`Client.stream` stopped watching a job that is left as it is (code says why)."""
-
-
-#: ``on_interrupt(job_id, count)`` for :meth:`Client.stream`: called at the
-#: ``count``-th Ctrl-C; return True to keep streaming, False to detach.
-InterruptHandler = Callable[[str, int], bool]
+__all__ = ["Client", "ClientError", "MasterUnreachable", "BadAddress", "Detached", "LocalError",
+           "InterruptHandler", "SignalTrap", "CHECK_INTERVAL"]
 
 
 def _default_user() -> str:
@@ -104,7 +60,8 @@ class Client:
 
     :param host: the master's host name or address.
     :param port: the master's request (ROUTER) port.
-    :param pub_port: the master's publish (PUB) port for interactive output; ``None`` means ``port + 1``.
+    :param pub_port: the master's publish (PUB) port for interactive output; ``None``: ask the master
+        (its PING reply names it) the first time output or events are followed.
     :param timeout: seconds to wait for the master to answer any request.
     :param user: the name sent with every request; ``None`` means the login name.
 
@@ -116,7 +73,7 @@ class Client:
                  timeout: float = 30.0, user: Optional[str] = None):
         self.host = host
         self.port = port
-        self.pub_port = port + 1 if pub_port is None else pub_port
+        self.pub_port = pub_port
         self.timeout = timeout
         self.user = user or _default_user()
         self._req = 0
@@ -148,7 +105,7 @@ class Client:
         return f"tcp://{host}:{port}"
 
     def _socket(self, kind: int):
-        """A new, unconnected socket of ``kind`` with this client's options."""
+        """A new, unconnected socket of ``kind`` with this client's options (connect it with :meth:`_connect`)."""
         import zmq  # lazily: `zmgpu --help` and argument errors never load it
 
         if self._ctx is None:
@@ -158,6 +115,38 @@ class Client:
         if ":" in self.host:
             sock.setsockopt(zmq.IPV6, 1)
         return sock
+
+    def _connect(self, sock, port: int):
+        """Connect ``sock`` to the master's ``port``; a malformed address is a one-line BadAddress."""
+        import zmq
+
+        endpoint = self._endpoint(port)
+        try:
+            sock.connect(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close()
+            if exc.errno == errno.EINVAL:
+                raise BadAddress(f"invalid zmgpu master address {endpoint} (check --host/--port or "
+                                 f"ZMGPU_MASTER=host:port)") from None
+            raise MasterUnreachable(f"cannot connect to the zmgpu master at {endpoint}: {exc.strerror}") from None
+        return sock
+
+    def _subscriber(self, *topics: bytes):
+        """A SUB socket on the master's PUB port, subscribed to ``topics`` (the PUB port must be known)."""
+        import zmq
+
+        sock = self._socket(zmq.SUB)
+        # Subscribed before connecting, so the subscription travels with the connection.
+        for topic in topics:
+            sock.setsockopt(zmq.SUBSCRIBE, topic)
+        return self._connect(sock, self.pub_port)
+
+    def _learn_pub_port(self, timeout: Optional[float] = None) -> int:
+        """The master's PUB port: as given, else as its PING reply says (asked once per Client)."""
+        if self.pub_port is None:
+            # A master too old to say gets the historical default.
+            self.pub_port = self._request(MsgType.PING, timeout=timeout).body.get("pub_port") or self.port + 1
+        return self.pub_port
 
     def _drop_dealer(self) -> None:
         if self._dealer is not None:
@@ -170,21 +159,22 @@ class Client:
 
         timeout = self.timeout if timeout is None else timeout
         if self._dealer is None:
-            self._dealer = self._socket(zmq.DEALER)
-            self._dealer.connect(self.address)
+            self._dealer = self._connect(self._socket(zmq.DEALER), self.port)
         self._req += 1
         req = self._req
         self._dealer.send_multipart(protocol.encode(msg_type, {**fields, "user": self.user, "req": req}))
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._dealer.poll(max(1, int(remaining * 1000))):
+            if remaining <= 0:
                 # A fresh socket next time: the old one may still hold this request,
                 # which a master coming back would otherwise answer late.
                 self._drop_dealer()
                 raise MasterUnreachable(
                     f"no answer from the zmgpu master at {self.address} within {timeout:g} s "
                     f"(is zmgpu-master running? check --host/--port or ZMGPU_MASTER)")
+            if not self._dealer.poll(max(1, math.ceil(remaining * 1000))):
+                continue   # a signal (Ctrl-C, trapped) can end a poll early: only the deadline decides
             try:
                 reply = protocol.decode(self._dealer.recv_multipart())
             except protocol.ProtocolError:
@@ -314,7 +304,8 @@ class Client:
     def stream(self, job_id: str, stdout: Optional[BinaryIO] = None, stderr: Optional[BinaryIO] = None,
                session_timeout: float = 7200.0, max_wait_time: float = 300.0,
                max_consecutive_timeouts: int = 30,
-               on_interrupt: Optional[InterruptHandler] = None) -> dict:
+               on_interrupt: Optional[InterruptHandler] = None, *, from_now: bool = False,
+               detach_on_quit: bool = False, signals: Optional[SignalTrap] = None) -> dict:
         """Write a job's output as it is produced, until the job ends; return its final dict.
 
         :param stdout: binary file for every rank's stdout (default ``sys.stdout.buffer``).
@@ -322,210 +313,49 @@ class Client:
         :param session_timeout: the longest this call stays attached; then it raises
             :class:`Detached` (code ``SESSION_TIMEOUT``) and leaves the job running.
         :param max_wait_time: the longest the job may stay PENDING; then it is cancelled
-            and ClientError (code ``WAIT_TIMEOUT``) is raised.
-        :param max_consecutive_timeouts: the master is checked each second nothing arrives;
-            after this many unanswered checks in a row, :class:`MasterUnreachable` is raised
-            and the job is left as it is.
+            and ClientError (code ``WAIT_TIMEOUT``) is raised (``math.inf``: wait as long as it takes).
+        :param max_consecutive_timeouts: each request that gets no answer within a second is
+            made again; after this many in a row, :class:`MasterUnreachable` is raised and
+            the job is left as it is.  A master that restarts within that time is not noticed.
         :param on_interrupt: ``on_interrupt(job_id, count)`` is called at each Ctrl-C
             (in the main thread); True keeps streaming, False raises :class:`Detached`
-            (code ``DETACHED``).  ``None`` leaves Ctrl-C alone (KeyboardInterrupt).
+            (code ``INTERRUPTED``).  ``None`` leaves Ctrl-C alone (KeyboardInterrupt).
+        :param from_now: skip what the job wrote before this call.
+        :param detach_on_quit: Ctrl-\\ (SIGQUIT) raises :class:`Detached` (code ``DETACHED``),
+            leaving the job running.
+        :param signals: a :class:`SignalTrap` the caller opened before (say, before submitting,
+            so that a Ctrl-C during the submit is acted on here); ``None``: one is opened for
+            the signals asked for, in the main thread.
 
         Bytes are written byte-exact and flushed as they come, stdout and stderr
         kept apart, ranks in the order their output arrives.  Output the job
-        wrote before this call is written too.
+        wrote before this call is written too, unless ``from_now``.
         """
         files = {Stream.STDOUT.value: stdout or sys.stdout.buffer,
                  Stream.STDERR.value: stderr or sys.stderr.buffer}
-        limits = _Limits(session_timeout, max_wait_time, max_consecutive_timeouts)
-        return _Attachment(self, job_id, files, limits, on_interrupt).run()
-
-
-@dataclass
-class _Limits:
-    """The deadlines and patience of one :meth:`Client.stream` call."""
-
-    session_timeout: float
-    max_wait_time: float
-    max_consecutive_timeouts: int
-    start: float = field(default_factory=time.monotonic)
-
-    @property
-    def session_deadline(self) -> float:
-        return self.start + self.session_timeout
-
-    @property
-    def wait_deadline(self) -> float:
-        return self.start + self.max_wait_time
-
-
-class _Attachment:
-    """One :meth:`Client.stream` call: bytes written so far per (rank, stream), deadlines, liveness."""
-
-    def __init__(self, client: Client, job_id: str, files: dict, limits: _Limits,
-                 on_interrupt: Optional[InterruptHandler]):
-        self.client = client
-        self.job_id = job_id
-        self.files = files
-        self.limits = limits
-        self.on_interrupt = on_interrupt
-        self.have: dict[tuple[int, str], int] = {}   # (rank, stream) -> bytes written
-        self.job: dict = {}
-        self.misses = 0          # unanswered requests in a row
-        self.interrupts = 0
-        self.last_news = time.monotonic()
-        self.handlers = {MsgType.OUTPUT: self._on_output, MsgType.JOB_STATE: self._on_job_state}
-
-    # -- bytes ----------------------------------------------------------------------
-
-    def _write(self, rank: int, stream: str, offset: int, data: bytes) -> bool:
-        """Write the part of a chunk we lack; False when it starts past what we have (a gap)."""
-        key = (rank, stream)
-        have = self.have.get(key, 0)
-        if offset > have:
-            return False
-        new = data[have - offset:]
-        if new:
-            out = self.files[stream]
-            out.write(new)
-            out.flush()
-            self.have[key] = have + len(new)
-        return True
-
-    def _catch_up(self, rank: int, stream: str, target: int) -> None:
-        """FETCH from what we have until ``target`` bytes, or until the master has no more."""
-        while self.have.get((rank, stream), 0) < target:
-            offset = self.have.get((rank, stream), 0)
-            data, _ = self.client.fetch(self.job_id, rank, stream, offset)
-            if not data:
-                return
-            self._write(rank, stream, offset, data)
-
-    def _absorb(self, job: dict) -> None:
-        """Take a job dict as the latest word and fetch any output it shows we lack."""
-        self.job = job
-        for out in job.get("outputs", ()):
-            if out["stream"] in self.files:
-                self._catch_up(out["rank"], out["stream"], out["size"])
-
-    # -- published messages ---------------------------------------------------------
-
-    def _on_output(self, msg: protocol.Message) -> None:
-        """A published chunk: write what is new; on a gap, fetch up to its end."""
-        body = msg.body
-        if body["job_id"] != self.job_id or body["stream"] not in self.files:
-            return
-        if not self._write(body["rank"], body["stream"], body["offset"], msg.payload[0]):
-            self._catch_up(body["rank"], body["stream"], body["offset"] + len(msg.payload[0]))
-            self._write(body["rank"], body["stream"], body["offset"], msg.payload[0])
-
-    def _on_job_state(self, msg: protocol.Message) -> None:
-        """A state change: the dict carries the sizes, final once the job is finished."""
-        if msg.body["job_id"] == self.job_id:
-            self._absorb(msg.body)
-
-    def _receive(self, sub) -> None:
-        """Handle one message from the PUB socket; anything malformed is dropped."""
-        frames = sub.recv_multipart()
+        limits = Limits(session_timeout, max_wait_time, max_consecutive_timeouts)
+        trap = signals or own_trap(on_interrupt, detach_on_quit)
         try:
-            msg = protocol.decode(frames[1:])
-        except protocol.ProtocolError:
-            return
-        handler = self.handlers.get(msg.type)
-        if handler is not None:
-            handler(msg)
-
-    # -- the loop -------------------------------------------------------------------
-
-    def _finished(self) -> bool:
-        return JobState(self.job["state"]).finished
-
-    def _check(self) -> None:
-        """Ask the master for the job (nothing arrived for a while) and fetch what we lack."""
-        reply = self.client._request(MsgType.JOB, timeout=CHECK_INTERVAL, job_id=self.job_id)
-        self._absorb(reply.body["job"])
-
-    def _missed(self) -> None:
-        """Count one unanswered request; give up after too many in a row."""
-        self.misses += 1
-        if self.misses >= self.limits.max_consecutive_timeouts:
-            raise MasterUnreachable(
-                f"lost contact with the zmgpu master at {self.client.address}: {self.misses} "
-                f"checks in a row went unanswered; job {self.job_id} was left as it is")
-
-    def _enforce_limits(self, now: float) -> None:
-        """Detach at the session timeout; cancel a job pending past the longest wait."""
-        limits = self.limits
-        if now >= limits.session_deadline:
-            raise Detached(LocalError.SESSION_TIMEOUT,
-                           f"session timeout ({limits.session_timeout:g} s): detached from job "
-                           f"{self.job_id}, which keeps running (zmgpu cancel {self.job_id} stops it)")
-        if self.job["state"] == JobState.PENDING.value and now >= limits.wait_deadline:
-            self.client.cancel(self.job_id)
-            reason = f" ({self.job['reason']})" if self.job.get("reason") else ""
-            raise ClientError(LocalError.WAIT_TIMEOUT,
-                              f"job {self.job_id} was still pending after {limits.max_wait_time:g} s"
-                              f"{reason}: cancelled it")
-
-    def _poll_timeout_ms(self, now: float) -> int:
-        """Sleep until the next check or deadline, whichever is first."""
-        wake = min(self.last_news + CHECK_INTERVAL, self.limits.session_deadline)
-        if self.job["state"] == JobState.PENDING.value:
-            wake = min(wake, self.limits.wait_deadline)
-        return max(0, int((wake - now) * 1000))
-
-    def _interrupted(self) -> None:
-        """Ctrl-C: let the caller decide whether to keep streaming."""
-        self.interrupts += 1
-        if not self.on_interrupt(self.job_id, self.interrupts):
-            raise Detached(LocalError.DETACHED,
-                           f"detached from job {self.job_id}, which was left as it is "
-                           f"(zmgpu queue shows it)")
-
-    def run(self) -> dict:
-        """Subscribe, fetch what exists, then follow the job until it is finished."""
-        import zmq
-
-        sub = self.client._socket(zmq.SUB)
-        # The subscription is set before connecting, so it travels with the connection.
-        sub.setsockopt(zmq.SUBSCRIBE, protocol.job_prefix(self.job_id))
-        sub.connect(self.client._endpoint(self.client.pub_port))
-        poller = zmq.Poller()
-        poller.register(sub, zmq.POLLIN)
-        trap = None
-        if self.on_interrupt is not None and threading.current_thread() is threading.main_thread():
-            trap = _CtrlCTrap()
-            poller.register(trap.fileno(), zmq.POLLIN)
-        try:
-            # What is published from now on reaches us; what came before is in the master's spool.
-            self._absorb(self.client.job(self.job_id))
-            while not self._finished():
-                self._step(poller, sub, trap)
-            return self.job
+            return Follower(self, job_id, View(files, from_now=from_now), limits, trap, on_interrupt,
+                            detach_on_quit).run()
         finally:
-            sub.close()
-            if trap is not None:
+            if signals is None and trap is not None:
                 trap.close()
 
-    def _step(self, poller, sub, trap: Optional["_CtrlCTrap"]) -> None:
-        """One turn: wait for a message, a Ctrl-C or the time to check on the master."""
-        now = time.monotonic()
-        self._enforce_limits(now)
-        events = dict(poller.poll(self._poll_timeout_ms(now)))
-        if trap is not None and trap.fileno() in events and trap.fired():
-            self._interrupted()
-        try:
-            if sub in events:
-                self._receive(sub)
-            elif time.monotonic() - self.last_news >= CHECK_INTERVAL:
-                self._check()
-            else:
-                return
-        except MasterUnreachable:
-            # last_news stays old, so the next check follows at once: one check a second.
-            self._missed()
-            return
-        self.last_news = time.monotonic()
-        self.misses = 0
+    def logs(self, job_id: str, out: Optional[BinaryIO] = None, stream: str = Stream.STDOUT.value,
+             rank: Optional[int] = None, follow: bool = False, max_consecutive_timeouts: int = 30) -> dict:
+        """Write one output stream of a job, every rank in rank order; return the job's latest dict.
+
+        :param out: binary file to write to (default ``sys.stdout.buffer``).
+        :param stream: ``"stdout"`` or ``"stderr"``.
+        :param rank: only this rank (ClientError ``NO_SUCH_RANK`` if the job has no such rank).
+        :param follow: keep writing as the job runs, until it has ended and every byte is written
+            (a rank's bytes come once the ranks before it are complete); otherwise write what the
+            master holds now, or everything for a finished job.
+        :param max_consecutive_timeouts: as for :meth:`stream`.
+        """
+        view = View({Stream(stream).value: out or sys.stdout.buffer}, rank=rank, ordered=True, live=follow)
+        return Follower(self, job_id, view, Limits(max_consecutive_timeouts=max_consecutive_timeouts)).run()
 
 
 class _Waiter:
@@ -570,11 +400,9 @@ class _Waiter:
         """Subscribe, take a snapshot, then follow events and check each interval until all have ended."""
         import zmq
 
-        sub = self.client._socket(zmq.SUB)
+        self.client._learn_pub_port()
         # Subscribed before the snapshot, so an end between the two is not missed.
-        for job_id in self.job_ids:
-            sub.setsockopt(zmq.SUBSCRIBE, protocol.job_topic(job_id, "state"))
-        sub.connect(self.client._endpoint(self.client.pub_port))
+        sub = self.client._subscriber(*(protocol.job_topic(job_id, "state") for job_id in self.job_ids))
         try:
             self._expand()
             for task_id in set(self.jobs) - set(self.job_ids):
@@ -593,25 +421,3 @@ class _Waiter:
             return list(self.jobs.values())
         finally:
             sub.close()
-
-
-class _CtrlCTrap:
-    """Ctrl-C as a byte on a pipe the poller watches, so no KeyboardInterrupt lands mid-write."""
-
-    def __init__(self):
-        from .daemon import SignalPipe
-
-        self.previous = signal.getsignal(signal.SIGINT)
-        self.pipe = SignalPipe([signal.SIGINT])
-
-    def fileno(self) -> int:
-        return self.pipe.fileno()
-
-    def fired(self) -> bool:
-        """True if Ctrl-C was pressed since the last call."""
-        return bool(self.pipe.drain())
-
-    def close(self) -> None:
-        """Give SIGINT back to whoever handled it before."""
-        self.pipe.close()
-        signal.signal(signal.SIGINT, signal.SIG_DFL if self.previous is None else self.previous)

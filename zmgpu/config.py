@@ -84,7 +84,7 @@ class ClientConfig:
 
     host: str = "127.0.0.1"
     port: int = _port(8080, allow_zero=False)
-    pub_port: typing.Optional[int] = _port(None, allow_zero=False)   # None: port + 1
+    pub_port: typing.Optional[int] = _port(None, allow_zero=False)   # None: ask the master
     connection_timeout: float = _positive(30.0)
     session_timeout: float = _positive(7200.0)
     max_wait_time: float = _positive(300.0)

@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import re
+import sys
 from dataclasses import fields
 
 from ..config import ClientConfig, parse_master_address, read_yaml
@@ -79,6 +80,26 @@ def add_connection_timeout(parser: argparse.ArgumentParser) -> None:
         "--connection-timeout", type=seconds, default=None, metavar="S",
         help="how long to wait for the master to answer any request before failing with a one-line "
              "error (default: 30)")
+
+
+def add_session_timeout(parser: argparse.ArgumentParser) -> None:
+    """--session-timeout, for the commands that attach this terminal to a job."""
+    parser.add_argument("--session-timeout", type=seconds, default=None, metavar="S",
+                        help="the longest this terminal stays attached; then zmgpu detaches, leaves the job "
+                             "running, says how to re-attach on stderr and exits 1 (default: 7200)")
+
+
+def add_max_consecutive_timeouts(parser: argparse.ArgumentParser) -> None:
+    """--max-consecutive-timeouts, for the commands that follow a job's output."""
+    parser.add_argument("--max-consecutive-timeouts", type=positive_int, default=None, metavar="N",
+                        help="while following the job, a request the master does not answer within a second is "
+                             "made again (a restarting master is waited for); after N in a row zmgpu gives up "
+                             "with a one-line error and exits 1, leaving the job as it is (default: 30)")
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null: its reader left, and Python's final flush must not fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def config_path(args: argparse.Namespace, environ) -> str | None:

@@ -206,12 +206,12 @@ def _registered(client) -> dict | None:
 
 def _run_job(client, workdir: str, title: str, name: str, command: str, gpus: int) -> None:
     """Submit ``command`` interactively and stream it; fail unless it exits 0."""
-    from .submit import attach
+    from .attach import view
 
     _heading(title)
     print(f"$ zmgpu submit --interactive --gpus {gpus} --name {name} {shlex.quote(command)}", flush=True)
     job_id = client.submit(command, gpus=gpus, cwd=workdir, interactive=True, name=name)
-    status = attach(client, job_id, ClientConfig())
+    status = view(client, job_id, ClientConfig())
     if status != 0:
         raise DemoFailed(f"job {job_id} ended with exit status {status}")
 

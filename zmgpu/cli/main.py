@@ -9,24 +9,26 @@ config file is read.
 from __future__ import annotations
 
 import argparse
-import os
+import signal
 import sys
 
 from .. import __version__
-from ..client import ClientError
 from ..config import ConfigError
-from . import cancel, demo, drain, nodes, queue, resume, show, submit, wait
-from .common import DEFAULT_CONFIG, UsageError, port_number
+from ..errors import BadAddress, ClientError
+from . import attach, cancel, demo, drain, logs, nodes, queue, resume, show, submit, wait
+from .common import DEFAULT_CONFIG, UsageError, port_number, silence_stdout
 
 #: Sub-command name -> module with HELP, DESCRIPTION, add_arguments(parser) and run(args) -> int.
-COMMANDS = {"submit": submit, "queue": queue, "show": show, "wait": wait, "cancel": cancel, "nodes": nodes,
-            "drain": drain, "resume": resume, "demo": demo}
+COMMANDS = {"submit": submit, "queue": queue, "show": show, "logs": logs, "attach": attach, "wait": wait,
+            "cancel": cancel, "nodes": nodes, "drain": drain, "resume": resume, "demo": demo}
 
-#: Expected failures -> exit status; each is printed as one line, never a traceback.
-EXIT_STATUS = {ConfigError: 2, UsageError: 2, ClientError: 1}
+#: Expected failures -> exit status (the first class that matches); each is printed as one line,
+#: never a traceback.
+EXIT_STATUS = {ConfigError: 2, UsageError: 2, BadAddress: 2, ClientError: 1}
 
 DESCRIPTION = (
-    "Submit jobs to a zmgpu master, watch them, wait for them and cancel them; list and drain nodes.  "
+    "Submit jobs to a zmgpu master, watch them, follow or re-attach to their output, wait for them and "
+    "cancel them; list and drain nodes.  "
     "The master is found from --host and --port, else ZMGPU_MASTER=host:port, else the client config "
     "file, else 127.0.0.1:8080.")
 
@@ -34,8 +36,9 @@ EPILOG = (
     f"Environment: ZMGPU_MASTER=host:port names the master (flags win over it, it wins over the config "
     f"file); ZMGPU_CONFIG names the client config file (default {DEFAULT_CONFIG}, read only if it "
     f"exists).  Exit status: 0 on success, 1 when a request fails or the master does not answer, 2 for a "
-    f"usage or config error; an interactive job's own exit status for submit --interactive, and the "
-    f"first unsuccessful job's for wait.")
+    f"usage or config error (a malformed master address included), 141 when the reader of stdout went "
+    f"away; an interactive job's own exit status for submit --interactive and attach, and the first "
+    f"unsuccessful job's for wait.")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,7 +57,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=port_number, default=None, metavar="PORT",
                         help="the master's request port (default: 8080)")
     parser.add_argument("--pub-port", type=port_number, default=None, metavar="PORT",
-                        help="the master's publish port, for interactive output (default: port + 1)")
+                        help="the master's publish port, for following output and events (default: the "
+                             "port the master names when asked)")
     parser.add_argument("--config", default=None, metavar="FILE",
                         help=f"client YAML file (default: $ZMGPU_CONFIG, else {DEFAULT_CONFIG} "
                              f"if it exists)")
@@ -75,10 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        # `zmgpu queue | head`: the reader left; say nothing, and keep Python's
-        # final flush of stdout from failing again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        # `zmgpu queue | head`: the reader left; say nothing, and end as a writer killed by SIGPIPE would.
+        silence_stdout()
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 
-from ..model import JobState, parse_array_spec, parse_node_gpu_ids, parse_time_limit, shell_exit_status
-from .common import (UsageError, add_connection_timeout, client_config, ending, job_id_arg,
-                     make_client, non_negative_int, positive_int, seconds)
+from ..model import parse_array_spec, parse_node_gpu_ids, parse_time_limit
+from ..stream import SignalTrap
+from .attach import view
+from .common import (UsageError, add_connection_timeout, add_max_consecutive_timeouts, add_session_timeout,
+                     client_config, job_id_arg, make_client, non_negative_int, seconds)
 
 HELP = "submit a job (prints its id), or run it interactively"
 DESCRIPTION = (
@@ -19,8 +20,12 @@ DESCRIPTION = (
     "ZMGPU_ARRAY_TASK_ID in an array task).  Without --interactive the job id (8 hex characters; for "
     "--array, the array id) is printed alone on stdout.  With --interactive nothing else is printed on stdout: "
     "the job's stdout and stderr come to this terminal's stdout and stderr byte for byte, and zmgpu exits "
-    "with the job's exit status (128+N when a signal N killed it).  The first Ctrl-C cancels the job and "
-    "keeps showing its last output; a second Ctrl-C detaches and leaves the job as it is.")
+    "with the job's exit status (128+N when a signal N killed it).  Ctrl-C, from the moment the job is "
+    "submitted, cancels it and keeps showing its last output; a second Ctrl-C stops watching (exit status "
+    "130).  Ctrl-\\ (SIGQUIT) detaches and leaves the job running, saying on stderr how to re-attach with "
+    "zmgpu attach (exit status 1).  If the reader of stdout goes away (zmgpu submit -i ... | head), the job "
+    "is cancelled and zmgpu exits 141, as a pipeline's writer would.  The session outlives a master "
+    "restart: it goes on where it was, without a gap or a repeated byte.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,20 +63,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interactive", "-i", action="store_true", default=None,
                         help="stream the job's output here and exit with its exit status "
                              "(default: print the job id and return at once)")
-    parser.add_argument("--session-timeout", type=seconds, default=None, metavar="S",
-                        help="the longest an interactive session stays attached; then zmgpu detaches, "
-                             "leaves the job running, says so on stderr and exits 1 (default: 7200)")
+    add_session_timeout(parser)
     add_connection_timeout(parser)
     parser.add_argument("--max-wait-time", type=seconds, default=None, metavar="S",
                         help="how long an interactive job may stay PENDING; then zmgpu cancels it, "
                              "says so and exits 1, like srun --immediate (default: 300)")
-    parser.add_argument("--max-consecutive-timeouts", type=positive_int, default=None, metavar="N",
-                        help="while attached, zmgpu checks the master each second that nothing "
-                             "arrives; after N unanswered checks in a row it gives up with a one-line "
-                             "error and exits 1, leaving the job as it is (default: 30)")
+    add_max_consecutive_timeouts(parser)
     parser.add_argument("command", nargs=argparse.REMAINDER, metavar="COMMAND",
                         help="the command line, as one string run by /bin/sh, or -- followed by a "
-                             "program and its arguments")
+                             "program and its arguments; options go before it")
 
 
 def _checked(parse, keep_text: bool):
@@ -108,7 +108,7 @@ def _job_ids(text: str) -> list[str]:
 
 
 def command_line(words: list[str]) -> str:
-    """One string for /bin/sh: a lone word as it is, the words after -- (or several words) quoted."""
+    """One string for /bin/sh: one quoted command as it is, or the program and its arguments quoted."""
     if words and words[0] == "--":
         words = words[1:]
         if not words:
@@ -116,64 +116,33 @@ def command_line(words: list[str]) -> str:
         return shlex.join(words)
     if not words:
         raise UsageError('no command given: zmgpu submit [options] "command" or -- program args...')
-    return words[0] if len(words) == 1 else shlex.join(words)
+    if len(words) > 1 and not any(c.isspace() for c in words[0]):
+        # `zmgpu submit python train.py --lr 3`: words go to the program, as srun and sbatch pass them.
+        return shlex.join(words)
+    if len(words) > 1:
+        # Without this, `submit "cmd" --gpus 2` would quietly run `cmd --gpus 2` on no GPU.
+        raise UsageError(f"the command {shlex.quote(words[0])} is followed by more words ({shlex.join(words[1:])}): "
+                         f"put options before the command, or use -- program args... for a program and its "
+                         f"arguments")
+    return words[0]
 
 
 def run(args: argparse.Namespace) -> int:
-    """Submit; print the id, or stream the job and return its exit status."""
+    """Submit; print the id, or show the job here and return its exit status."""
     command = command_line(args.command)
     if args.interactive and args.array:
         raise UsageError("--array cannot be --interactive: submit the array, then zmgpu wait for it")
     if args.after_any and not args.after:
         raise UsageError("--after-any needs --after JOB[:JOB...]")
     config = client_config(args)
+    options = dict(gpus=args.gpus, node_gpu_ids=args.node_gpu_ids, interactive=bool(args.interactive),
+               name=args.name, time_limit=args.time, requeue=bool(args.requeue), after=args.after or [],
+               after_any=bool(args.after_any), array=args.array, priority=args.priority or 0)
     with make_client(config) as client:
-        job_id = client.submit(command, gpus=args.gpus, node_gpu_ids=args.node_gpu_ids,
-                               interactive=bool(args.interactive), name=args.name, time_limit=args.time,
-                               requeue=bool(args.requeue), after=args.after or [],
-                               after_any=bool(args.after_any), array=args.array,
-                               priority=args.priority or 0)
         if not args.interactive:
-            print(job_id)
+            print(client.submit(command, **options))
             return 0
-        return attach(client, job_id, config)
-
-
-def attach(client, job_id: str, config) -> int:
-    """Stream an interactive job to this terminal; the shell exit status it ended with."""
-    from ..client import Detached, LocalError
-
-    sys.stdout.flush()   # earlier text output must come before the job's bytes
-    try:
-        job = client.stream(job_id, sys.stdout.buffer, sys.stderr.buffer,
-                            session_timeout=config.session_timeout,
-                            max_wait_time=config.max_wait_time,
-                            max_consecutive_timeouts=config.max_consecutive_timeouts,
-                            on_interrupt=lambda jid, count: _on_interrupt(client, jid, count))
-    except Detached as exc:
-        if exc.code != LocalError.DETACHED:
-            raise
-        print(f"zmgpu: {exc}", file=sys.stderr)
-        return 130
-    _report_end(job)
-    return shell_exit_status(job["exit_code"], job["signal"])
-
-
-def _on_interrupt(client, job_id: str, count: int) -> bool:
-    """First Ctrl-C cancels the job and keeps streaming its last output; the second detaches."""
-    if count > 1:
-        return False
-    print(f"zmgpu: cancelling job {job_id} (Ctrl-C again to detach)", file=sys.stderr, flush=True)
-    for result in client.cancel(job_id):
-        if not result["ok"]:
-            print(f"zmgpu: {result['message']}", file=sys.stderr, flush=True)
-    return True
-
-
-def _report_end(job: dict) -> None:
-    """Say on stderr why a job ended, unless its exit status tells it (stderr stays the job's own)."""
-    state = JobState(job["state"])
-    ran_to_an_exit = job["exit_code"] is not None or job["signal"] is not None
-    if state is JobState.COMPLETED or (state is JobState.FAILED and ran_to_an_exit):
-        return
-    print(f"zmgpu: {ending(job)}", file=sys.stderr, flush=True)
+        # Trapped before the submit: a Ctrl-C while it is on its way cancels the job once its id is known.
+        with SignalTrap() as trap:
+            job_id = client.submit(command, **options)
+            return view(client, job_id, config, trap, max_wait_time=config.max_wait_time)

@@ -37,6 +37,7 @@ class JobService:
         self.retention = retention
         self.log = log
         self.dirty = False   # something changed that may let a pending job start
+        self.to_dispatch: list[tuple[JobRecord, int]] = []   # started this turn, sent after the commit
 
     def handlers(self) -> dict:
         return {
@@ -123,14 +124,8 @@ class JobService:
         return None
 
     def _start(self, job: JobRecord, placement: allocator.Placement) -> None:
-        """Dispatch one rank per node, holding the GPUs and marking the job running."""
+        """Hold the GPUs and mark the job running; its DISPATCH goes out once that is stored."""
         job.ranks = [RankRecord(node_id, indices) for node_id, indices in placement]
-        if not self._dispatch(job, 0):
-            # Nothing was sent yet, so the job just waits; the next pass avoids that node.
-            self.state.nodes[job.ranks[0].node_id].reachable = False
-            job.ranks = []
-            self.dirty = True
-            return
         self.state.pending.remove(job.job_id)
         self.state.running.add(job.job_id)
         job.state, job.reason, job.start_time = JobState.RUNNING, None, time.time()
@@ -141,24 +136,52 @@ class JobService:
         where = " ".join(f"{r.node_id}:{','.join(map(str, r.gpu_indices)) or '-'}" for r in job.ranks)
         self.log.info("job %s started on %s for %s: %s", job.job_id, where, job.user, job.command)
         self.publish_job(job)
-        for rank in range(1, len(job.ranks)):
-            if not self._dispatch(job, rank):
-                node_id = job.ranks[rank].node_id
-                self.state.nodes[node_id].reachable = False
-                self.end_rank(job, rank, reason=f"could not reach node {node_id} to start the job")
+        self.to_dispatch.append((job, job.attempt))
+
+    def send_dispatches(self) -> None:
+        """Send the DISPATCH messages of jobs whose RUNNING state is now on disk.
+
+        Sending only after the commit means a master killed at any moment either
+        never sent a job (it is still PENDING after a restart) or knows it runs.
+        """
+        queued, self.to_dispatch = self.to_dispatch, []
+        for job, attempt in queued:
+            if job.attempt != attempt or job.state is not JobState.RUNNING:
+                continue   # cancelled or undone meanwhile
+            for rank in range(len(job.ranks)):
+                if not self._dispatch(job, rank):
+                    self.state.nodes[job.ranks[rank].node_id].reachable = False
+                    self.undo_start(job, f"could not reach node {job.ranks[rank].node_id}")
+                    break
+
+    def undo_start(self, job: JobRecord, why: str) -> None:
+        """Back to the queue as if never started (a new attempt number makes any sent rank stale)."""
+        self.kill_ranks(job, why)
+        for rank, part in enumerate(job.ranks):
+            node = self.state.nodes.get(part.node_id)
+            if node is not None:
+                for index in part.gpu_indices:
+                    if node.holders.get(index) == job.job_id:
+                        del node.holders[index]
+                node.ranks.discard((job.job_id, rank))
+        self.state.running.discard(job.job_id)
+        self.log.info("job %s goes back to the queue: %s", job.job_id, why)
+        job.attempt += 1
+        job.ranks, job.state, job.start_time = [], JobState.PENDING, None
+        self.enqueue(job)
 
     def _dispatch(self, job: JobRecord, rank: int) -> bool:
         part = job.ranks[rank]
         env = job.env
         if job.array_job_id is not None:
             env = {**env, "ZMGPU_ARRAY_JOB_ID": job.array_job_id, "ZMGPU_ARRAY_TASK_ID": str(job.array_task_id)}
-        body = {"job_id": job.job_id, "rank": rank, "attempt": job.requeue_count, "command": job.command,
+        body = {"job_id": job.job_id, "rank": rank, "attempt": job.attempt, "command": job.command,
                 "cwd": job.cwd, "env": env, "gpu_indices": part.gpu_indices, "kill_grace": self.kill_grace}
         return self.reactor.send(part.node_id.encode(), MsgType.DISPATCH, body)
 
     def kill_ranks(self, job: JobRecord, reason: str) -> None:
         """Ask every node holding a live rank of ``job`` to stop it."""
-        body = {"job_id": job.job_id, "attempt": job.requeue_count, "reason": reason}
+        body = {"job_id": job.job_id, "attempt": job.attempt, "reason": reason}
         for node_id in {r.node_id for _, r in job.live_ranks()}:
             self.reactor.send(node_id.encode(), MsgType.KILL, body)
 
@@ -204,7 +227,7 @@ class JobService:
             self.log.warning("node %s reported unknown job %s rank %s; ignored",
                              identity.decode(errors="replace"), body["job_id"], rank)
             return None
-        if body.get("attempt", job.requeue_count) != job.requeue_count:
+        if body.get("attempt", 0) != job.attempt:
             self.log.info("node %s reported stale attempt %s of job %s; ignored",
                           identity.decode(errors="replace"), body.get("attempt"), job.job_id)
             return None
@@ -287,10 +310,11 @@ class JobService:
     def _requeue(self, job: JobRecord) -> None:
         """Back to the queue with the same id after a node failure; the old attempt's output is set aside."""
         lost = next(r for r in job.ranks if r.lost)
-        self.spool.set_aside(job.job_id, len(job.ranks), job.requeue_count)
+        self.spool.set_aside(job.job_id, len(job.ranks), job.attempt)
         self.log.info("job %s requeued (%d of at most %d): %s", job.job_id, job.requeue_count + 1,
                       self.max_requeue, lost.reason)
         job.requeue_count += 1
+        job.attempt += 1
         job.ranks, job.first_failed, job.timed_out = [], None, False
         job.state, job.reason, job.start_time = JobState.PENDING, None, None
         self.enqueue(job)

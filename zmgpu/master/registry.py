@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 
-from ..model import GpuInfo, NodeState
+from ..model import GpuInfo, JobState, NodeState
 from ..protocol import Message, MsgType, node_topic
 from .jobs import JobService
 from .reactor import Reactor
@@ -120,7 +120,7 @@ class NodeRegistry:
                 continue
             job = self.state.jobs.get(entry["job_id"])
             key = (entry["job_id"], entry["rank"])
-            current = job is not None and key in node.ranks and entry.get("attempt", 0) == job.requeue_count
+            current = job is not None and key in node.ranks and entry.get("attempt", 0) == job.attempt
             if entry.get("ended"):
                 if current:
                     self.jobs.settle_rank(node.node_id.encode(), job, entry["rank"], entry)
@@ -133,8 +133,15 @@ class NodeRegistry:
                                   {"job_id": entry["job_id"], "attempt": entry.get("attempt", 0),
                                    "reason": "the master no longer runs this job here"})
         for job_id, rank in sorted(node.ranks - still_running):
-            self.jobs.end_rank(self.state.jobs[job_id], rank, lost=True,
-                               reason=f"node {node.node_id} came back without the job's process")
+            job = self.state.jobs[job_id]
+            if job.state is not JobState.RUNNING or job.ranks[rank].ended:
+                continue   # settled by an earlier entry of this loop
+            if job.ranks[rank].pid is None:
+                # Never confirmed started (its DISPATCH died with a master or a connection): run it again.
+                self.jobs.undo_start(job, f"node {node.node_id} never started it")
+            else:
+                self.jobs.end_rank(job, rank, lost=True,
+                                   reason=f"node {node.node_id} came back without the job's process")
 
     def on_heartbeat(self, identity: bytes, msg: Message) -> None:
         """A node is alive; one the master does not know (or thinks dead) must register again."""

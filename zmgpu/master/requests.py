@@ -233,7 +233,11 @@ class ClientRequests:
             candidates = [self.state.jobs[t] for i in ids for t in self.state.expand(i) if t in self.state.jobs]
         else:
             candidates = self.state.jobs.values()
-        wanted = set(states) if isinstance(states, list) else None
+        if states is not None and not (isinstance(states, list) and all(isinstance(x, str) for x in states)):
+            raise RequestError(ErrorCode.BAD_REQUEST, "states must be a list of state names")
+        if owner is not None and not isinstance(owner, str):
+            raise RequestError(ErrorCode.BAD_REQUEST, "owner must be a user name")
+        wanted = set(states) if states is not None else None
         jobs = [self.jobs.job_dict(j) for j in candidates
                 if (everything or ids is not None or not j.state.finished)
                 and (owner is None or j.user == owner) and (wanted is None or j.state.value in wanted)]

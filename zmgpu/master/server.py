@@ -79,7 +79,7 @@ class Master:
             node.ranks.add((job.job_id, rank))
 
     def _end_of_turn(self) -> None:
-        """Commit and answer this turn's requests, schedule once, and commit what scheduling changed."""
+        """Commit and answer this turn's requests, schedule once, commit that, then dispatch."""
         self.requests.commit_and_reply(self.store)
         self.jobs.schedule()
         try:
@@ -88,8 +88,9 @@ class Master:
             if not self.store_failing:
                 self.log.error("%s; retrying every turn", exc)
             self.store_failing = True
-        else:
-            self.store_failing = False
+            return   # dispatches wait until their jobs are stored as running
+        self.store_failing = False
+        self.jobs.send_dispatches()
 
     def run(self) -> None:
         try:

@@ -106,6 +106,7 @@ class JobRecord:
     time_limit: int | None = None   # seconds
     requeue: bool = False
     requeue_count: int = 0
+    attempt: int = 0                # bumped on every new dispatch, so reports of older runs are told apart
     after: list[str] = field(default_factory=list)
     after_any: bool = False
     array_job_id: str | None = None
@@ -149,7 +150,8 @@ class JobRecord:
             "job_id": self.job_id, "name": self.name, "user": self.user, "command": self.command,
             "cwd": self.cwd, "gpus": self.gpus, "node_gpu_ids": self.node_gpu_ids,
             "interactive": self.interactive, "priority": self.priority, "time_limit": self.time_limit,
-            "requeue": self.requeue, "requeue_count": self.requeue_count, "after": self.after,
+            "requeue": self.requeue, "requeue_count": self.requeue_count,
+            "attempt": self.attempt, "after": self.after,
             "after_any": self.after_any, "array_job_id": self.array_job_id,
             "array_task_id": self.array_task_id,
             "state": self.state.value, "reason": self.reason,

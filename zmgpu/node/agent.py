@@ -8,23 +8,29 @@ master accepts the registration).  Jobs never wait on the master: ranks are
 reaped and their output spooled to disk whether or not a master is listening,
 and output goes out with non-blocking sends from the spool files' offsets.
 
-Jobs do not wait on the agent either: an agent that starts takes over the ranks
-its predecessor left running and reports them in its REGISTER, with the ranks
-that ended in the last hour (in case the master missed their JOB_ENDED), and the
-master answers with a KILL for those it no longer wants.
+Jobs do not wait on the agent either.  Their parent is the node's job keeper
+(keeper.py), a small process that outlives the agent and records each rank's
+exit status; the agent asks it to spawn ranks and hears from it when one ends.
+An agent that starts connects to the keeper still running (or starts one) and
+takes over the ranks its predecessor left unreported, running or ended while no
+agent ran, and reports them in its REGISTER, with the ranks that ended in the
+last hour (in case the master missed their JOB_ENDED); the master answers with a
+KILL for those it no longer wants.  Without a keeper the agent spawns ranks
+itself, and their exit status would not survive its restart.
 
 A KILL stops the whole job, not only the ranks' process groups: every process on
 this host marked with the job's id gets SIGTERM, and SIGKILL after the grace
 period or as soon as the rank's leader has ended (see sweep.py).
 
 While ranks run the loop polls their spool files for output: every 10 ms while
-output moves, backing off to 100 ms while it does not.  SIGCHLD still wakes the
-loop at once when a rank it spawned ends, and the poll never sleeps past a
-kill's SIGKILL deadline.
+output moves, backing off to 100 ms while it does not.  A message from the
+keeper (or SIGCHLD, for a rank the agent spawned itself) wakes the loop at once
+when a rank ends, and the poll never sleeps past a kill's SIGKILL deadline.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import signal
@@ -40,6 +46,7 @@ from ..daemon import SignalPipe
 from ..model import GpuInfo
 from ..protocol import MsgType, Stream
 from .identity import new_instance, read_instance, write_instance
+from .keeper_link import KeeperLink, KeeperLost
 from .runner import RankKey, RankProcess, is_count, recent_ends, spool_keys, valid_job_id
 from .sweep import JobProcesses
 
@@ -63,6 +70,8 @@ ENDED_LOOKBACK = 3600.0
 DEFAULT_KILL_GRACE = 10.0
 #: Exit status when the master refuses this agent's node id: a restart would be refused again.
 EXIT_REFUSED = 2
+#: Seconds before trying again to reach a job keeper, after none could be reached or started.
+KEEPER_RETRY = 60.0
 
 
 @dataclass
@@ -97,6 +106,8 @@ class Agent:
         self.endpoint = f"tcp://[{host}]:{config.master_port}" if self.ipv6 else f"tcp://{host}:{config.master_port}"
         self.ranks: dict[RankKey, RankProcess] = {}
         self.kills: dict[tuple[str, int | None], PendingKill] = {}   # by (job id, attempt or None)
+        self.keeper: KeeperLink | None = None   # None: ranks are spawned as the agent's own children
+        self.keeper_retry_at = 0.0
         self.instance = new_instance()
         self.previous_instance = read_instance(config.state_dir)
         self.instance_saved = False
@@ -128,7 +139,7 @@ class Agent:
         """Serve until SIGTERM or SIGINT (0) or a refused registration (2); running jobs are left running."""
         signals = SignalPipe((signal.SIGCHLD, signal.SIGTERM, signal.SIGINT))
         self.poller.register(signals.fileno(), zmq.POLLIN)
-        self._adopt_leftovers()
+        self._adopt_leftovers(self._open_keeper(time.monotonic()))
         self._connect(time.monotonic())
         try:
             while not self.stopping:
@@ -141,12 +152,15 @@ class Agent:
                 self._turn(time.monotonic())
         finally:
             self._disconnect()
+            if self.keeper is not None:
+                self.keeper.close()
             signals.close()
             self.context.term()
         return self.exit_status
 
     def _turn(self, now: float) -> None:
         """Work that does not wait for a message: reap, escalate kills, send output, keep the link."""
+        self._take_exits()
         busy = False
         for rank in self.ranks.values():
             if rank.poll():
@@ -166,11 +180,11 @@ class Agent:
         # Output that moved may go on moving; quiet ranks are looked at less and less often.
         self.tick_ms = TICK_MIN_MS if busy else min(self.tick_ms * TICK_BACKOFF, TICK_MAX_MS)
 
-    def _adopt_leftovers(self) -> None:
-        """Take over the ranks a previous agent started and did not see end, so REGISTER reports them."""
+    def _adopt_leftovers(self, kept: dict[str, int]) -> None:
+        """Take over the ranks a previous agent started and did not report ended, so REGISTER reports them."""
         for key in spool_keys(self.config.state_dir):
             try:
-                rank_proc = RankProcess.adopt(self.config.state_dir, key)
+                rank_proc = RankProcess.adopt(self.config.state_dir, key, kept)
             except ValueError as exc:
                 self.log.warning("%s: cannot take it over: %s", key, exc)
                 continue
@@ -178,11 +192,69 @@ class Agent:
                 continue
             self.ranks[key] = rank_proc
             started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rank_proc.spawned.spawned_at))
-            if rank_proc.running:
-                self.log.info("%s: taken over from the previous node agent (pid %d, started %s)",
-                              key, rank_proc.pid, started)
-            else:
+            if rank_proc.ended:
                 self.log.info("%s (started %s) %s", key, started, rank_proc.describe_end())
+            else:
+                self.log.info("%s: taken over from the previous node agent (pid %d, started %s%s)", key,
+                              rank_proc.pid, started, "" if rank_proc.kept else "; its exit status will be unknown")
+
+    # -- the job keeper -----------------------------------------------------------------
+
+    def _open_keeper(self, now: float) -> dict[str, int]:
+        """Connect to this node's job keeper, starting one if none answers; the ranks it runs (name -> pid)."""
+        try:
+            self.keeper = KeeperLink.open(self.config.state_dir, self.log, self.config.verbose)
+        except KeeperLost as exc:
+            self.keeper_retry_at = now + KEEPER_RETRY
+            self.log.warning("no job keeper (%s): the agent starts jobs itself, and a job that ends while the "
+                             "agent is down will have no exit status; trying again in %g s", exc, KEEPER_RETRY)
+            return {}
+        self.poller.register(self.keeper.fileno(), zmq.POLLIN)
+        self.log.info("job keeper: pid %d, running %d job rank(s)", self.keeper.pid, len(self.keeper.ranks))
+        return self.keeper.ranks
+
+    def _keeper_lost(self, why: str) -> None:
+        """The link to the keeper broke: reconnect (or start a new keeper) and learn how its ranks are doing."""
+        self.log.warning("lost the job keeper (pid %d): %s", self.keeper.pid, why)
+        self.poller.unregister(self.keeper.fileno())
+        self.keeper.close()
+        self.keeper = None
+        kept = self._open_keeper(time.monotonic())
+        for rank in self.ranks.values():
+            rank.rejoin(kept)
+
+    def _take_exits(self) -> None:
+        """Hand each end the keeper reported to its rank; poll() then ends the rank."""
+        if self.keeper is None:
+            return
+        try:
+            exits = self.keeper.exits()
+        except KeeperLost as exc:
+            self._keeper_lost(str(exc))
+            return
+        for end in exits:
+            rank = self.ranks.get(RankKey.parse(end.spool))
+            if rank is not None and rank.pid == end.pid:
+                rank.exited(end.exit_code, end.signal)
+
+    def _spawn(self, key: RankKey, body: dict, indices: list[int]) -> RankProcess:
+        """Start a rank through the keeper (reached again if need be), or as the agent's own child."""
+        if self.keeper is None and time.monotonic() >= self.keeper_retry_at:
+            self._open_keeper(time.monotonic())
+        spawn = functools.partial(
+            RankProcess.spawn, state_dir=self.config.state_dir, node_id=self.node_id, key=key,
+            command=body["command"], cwd=body["cwd"], env=body["env"], gpu_indices=indices,
+            kill_grace=body["kill_grace"])
+        for _ in range(2):      # the keeper reached again after a broken link gets one more try
+            if self.keeper is None:
+                break
+            try:
+                return spawn(keeper=self.keeper)
+            except KeeperLost as exc:
+                self._keeper_lost(str(exc))
+                # The lost request may have started the rank: it must not run twice.
+                JobProcesses(key.job_id, key.attempt).kill()
+        return spawn(keeper=None)
 
     def _poll_timeout_ms(self) -> int:
         if self.sock is None:
@@ -371,12 +443,8 @@ class Agent:
             known.start_reported = known.pid is None
             return
         self._spare_from_kills(key)
-        rank_proc = RankProcess.spawn(
-            state_dir=self.config.state_dir, node_id=self.node_id, key=key,
-            command=body["command"], cwd=body["cwd"], env=body["env"], gpu_indices=indices,
-            kill_grace=body["kill_grace"])
-        self.ranks[key] = rank_proc
-        if rank_proc.proc is None:
+        rank_proc = self.ranks[key] = self._spawn(key, body, indices)
+        if rank_proc.pid is None:
             self.log.warning("%s could not start: %s", key, rank_proc.reason)
         else:
             gpus = ",".join(map(str, indices)) or "none"
@@ -473,6 +541,6 @@ class Agent:
                 if not self._send(MsgType.JOB_ENDED, rank.ended_body()):
                     return sent
                 sent = True
-                rank.close()
+                rank.forget()
                 del self.ranks[key]
         return sent

@@ -33,12 +33,17 @@ def new_instance() -> str:
 
 
 def lock_state_dir(state_dir: str) -> int | None:
-    """Lock the state directory for this process's life: the lock's fd, or None if another agent holds it.
+    """Lock the state directory for this process's life: the lock's fd, or None if another agent holds it."""
+    return lock_file(os.path.join(state_dir, LOCK_FILE))
 
-    Raises OSError when the lock file cannot be opened.  The fd is not inherited by
+
+def lock_file(path: str) -> int | None:
+    """Lock ``path`` (created if need be) for this process's life: the lock's fd, or None if another holds it.
+
+    Raises OSError when the file cannot be opened.  The fd is not inherited by
     jobs (Python opens it close-on-exec), so a job outliving its agent never holds it.
     """
-    fd = os.open(os.path.join(state_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

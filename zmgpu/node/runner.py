@@ -10,11 +10,16 @@ agent has reported and forgotten the rank can still be served
 (:meth:`RankProcess.revive`), and a master that missed the JOB_ENDED can learn
 it from the agent's next REGISTER (:func:`recent_ends`).
 
-Ranks outlive their agent (each runs in its own session).  At spawn the agent
-records who the rank's process is (:class:`SpawnRecord`), so that its successor
-can take the rank over (:meth:`RankProcess.adopt`): tail its output from offset
-0, watch ``/proc`` for its end and signal its process group.  Such a process is
-not the successor's child, so its exit status cannot be known.
+Ranks outlive their agent: the node's job keeper (keeper.py), not the agent,
+is their parent, and it writes each rank's exit status the moment it ends.  At
+spawn the agent records who the rank's process is (:class:`SpawnRecord`), and
+removes that record once the master has the rank's end, so that a successor
+takes over exactly the ranks still unreported (:meth:`RankProcess.adopt`): it
+tails their output from offset 0 and signals their process groups, learns the
+end of a running one from the keeper, and that of one that ended meanwhile from
+its status file.  Only without a keeper (none could be started, or it died) is
+a rank the agent's own child, or, after a restart, a process watched through
+``/proc``, whose exit status cannot be known.
 """
 
 from __future__ import annotations
@@ -31,18 +36,18 @@ from typing import NamedTuple
 
 from ..model import JOB_ID_PATTERN
 from ..protocol import CHUNK_BYTES, Stream
-from .sweep import ATTEMPT_VAR, JOB_ID_VAR
+from .keeper_link import STATUS_FILE, KeeperLink, KeeperLost, SpawnError, write_status
+from .sweep import ATTEMPT_VAR, JOB_ID_VAR, proc_stat
 
 _JOB_ID = re.compile(JOB_ID_PATTERN)
 _SPOOL_NAME = re.compile(rf"({JOB_ID_PATTERN})\.([0-9]+)\.([0-9]+)")
-#: Written when a rank's end is recorded: a rank with this file is never taken over.
-_STATUS_FILE = "status"
-#: Written at spawn: the :class:`SpawnRecord` a restarted agent adopts the rank by.
+#: Written at spawn and removed once the master has the rank's end: the :class:`SpawnRecord` a
+#: restarted agent takes the rank over by.
 _PROCESS_FILE = "process"
 
-#: Reasons for an adopted rank's end; its process was not the reporting agent's child.
-ENDED_WHILE_AWAY = "exit status unknown: the job ended while the node agent was restarting"
-ENDED_AFTER_RESTART = "exit status unknown: the job outlived a restart of the node agent"
+#: Reasons for the end of a rank taken over without a keeper that knew it: its exit status is lost.
+ENDED_WHILE_AWAY = "exit status unknown: the job ended while neither the node agent nor its job keeper ran"
+ENDED_AFTER_RESTART = "exit status unknown: the job outlived the node process that started it"
 
 
 def valid_job_id(job_id) -> bool:
@@ -66,9 +71,20 @@ class RankKey(NamedTuple):
         """True for a well-formed key; it names a spool directory, so nothing else may pass."""
         return valid_job_id(self.job_id) and is_count(self.rank) and is_count(self.attempt)
 
+    @classmethod
+    def parse(cls, name: str) -> "RankKey | None":
+        """The key a spool directory's name stands for; None for any other name."""
+        match = _SPOOL_NAME.fullmatch(name)
+        return cls(match[1], int(match[2]), int(match[3])) if match else None
+
+    @property
+    def name(self) -> str:
+        """Name of the rank's spool directory."""
+        return f"{self.job_id}.{self.rank}.{self.attempt}"
+
     def spool(self, state_dir: str) -> str:
         """Where this rank's output and exit status live."""
-        return os.path.join(state_dir, "jobs", f"{self.job_id}.{self.rank}.{self.attempt}")
+        return os.path.join(state_dir, "jobs", self.name)
 
     def wire(self) -> dict:
         """The fields naming this rank in a message to the master."""
@@ -85,7 +101,7 @@ def spool_keys(state_dir: str) -> list[RankKey]:
         names = sorted(os.listdir(os.path.join(state_dir, "jobs")))
     except OSError:
         return []
-    return [RankKey(match[1], int(match[2]), int(match[3])) for match in map(_SPOOL_NAME.fullmatch, names) if match]
+    return [key for key in map(RankKey.parse, names) if key is not None]
 
 
 def recent_ends(state_dir: str, since: float, skip) -> list[dict]:
@@ -100,7 +116,7 @@ def recent_ends(state_dir: str, since: float, skip) -> list[dict]:
             continue
         spool = key.spool(state_dir)
         try:
-            if os.stat(os.path.join(spool, _STATUS_FILE)).st_mtime < since:
+            if os.stat(os.path.join(spool, STATUS_FILE)).st_mtime < since:
                 continue
             status = _load_status(spool)
         except (OSError, ValueError):
@@ -112,10 +128,10 @@ def recent_ends(state_dir: str, since: float, skip) -> list[dict]:
 
 def _load_status(spool: str) -> dict:
     """The exit status a rank's end recorded; OSError, or ValueError for a file that is not one."""
-    with open(os.path.join(spool, _STATUS_FILE)) as fh:
+    with open(os.path.join(spool, STATUS_FILE)) as fh:
         status = json.load(fh)
     if not isinstance(status, dict):
-        raise ValueError(f"{_STATUS_FILE} is not an exit status")
+        raise ValueError(f"{STATUS_FILE} is not an exit status")
     return {name: status.get(name) for name in ("exit_code", "signal", "reason")}
 
 
@@ -124,17 +140,6 @@ def _file_size(path: str) -> int:
         return os.path.getsize(path)
     except OSError:
         return 0
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """State letter and start time (clock ticks after boot) of ``pid``, from /proc; None if there is none."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            # The command name (field 2) may hold spaces and ')': the fixed fields follow its last ')'.
-            fields = fh.read().rsplit(")", 1)[1].split()
-        return fields[0], int(fields[19])     # fields 3 and 22
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 @dataclass
@@ -148,10 +153,12 @@ class SpawnRecord:
     spawned_at: float           # wall-clock time of the spawn
 
     @classmethod
-    def of(cls, pid: int, kill_grace: float) -> "SpawnRecord":
-        """The record of a process just spawned in a session of its own."""
-        stat = _proc_stat(pid)
-        return cls(pid, pid, stat[1] if stat else None, kill_grace, time.time())
+    def of(cls, pid: int, kill_grace: float, start_time: int | None = None) -> "SpawnRecord":
+        """The record of a process just spawned in a session of its own (start time from /proc if not given)."""
+        if start_time is None:
+            stat = proc_stat(pid)
+            start_time = stat[1] if stat else None
+        return cls(pid, pid, start_time, kill_grace, time.time())
 
     @classmethod
     def load(cls, spool: str) -> "SpawnRecord":
@@ -177,12 +184,12 @@ class SpawnRecord:
 
     def alive(self) -> bool:
         """True while this very process runs; a zombie has ended, a new process with its pid is not it."""
-        stat = _proc_stat(self.pid)
+        stat = proc_stat(self.pid)
         return stat is not None and stat[0] not in "ZXx" and stat[1] == self.start_time
 
     def signal_group(self, signum: int) -> None:
         """Signal the process group, unless a new process has taken the leader's pid (and so the group id)."""
-        leader = _proc_stat(self.pgid)
+        leader = proc_stat(self.pgid)
         if leader is not None and leader[1] != self.start_time:
             return
         try:
@@ -200,10 +207,12 @@ class RankProcess:
     gpu_indices: list[int] = field(default_factory=list)
     kill_grace: float = 10.0
     proc: subprocess.Popen | None = None   # set only for our own child, which waitpid reaps
+    kept: bool = False                     # the keeper is its parent: it reports the end and records it
     spawned: SpawnRecord | None = None     # set for every rank that ran, adopted ones included
     exit_code: int | None = None
     signal: int | None = None
     reason: str | None = None
+    reaped: bool = False                   # its exit status is known; poll() ends the rank
     ended: bool = False
     start_reported: bool = False           # JOB_STARTED is on its way to the master
     killed: bool = False                   # a KILL came: its end must leave no process of the job behind
@@ -214,69 +223,98 @@ class RankProcess:
     # -- life cycle -----------------------------------------------------------------
 
     @classmethod
-    def spawn(cls, *, state_dir: str, node_id: str, key: RankKey, command: str, cwd: str,
-              env: dict, gpu_indices: list[int], kill_grace: float) -> "RankProcess":
-        """Start one rank; a rank that cannot start comes back already ended, with the reason."""
+    def spawn(cls, *, state_dir: str, node_id: str, key: RankKey, command: str, cwd: str, env: dict,
+              gpu_indices: list[int], kill_grace: float, keeper: KeeperLink | None) -> "RankProcess":
+        """Start one rank, through the keeper if there is one; a rank that cannot start comes back ended.
+
+        Raises KeeperLost when the link to the keeper broke: the rank may have started.
+        """
         rank_proc = cls(key, key.spool(state_dir), list(gpu_indices), kill_grace)
         try:
-            outputs = rank_proc._create_spool()
+            rank_proc._create_spool()
         except OSError as exc:
             rank_proc._fail(f"cannot create the output spool {rank_proc.spool} on node {node_id}: "
                             f"{exc.strerror or exc}")
             return rank_proc
-        with outputs[Stream.STDOUT] as stdout, outputs[Stream.STDERR] as stderr:
-            if not os.path.isdir(cwd):
-                rank_proc._fail(f"working directory {cwd} does not exist on node {node_id}")
-                return rank_proc
-            extras = {
-                # An empty list hides every GPU, so a CPU job cannot grab one by accident.
-                "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in gpu_indices),
-                # CUDA's own default orders by speed; NVML (and so the master) orders by PCI bus.
-                "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
-                # These two mark every process of the job, wherever it goes (see sweep.py);
-                # the attempt count is Slurm's SLURM_RESTART_COUNT.
-                JOB_ID_VAR: key.job_id,
-                ATTEMPT_VAR: str(key.attempt),
-                "ZMGPU_NODE_ID": node_id,
-            }
-            try:
-                rank_proc.proc = subprocess.Popen(
-                    ["/bin/sh", "-c", command], cwd=cwd,
-                    env={**{str(k): str(v) for k, v in env.items()}, **extras},
-                    stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                    start_new_session=True, close_fds=True)
-            except (OSError, ValueError) as exc:
-                # ValueError: an environment name or value the kernel cannot take (NUL, '=').
-                detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                rank_proc._fail(f"cannot start the job on node {node_id}: {detail}")
-                return rank_proc
-        rank_proc._record_spawn()
+        if not os.path.isdir(cwd):
+            rank_proc._fail(f"working directory {cwd} does not exist on node {node_id}")
+            return rank_proc
+        env = {**{str(k): str(v) for k, v in env.items()}, **_job_marks(key, gpu_indices, node_id)}
+        start_time = None
+        try:
+            if keeper is None:
+                pid = rank_proc._spawn_child(command, cwd, env)
+            else:
+                pid, start_time = keeper.spawn(key.name, command, cwd, env)
+                rank_proc.kept = True
+        except (OSError, ValueError, SpawnError) as exc:
+            # ValueError: an environment name or value the kernel cannot take (NUL, '=').
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            rank_proc._fail(f"cannot start the job on node {node_id}: {detail}")
+            return rank_proc
+        except KeeperLost:
+            rank_proc.close()
+            raise
+        rank_proc._record_spawn(pid, start_time)
         return rank_proc
 
-    @classmethod
-    def adopt(cls, state_dir: str, key: RankKey) -> "RankProcess | None":
-        """A rank that a previous agent started and did not see end; None if the spool holds no such rank.
+    def _spawn_child(self, command: str, cwd: str, env: dict[str, str]) -> int:
+        """Start the rank as this agent's own child, as the keeper would; its pid."""
+        with open(os.path.join(self.spool, Stream.STDOUT.value), "wb") as stdout, \
+                open(os.path.join(self.spool, Stream.STDERR.value), "wb") as stderr:
+            self.proc = subprocess.Popen(["/bin/sh", "-c", command], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                                         stdout=stdout, stderr=stderr, start_new_session=True, close_fds=True)
+        return self.proc.pid
 
-        Its output goes out again from offset 0 (the master skips what it has).  A
-        rank whose process is gone comes back ended, its exit status unknown.
+    @classmethod
+    def adopt(cls, state_dir: str, key: RankKey, kept: dict[str, int]) -> "RankProcess | None":
+        """A rank that a previous agent started and did not report ended; None if the spool holds no such rank.
+
+        ``kept`` is what the keeper runs (spool name -> pid).  The rank's output goes
+        out again from offset 0 (the master skips what it has).  A rank whose process
+        is gone and that no keeper saw end comes back ended, its exit status unknown.
         Raises ValueError when the spool cannot be read.
         """
         spool = key.spool(state_dir)
-        if os.path.exists(os.path.join(spool, _STATUS_FILE)) or \
-                not os.path.exists(os.path.join(spool, _PROCESS_FILE)):
-            return None
-        rank_proc = cls(key, spool)
+        rank_proc = cls(key, spool, kept=True)
         try:
             rank_proc.spawned = SpawnRecord.load(spool)
-            rank_proc._open_readers()
+            rank_proc.kill_grace = rank_proc.spawned.kill_grace
+        except FileNotFoundError:
+            if key.name not in kept:
+                return None     # reported already, or never started
+            # The agent died between the keeper's spawn and its record of it.
+            rank_proc._record_spawn(kept[key.name], None)
         except (OSError, ValueError) as exc:
+            raise ValueError(f"unreadable spool {spool}: {exc}") from None
+        try:
+            rank_proc._open_readers()
+        except OSError as exc:
             rank_proc.close()
             raise ValueError(f"unreadable spool {spool}: {exc}") from None
-        rank_proc.kill_grace = rank_proc.spawned.kill_grace
-        if not rank_proc.spawned.alive():
+        rank_proc.rejoin(kept)
+        if not rank_proc.kept and not rank_proc.spawned.alive():
             rank_proc.reason = ENDED_WHILE_AWAY
             rank_proc._end()
         return rank_proc
+
+    def rejoin(self, kept: dict[str, int]) -> None:
+        """Learn how a rank the keeper held is doing after the link to it broke (``kept``: what it runs now)."""
+        if not self.kept or not self.running or self.reaped:
+            return
+        try:
+            status = _load_status(self.spool)
+        except (OSError, ValueError):
+            # Still running under this keeper, or orphaned by a keeper that died: only /proc can tell then.
+            self.kept = kept.get(self.key.name) == self.pid
+            return
+        self.exit_code, self.signal, self.reason = status["exit_code"], status["signal"], status["reason"]
+        self.reaped = True
+
+    def exited(self, exit_code: int | None, signum: int | None) -> None:
+        """The keeper saw the rank's process end; the next poll() ends the rank."""
+        if self.kept and self.running:
+            self.exit_code, self.signal, self.reaped = exit_code, signum, True
 
     @classmethod
     def revive(cls, state_dir: str, key: RankKey) -> "RankProcess | None":
@@ -293,24 +331,22 @@ class RankProcess:
         rank_proc.sent = {stream: rank_proc.size(stream) for stream in Stream}
         return rank_proc
 
-    def _create_spool(self) -> dict[Stream, object]:
-        """Fresh, empty output files (a re-dispatched rank starts over) and readers on them."""
+    def _create_spool(self) -> None:
+        """The spool directory, without the end and the spawn of an earlier dispatch, and readers on its output.
+
+        Whoever starts the rank empties the output files (a re-dispatched rank starts over).
+        """
         os.makedirs(self.spool, exist_ok=True)
-        for name in (_STATUS_FILE, _PROCESS_FILE):
-            try:
-                os.unlink(os.path.join(self.spool, name))
-            except FileNotFoundError:
-                pass
-        outputs = {stream: open(os.path.join(self.spool, stream.value), "wb") for stream in Stream}
-        self._open_readers()
-        return outputs
+        for name in (STATUS_FILE, _PROCESS_FILE):
+            _unlink(os.path.join(self.spool, name))
+        self._open_readers(os.O_CREAT)
 
-    def _open_readers(self) -> None:
+    def _open_readers(self, flags: int = 0) -> None:
         for stream in Stream:
-            self._readers[stream] = os.open(os.path.join(self.spool, stream.value), os.O_RDONLY)
+            self._readers[stream] = os.open(os.path.join(self.spool, stream.value), os.O_RDONLY | flags, 0o644)
 
-    def _record_spawn(self) -> None:
-        self.spawned = SpawnRecord.of(self.proc.pid, self.kill_grace)
+    def _record_spawn(self, pid: int, start_time: int | None) -> None:
+        self.spawned = SpawnRecord.of(pid, self.kill_grace, start_time)
         try:
             self.spawned.save(self.spool)
         except OSError:
@@ -324,9 +360,10 @@ class RankProcess:
 
     def _finish(self) -> None:
         self.ended = True
+        if self.kept:
+            return  # the keeper recorded the end as it saw it
         try:
-            with open(os.path.join(self.spool, _STATUS_FILE), "w") as fh:
-                json.dump({"exit_code": self.exit_code, "signal": self.signal, "reason": self.reason}, fh)
+            write_status(self.spool, self.exit_code, self.signal, self.reason)
         except OSError:
             pass  # only a late RESEND needs it, and a spool that cannot be written has no output either
 
@@ -345,15 +382,13 @@ class RankProcess:
         return self.spawned is not None and not self.ended
 
     def poll(self) -> bool:
-        """True when the rank's process has just ended: reaped if our child, gone from /proc if adopted."""
+        """True when the rank has just ended: reported by the keeper, reaped if our child, gone from /proc."""
         if not self.running:
             return False
-        if self.proc is None:
-            # Adopted: not our child, so no waitpid and no exit status.
-            if self.spawned.alive():
+        if self.kept:
+            if not self.reaped:
                 return False
-            self.reason = ENDED_AFTER_RESTART
-        else:
+        elif self.proc is not None:
             returncode = self.proc.poll()     # waitpid, WNOHANG
             if returncode is None:
                 return False
@@ -361,6 +396,11 @@ class RankProcess:
                 self.signal = -returncode
             else:
                 self.exit_code = returncode
+        else:
+            # Taken over without a keeper that knows it: not our child, so no exit status.
+            if self.spawned.alive():
+                return False
+            self.reason = ENDED_AFTER_RESTART
         self._end()
         return True
 
@@ -432,6 +472,33 @@ class RankProcess:
         for reader in self._readers.values():
             os.close(reader)
         self._readers.clear()
+
+    def forget(self) -> None:
+        """The rank's end is on its way to the master: close, and let no later agent take the rank over."""
+        self.close()
+        _unlink(os.path.join(self.spool, _PROCESS_FILE))
+
+
+def _job_marks(key: RankKey, gpu_indices: list[int], node_id: str) -> dict[str, str]:
+    """What the runner adds to a rank's environment."""
+    return {
+        # An empty list hides every GPU, so a CPU job cannot grab one by accident.
+        "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in gpu_indices),
+        # CUDA's own default orders by speed; NVML (and so the master) orders by PCI bus.
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        # These two mark every process of the job, wherever it goes (see sweep.py);
+        # the attempt count is Slurm's SLURM_RESTART_COUNT.
+        JOB_ID_VAR: key.job_id,
+        ATTEMPT_VAR: str(key.attempt),
+        "ZMGPU_NODE_ID": node_id,
+    }
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _signal_name(signum: int) -> str:

@@ -9,7 +9,8 @@ the job id and the attempt, so reading ``/proc/<pid>/environ`` finds them.
 Reading the environment of every process on the host costs milliseconds, so the
 agent sweeps only when a job is being stopped (a KILL), never on a normal end.
 Processes of other users cannot be read and are skipped: jobs run as the
-agent's user.
+agent's user.  :func:`proc_stat` is what /proc says of one process (its state
+and start time), for telling a process from a later one with its pid.
 """
 
 from __future__ import annotations
@@ -85,6 +86,17 @@ class JobProcesses:
             _signal(pids, signal.SIGKILL)
             killed.update(pids)
         return len(killed)
+
+
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """State letter and start time (clock ticks after boot) of ``pid``, from /proc; None if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            # The command name (field 2) may hold spaces and ')': the fixed fields follow its last ')'.
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[19])     # fields 3 and 22
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _signal(pids: list[int], *signums: int) -> None:

@@ -1,0 +1,423 @@
+"""Property-based fuzzing of the message handlers of a live master and a live node agent.
+
+Random frames (random bytes, and messages of every type with random bodies whose fields have random
+types) go to the real master's ROUTER port from a client, and from a node it knows; and to a real
+node agent from the ROUTER it connects to.  Properties: the daemons stay up, nothing they hold
+changes, and a client request gets exactly one reply, an error with a known code when the request
+is bad.  No random message may start a job: a submitted job always asks for more GPUs than exist or
+is malformed, and a DISPATCH never carries a string command.
+
+The ROUTER the node agent connects to in the last test is a stand-in for the master, used only to
+put arbitrary frames in front of the agent's handlers; every other message it sends is what a
+master sends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import HEARTBEAT, Cluster, make_cluster, poll
+from helpers import wait_for_file_sh
+from zmgpu.protocol import MAGIC, REQUIRED, ErrorCode, Message, MsgType, ProtocolError, decode, encode
+
+REPLY_TIMEOUT = 10
+ERROR_CODES = {code.value for code in ErrorCode}
+CLIENT_TYPES = (MsgType.PING, MsgType.SUBMIT, MsgType.QUEUE, MsgType.JOB, MsgType.CANCEL, MsgType.FETCH,
+                MsgType.NODES, MsgType.DRAIN, MsgType.RESUME)
+NODE_TYPES = (MsgType.REGISTER, MsgType.HEARTBEAT, MsgType.JOB_STARTED, MsgType.OUTPUT, MsgType.JOB_ENDED)
+MASTER_TYPES = (MsgType.REGISTERED, MsgType.HEARTBEAT, MsgType.REREGISTER, MsgType.DISPATCH, MsgType.KILL,
+                MsgType.RESEND, MsgType.REFUSED)
+#: Optional body fields the handlers read, worth giving random values too.
+OPTIONAL = {
+    MsgType.QUEUE: ("all", "owner", "states", "job_ids"),
+    MsgType.REGISTER: ("instance", "previous_instance"),
+    MsgType.JOB_STARTED: ("attempt",), MsgType.OUTPUT: ("attempt",), MsgType.JOB_ENDED: ("attempt",),
+    MsgType.DISPATCH: ("attempt",), MsgType.KILL: ("attempt",),
+}
+#: More GPUs than any test cluster has: a SUBMIT that passes every other check is still refused.
+TOO_MANY_GPUS = 10 ** 6
+
+# -- strategies ------------------------------------------------------------------------------------
+
+INTS = st.integers(-(2 ** 70), 2 ** 70)
+LEAVES = st.none() | st.booleans() | INTS | st.floats() | st.text(max_size=16)
+JSON = st.recursive(LEAVES, lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+NOT_A_STRING = JSON.filter(lambda value: not isinstance(value, str))
+SMALL = st.integers(-2, 5)
+_TYPED = {str: st.text(max_size=16), int: INTS | SMALL, float: st.floats(), bool: st.booleans(),
+          dict: st.dictionaries(st.text(max_size=8), JSON, max_size=4), list: st.lists(JSON, max_size=4),
+          type(None): st.none()}
+
+
+def typed(kind) -> st.SearchStrategy:
+    """Values of the type(s) a REQUIRED entry names."""
+    return st.one_of(*(_TYPED[k] for k in (kind if isinstance(kind, tuple) else (kind,))))
+
+
+@st.composite
+def bodies(draw, msg_type: MsgType, fields: dict) -> dict:
+    """A body for ``msg_type``: its required fields of their types (so the handler runs), or in half of
+    the bodies each of any type or missing; optional fields now and then; random extra keys.
+    ``fields`` pins a field's strategy, whatever is drawn."""
+    body = draw(st.dictionaries(st.text(max_size=8), JSON, max_size=2))
+    for name in OPTIONAL.get(msg_type, ()):
+        if draw(st.booleans()):
+            body[name] = draw(fields.get(name, JSON | SMALL))
+    mangled = draw(st.booleans())
+    for name, kind in REQUIRED[msg_type].items():
+        how = draw(st.sampled_from(["typed", "typed", "any", "missing"])) if mangled else "typed"
+        if how != "missing":
+            body[name] = draw(fields[name] if name in fields else typed(kind) if how == "typed" else JSON)
+    return body
+
+
+def messages(types, fields: dict) -> st.SearchStrategy:
+    """Well-framed messages of ``types`` with random bodies (and a random payload frame or two)."""
+    return st.one_of(*(st.builds(lambda body, payload, t=msg_type: encode(t, body, *payload),
+                                 bodies(msg_type, fields), st.lists(st.binary(max_size=32), max_size=2))
+                       for msg_type in types))
+
+
+def fuzz(strategy: st.SearchStrategy, check, examples: int = 200) -> None:
+    """Call ``check`` with ``examples`` values drawn from ``strategy``, the same ones on every run
+    (a failure shrinks to a small example, which the report shows)."""
+    run = settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])(given(strategy)(check))
+    run()
+
+
+#: Frames of every shape: random bytes, a magic and a type (real or not) before random bytes, JSON
+#: that is not an object, and whole messages.
+RAW = st.lists(st.binary(max_size=48), min_size=1, max_size=5)
+ALMOST = st.builds(lambda kind, body: [MAGIC, kind, body],
+                   st.sampled_from([t.value for t in MsgType]) | st.binary(max_size=12),
+                   st.binary(max_size=48) | JSON.map(lambda v: json.dumps(v).encode()))
+
+
+def harmless_jobs() -> st.SearchStrategy:
+    """SUBMIT job specs with every field random, but never one that could run: its command is empty
+    or not a string, or it asks for more GPUs than exist (a valid count) or an invalid count."""
+    runnable_command = st.sampled_from(["true", "echo fuzz"])
+    spec = st.fixed_dictionaries({}, optional={
+        "cwd": st.sampled_from(["/tmp", "relative"]) | JSON, "env": JSON | st.just({}),
+        "node_gpu_ids": st.sampled_from(["n1:0", "n1:0,1;n2:0", "::;", "ghost:1"]) | JSON,
+        "array": st.sampled_from(["0-3", "0-99%8", "1,5", "bad"]) | JSON,
+        "after": st.lists(st.text(max_size=10), max_size=2) | JSON, "priority": SMALL | JSON,
+        "time_limit": SMALL | JSON, "name": JSON, "interactive": JSON, "requeue": JSON,
+    })
+    # Any count a node could hold (a missing one means 0) would make a job with a command runnable.
+    no_count = JSON.filter(lambda v: not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < TOO_MANY_GPUS))
+    unrunnable = st.one_of(
+        st.fixed_dictionaries({"command": st.sampled_from(["", "  "]) | NOT_A_STRING, "gpus": SMALL | JSON}),
+        st.fixed_dictionaries({"command": runnable_command, "gpus": st.just(TOO_MANY_GPUS) | no_count}),
+    )
+    return st.builds(lambda fields, pinned: {**fields, **pinned}, spec, unrunnable)
+
+
+# -- a master with jobs of every kind --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    """A master and node n1 (two GPUs) holding a finished, a running and a pending job; and their ids."""
+    workdir = tmp_path_factory.mktemp("fuzz-work")
+    # Patient with silent nodes, so n1 (whose state is compared) stays as it is on a loaded machine,
+    # and the fuzzing nodes, which send no heartbeats, stay registered.
+    patient = ("--node-timeout", "60", "--node-dead-timeout", "60")
+    for cluster in make_cluster(tmp_path_factory.mktemp("fuzz"), {"n1": 2}, master_args=patient):
+        done = cluster.submit("echo done", cwd=workdir)
+        cluster.wait_job_state(done, "COMPLETED")
+        held = cluster.submit(wait_for_file_sh("release"), "--node-gpu-ids", "n1:0", cwd=workdir)
+        cluster.wait_job_state(held, "RUNNING")
+        # Pinned behind the held job, so it can go nowhere else (a fuzzed node has no claim on it).
+        pending = cluster.submit("echo later", "--node-gpu-ids", "n1:0", cwd=workdir)
+        poll(lambda: cluster.job(pending)["reason"], 10, "the pending job's wait reason")
+        yield cluster, [done, held, pending]
+        (workdir / "release").touch()
+
+
+def snapshot(cluster: Cluster) -> dict:
+    """Every job the master holds, and node n1 without its ever-changing last-seen time."""
+    listing = cluster.queue_json()
+    n1 = next(n for n in listing["nodes"] if n["node_id"] == "n1")
+    return {"jobs": {job["job_id"]: job for job in listing["jobs"]},
+            "n1": {key: value for key, value in n1.items() if key != "last_seen"}}
+
+
+class Prober:
+    """A DEALER on the master's port that sends frames, then a PING, and returns what came back
+    before the PING's answer: everything the master sent in reply to the frames."""
+
+    SENTINEL = 2 ** 80   # beyond any request number a strategy draws
+
+    def __init__(self, cluster: Cluster, identity: bytes):
+        self.sock = cluster.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IDENTITY, identity)
+        self.sock.connect(f"tcp://127.0.0.1:{cluster.port}")
+        self.sent = 0
+
+    def exchange(self, frames: list[bytes]) -> list[Message]:
+        self.sent += 1
+        req = self.SENTINEL + self.sent
+        self.sock.send_multipart(frames)
+        self.sock.send_multipart(encode(MsgType.PING, {"user": "fuzzer", "req": req}))
+        before = []
+        while self.sock.poll(REPLY_TIMEOUT * 1000):
+            msg = decode(self.sock.recv_multipart())
+            if msg.type is MsgType.REPLY and msg.body.get("req") == req:
+                assert msg.body["ok"], msg.body
+                return before
+            before.append(msg)
+        raise AssertionError(f"the master did not answer a PING within {REPLY_TIMEOUT} s after {frames!r}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def expected_answer(frames: list[bytes]):
+    """What the master owes a client for ``frames``: an error code (decoding fails, or a type the
+    master does not accept), "REPLY" (a request: one reply, success or typed error), None (node traffic)."""
+    try:
+        msg = decode(frames)
+    except ProtocolError as exc:
+        return exc.code.value
+    if msg.type in CLIENT_TYPES:
+        return "REPLY"
+    if msg.type in NODE_TYPES:
+        return None
+    return ErrorCode.UNKNOWN_TYPE.value
+
+
+def check_reply(frames: list[bytes], back: list[Message]) -> None:
+    """Node traffic gets no reply; anything else exactly one: a request's echoes its number, and an
+    error carries a known code (the one decoding names, for what is not a request) and a sentence."""
+    replies = [m.body for m in back if m.type is MsgType.REPLY]
+    due = expected_answer(frames)
+    if due is None:
+        assert replies == [], (frames, replies)
+        return
+    assert len(replies) == 1, (frames, replies)
+    reply = replies[0]
+    if due == "REPLY":
+        msg = decode(frames)
+        assert reply["req"] == msg.body["req"], (frames, reply)
+        # No fuzzed submit is runnable, so none may be acknowledged.
+        assert not (reply["ok"] and msg.type is MsgType.SUBMIT), (frames, reply)
+    else:
+        assert (reply["ok"], reply["error"]) == (False, due), (frames, reply)
+    if not reply["ok"]:
+        assert reply["error"] in ERROR_CODES and isinstance(reply["message"], str) and reply["message"], reply
+        # INTERNAL means a handler failed on input it should have refused as BAD_REQUEST.
+        assert reply["error"] != ErrorCode.INTERNAL.value, (frames, reply)
+
+
+def client_fields(job_ids) -> dict:
+    """Field strategies for requests: existing job ids as often as not, values near the edges."""
+    return {"job": harmless_jobs(), "job_id": st.sampled_from(job_ids) | st.text(max_size=10),
+            "stream": st.sampled_from(["stdout", "stderr", "stdin"]), "rank": SMALL | INTS,
+            "offset": SMALL | INTS, "node_id": st.sampled_from(["n1", "ghost"]),
+            "job_ids": st.lists(st.text(max_size=10) | JSON, max_size=3) | JSON,
+            "states": st.lists(st.sampled_from(["PENDING", "RUNNING"]) | JSON, min_size=1, max_size=3)}
+
+
+def fuzz_master(cluster: Cluster, identity: bytes, strategy: st.SearchStrategy, check, examples: int) -> None:
+    """Fuzz the master from a DEALER named ``identity``; its jobs and node n1 must not change."""
+    before = snapshot(cluster)
+    prober = Prober(cluster, identity)
+
+    def one(frames):
+        check(frames, prober.exchange(frames))
+        assert cluster.master.alive()
+
+    try:
+        fuzz(strategy, one, examples)
+    finally:
+        prober.close()
+    assert snapshot(cluster) == before
+
+
+@pytest.mark.parametrize("msg_type", CLIENT_TYPES, ids=lambda t: t.name)
+def test_master_answers_random_requests_and_keeps_its_state(seeded, msg_type):
+    cluster, job_ids = seeded
+    fuzz_master(cluster, b"fuzz-client", messages((msg_type,), client_fields(job_ids)), check_reply, 40)
+
+
+def test_master_answers_random_frames_and_keeps_its_state(seeded):
+    cluster, job_ids = seeded
+    others = messages(NODE_TYPES + MASTER_TYPES + (MsgType.REPLY, MsgType.JOB_STATE, MsgType.NODE_STATE),
+                      client_fields(job_ids))
+    fuzz_master(cluster, b"fuzz-client", st.one_of(RAW, ALMOST, others), check_reply, 200)
+
+
+def no_reply(frames: list[bytes], back: list[Message]) -> None:
+    """Node traffic is never answered with a REPLY: a bad message is only logged."""
+    assert [m.body for m in back if m.type is MsgType.REPLY] == [], (frames, back)
+
+
+@pytest.mark.parametrize("msg_type", NODE_TYPES, ids=lambda t: t.name)
+def test_master_ignores_random_traffic_from_a_node_and_keeps_its_state(seeded, msg_type):
+    cluster, job_ids = seeded
+    # A node of this test's own: a fuzzed REGISTER may leave it owned by an agent "instance" of its choosing.
+    node_id = f"fz-{msg_type.name.lower()}"
+    joining = Prober(cluster, node_id.encode())
+    try:
+        welcome = joining.exchange(encode(MsgType.REGISTER, {"node_id": node_id, "hostname": "fz", "address": "fz",
+                                                             "gpus": [], "jobs": []}))
+    finally:
+        joining.close()
+    assert [m.type for m in welcome] == [MsgType.REGISTERED], welcome
+    gpu = st.fixed_dictionaries({"index": SMALL, "name": st.text(max_size=6), "uuid": st.text(max_size=6),
+                                 "memory_mb": SMALL}) | JSON
+    # Reports about the real jobs, which this node does not run.
+    report = st.fixed_dictionaries({"job_id": st.sampled_from(job_ids), "rank": SMALL},
+                                   optional={"attempt": SMALL | JSON, "ended": JSON, "exit_code": JSON,
+                                             "sizes": JSON}) | JSON
+    fields = {"job_id": st.sampled_from(job_ids) | st.text(max_size=10), "rank": SMALL | INTS,
+              "offset": SMALL | INTS, "stream": st.sampled_from(["stdout", "stderr", "stdin"]) | JSON,
+              "node_id": st.sampled_from([node_id, "n1"]) | st.text(max_size=6), "gpus": st.lists(gpu, max_size=3),
+              "jobs": st.lists(report, max_size=3), "sizes": st.dictionaries(
+                  st.sampled_from(["stdout", "stderr", "x"]), SMALL | INTS | JSON, max_size=3) | JSON}
+    reports = messages((msg_type,), fields)
+    fuzz_master(cluster, node_id.encode(), st.one_of(RAW, ALMOST, reports, reports, reports), no_reply, 60)
+
+
+# -- a node agent in front of random frames ----------------------------------------------------------
+
+HELD_JOB = "0badc0de"
+HELD_OUTPUT = b"hello\nbye\n"
+
+
+class FakeMaster:
+    """A ROUTER that a node agent connects to as its master: it welcomes every REGISTER and checks
+    every output chunk against the bytes the one real job writes."""
+
+    def __init__(self, cluster: Cluster):
+        self.router = cluster.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.port = self.router.bind_to_random_port("tcp://127.0.0.1")
+        self.node: bytes | None = None
+        self.stdout = bytearray()
+
+    def send(self, frames: list[bytes]) -> None:
+        try:
+            self.router.send_multipart([self.node, *frames])
+        except zmq.ZMQError as exc:
+            raise AssertionError(f"the node agent is not connected any more: {exc}") from None
+
+    def _serve_one(self, timeout: float, waiting_for: str) -> Message:
+        """Receive the node's next message and do what a master does with it."""
+        if not self.router.poll(int(timeout * 1000)):
+            raise AssertionError(f"the node agent sent nothing in {timeout} s; waiting for {waiting_for}")
+        identity, *frames = self.router.recv_multipart()
+        msg = decode(frames)
+        self.node = identity
+        if msg.type is MsgType.REGISTER:
+            self.send(encode(MsgType.REGISTERED, {"heartbeat_interval": HEARTBEAT}))
+        elif msg.type is MsgType.OUTPUT:
+            self._check_output(msg)
+        return msg
+
+    def wait_for(self, msg_type: MsgType, timeout: float = REPLY_TIMEOUT) -> Message:
+        """Serve the node until it sends a ``msg_type`` message; return it."""
+        while (msg := self._serve_one(timeout, msg_type.name)).type is not msg_type:
+            pass
+        return msg
+
+    def serve_until(self, done, what: str, timeout: float = REPLY_TIMEOUT) -> None:
+        """Serve the node until ``done()`` is true."""
+        while not done():
+            self._serve_one(timeout, what)
+
+    def _check_output(self, msg: Message) -> None:
+        """Every chunk, resent or not, must be the job's bytes at its offset."""
+        body, data = msg.body, msg.payload[0]
+        assert (body["job_id"], body["rank"], body["stream"]) == (HELD_JOB, 0, "stdout"), body
+        assert body["offset"] >= 0, body
+        assert HELD_OUTPUT[body["offset"]:body["offset"] + len(data)] == data, (body, data)
+        if body["offset"] <= len(self.stdout):
+            self.stdout[body["offset"]:] = data
+
+    def close(self) -> None:
+        self.router.close()
+
+
+@pytest.fixture
+def fake_master(tmp_path):
+    """A node agent (two simulated GPUs) registered with a :class:`FakeMaster`, running one held job."""
+    cluster = Cluster(tmp_path / "cluster")
+    master = FakeMaster(cluster)
+    cluster.port = master.port
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    try:
+        # Patient with its master: only the frames under test reach it, and they may be far apart.
+        cluster.start_node("fz1", 2, "--master-timeout", "60")
+        master.wait_for(MsgType.REGISTER)
+        master.send(encode(MsgType.DISPATCH, {
+            "job_id": HELD_JOB, "rank": 0, "attempt": 0, "cwd": str(workdir), "env": cluster.env,
+            "command": f"echo hello; {wait_for_file_sh('go')}; echo bye", "gpu_indices": [0], "kill_grace": 1}))
+        master.wait_for(MsgType.JOB_STARTED)
+        master.serve_until(lambda: bytes(master.stdout) == b"hello\n", "the held job's first line")
+        yield cluster, master, workdir
+    finally:
+        master.close()
+        cluster.close()
+
+
+def test_node_agent_survives_random_frames_from_its_master(fake_master):
+    cluster, master, workdir = fake_master
+    node = cluster.nodes["fz1"]
+
+    def registration(frames_before: list[bytes] | None = None) -> dict:
+        """Ask the agent to register again (a REREGISTER); its REGISTER says what it holds.
+
+        The REGISTER can only come after every frame sent before it has been handled."""
+        extra = 0
+        if frames_before is not None:
+            master.send(frames_before)
+            try:
+                extra = int(decode(frames_before).type is MsgType.REREGISTER)
+            except ProtocolError:
+                pass
+        master.send(encode(MsgType.REREGISTER, {}))
+        for _ in range(extra):
+            master.wait_for(MsgType.REGISTER)
+        body = master.wait_for(MsgType.REGISTER).body
+        return {"jobs": body["jobs"], "gpus": body["gpus"]}
+
+    baseline = registration()
+    assert baseline["jobs"] == [{"job_id": HELD_JOB, "rank": 0, "attempt": 0}], baseline
+    unknown_job = st.sampled_from(["deadbeef", "0000000a_3", "ffffffff"]) | st.text(max_size=10)
+    fields = {
+        # A DISPATCH is never valid: whatever else it says, nothing may run.
+        "command": NOT_A_STRING,
+        "job_id": unknown_job, "rank": SMALL | INTS, "offset": SMALL | INTS, "attempt": SMALL | JSON,
+        "stream": st.sampled_from(["stdout", "stderr", "stdin"]) | JSON,
+        "heartbeat_interval": st.sampled_from([HEARTBEAT, 0, -1]) | st.floats(),
+    }
+    # RESEND may name the real job: the agent must then send its true bytes again, from a sane offset.
+    resend = messages((MsgType.RESEND,), {**fields, "job_id": st.just(HELD_JOB), "rank": st.just(0)})
+    runs = [(messages((msg_type,), fields), 40) for msg_type in MASTER_TYPES]
+    runs += [(resend, 60), (st.one_of(RAW, ALMOST, messages(CLIENT_TYPES + NODE_TYPES, fields)), 100)]
+
+    def one(frames):
+        assert registration(frames) == baseline
+        assert node.alive()
+
+    for strategy, examples in runs:
+        fuzz(strategy, one, examples)
+    (workdir / "go").touch()
+    ended = master.wait_for(MsgType.JOB_ENDED).body
+    assert (ended["job_id"], ended["exit_code"], ended["signal"]) == (HELD_JOB, 0, None), ended
+    assert bytes(master.stdout) == HELD_OUTPUT
+    assert os.listdir(os.path.join(cluster.root, "node-fz1", "jobs")) == [f"{HELD_JOB}.0.0"]
+    assert node.alive()

@@ -1,0 +1,137 @@
+"""End to end: the node's job keeper keeps jobs and their exit status across node agent restarts.
+
+The keeper, not the agent, is the parent of every job: a job that ends while no agent runs still has
+its exit code recorded, and the restarted agent reports it with the job's full output.  The keeper
+outlives a SIGKILLed agent and the restarted agent reuses it; a keeper that dies is replaced, and the
+jobs it left keep being watched.  Its socket drops what is not a valid message.
+"""
+
+import json
+import os
+import signal
+import socket
+
+from conftest import FINISHED, pid_alive, poll, written
+from helpers import STDERR_MARKER, hold_sh, job_command, pattern_chunks, release
+from zmgpu.node.keeper_link import on_short_path
+
+#: Long enough that the master still counts the jobs as running when the new agent registers.
+NODE_TIMEOUT = 30
+BEFORE = 200 * 1024 + 3     # written before the agent is killed; more than one output chunk
+DOWN_LINE = "written while no node agent runs"
+AFTER_LINE = "written after the node agent came back"
+
+
+def parent_sh(name: str) -> str:
+    """Shell snippet recording the job's own pid and its parent's (the keeper) in ``name``."""
+    return f"echo $$ $PPID > {name}.tmp && mv {name}.tmp {name}"
+
+
+def pids(path) -> tuple[int, int]:
+    """(job shell pid, its parent's pid) as recorded by :func:`parent_sh`."""
+    own, parent = written(path).split()
+    return int(own), int(parent)
+
+
+def start(cluster):
+    cluster.start_master(0, 0, "--node-timeout", str(NODE_TIMEOUT))
+    agent = cluster.start_node("n1")
+    cluster.wait_nodes_up(1)
+    return agent
+
+
+def test_job_ending_while_no_agent_runs_keeps_exit_code_and_output(bare_cluster, workdir):
+    cluster = bare_cluster
+    agent = start(cluster)
+    ends_away = cluster.submit("; ".join([
+        parent_sh("away.pids"), job_command("spew", str(BEFORE), "0"),
+        hold_sh("agent.killed"), f"echo '{DOWN_LINE}'", "exit 3",
+    ]), "--gpus", "1", cwd=workdir)
+    outlives = cluster.submit("; ".join([
+        parent_sh("outlives.pids"), "echo first", hold_sh("agent.back"), f"echo '{AFTER_LINE}'",
+    ]), "--gpus", "1", cwd=workdir)
+    cluster.wait_job_state(ends_away, "RUNNING")
+    cluster.wait_job_state(outlives, "RUNNING")
+    away_pid, keeper = pids(workdir / "away.pids")
+    assert pids(workdir / "outlives.pids")[1] == keeper
+    assert keeper != agent.popen.pid
+    # The master holds the first part: the new agent sends it again from offset 0, as duplicates.
+    poll(lambda: len(cluster.output(ends_away)) == BEFORE, 20, "the first part of the output to reach the master")
+
+    cluster.stop(agent, signal.SIGKILL)
+    assert pid_alive(keeper), "the keeper died with the agent"
+    release(workdir, "agent.killed")
+    poll(lambda: not pid_alive(away_pid), 20, "the job to end while no agent runs")
+    assert pid_alive(keeper)
+
+    agent = cluster.start_node("n1")
+    job = cluster.wait_job_state(ends_away, FINISHED)
+    assert (job["state"], job["exit_code"]) == ("FAILED", 3), job
+    assert cluster.output(ends_away) == b"".join(pattern_chunks(BEFORE)) + f"{DOWN_LINE}\n".encode()
+    assert cluster.output(ends_away, "stderr") == STDERR_MARKER
+
+    # The restarted agent reuses the keeper: a new job is its child too.
+    fresh = cluster.submit(parent_sh("fresh.pids"), "--gpus", "1", cwd=workdir)
+    assert cluster.wait_job_state(fresh, FINISHED)["state"] == "COMPLETED"
+    assert pids(workdir / "fresh.pids")[1] == keeper
+
+    assert cluster.job(outlives)["state"] == "RUNNING"
+    release(workdir, "agent.back")
+    job = cluster.wait_job_state(outlives, FINISHED)
+    assert (job["state"], job["exit_code"]) == ("COMPLETED", 0), job
+    assert cluster.output(outlives) == f"first\n{AFTER_LINE}\n".encode()
+    assert agent.alive() and pid_alive(keeper)
+
+
+def test_lost_keeper_is_replaced_and_its_jobs_still_end(bare_cluster, workdir):
+    cluster = bare_cluster
+    agent = start(cluster)
+    orphan = cluster.submit(parent_sh("orphan.pids") + "; " + hold_sh("release") + "; echo done",
+                            "--gpus", "1", cwd=workdir)
+    cluster.wait_job_state(orphan, "RUNNING")
+    _, keeper = pids(workdir / "orphan.pids")
+
+    os.kill(keeper, signal.SIGKILL)
+    poll(lambda: not pid_alive(keeper), 10, "the keeper to die")
+    # The agent starts a new keeper for the next job; the job the old one left is still watched.
+    fresh = cluster.submit(parent_sh("fresh.pids"), "--gpus", "1", cwd=workdir)
+    assert cluster.wait_job_state(fresh, FINISHED)["state"] == "COMPLETED"
+    new_keeper = pids(workdir / "fresh.pids")[1]
+    assert new_keeper not in (keeper, agent.popen.pid)
+
+    release(workdir, "release")
+    job = cluster.wait_job_state(orphan, FINISHED)
+    # Nobody was left to learn its exit status; its output still arrives whole.
+    assert job["exit_code"] is None and "unknown" in job["reason"], job
+    assert cluster.output(orphan) == b"done\n"
+    assert agent.alive()
+
+
+def test_keeper_drops_malformed_messages(bare_cluster, workdir):
+    cluster = bare_cluster
+    start(cluster)
+    state_dir = cluster.root / "node-n1"
+    garbage = [
+        b"not json at all",
+        b"[1, 2, 3]",
+        b'{"op": "launch"}',
+        b'{"op": "spawn", "spool": "x"}',                 # fields missing
+        b'{"op": "exited", "spool": "x", "pid": 1, "exit_code": 0, "signal": null}',   # not a request
+        b"\xff\xfe",
+    ]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        on_short_path(str(state_dir / "keeper.sock"), sock.connect)
+        # A spool name that would leave the jobs directory is refused with a reason.
+        escape = {"op": "spawn", "spool": "../../escape", "command": "touch escaped", "cwd": str(workdir),
+                  "env": {}, "deadline": 1e12}
+        sock.sendall(b"\n".join(garbage + [json.dumps(escape).encode(), b'{"op": "hello"}']) + b"\n")
+        reader = sock.makefile("rb")
+        answers = [json.loads(reader.readline()) for _ in range(2)]
+    assert answers[0]["op"] == "spawned" and answers[0]["pid"] is None and answers[0]["error"], answers
+    assert answers[1]["op"] == "ranks" and answers[1]["ranks"] == {}, answers
+    assert not (workdir / "escaped").exists()
+
+    # The keeper still serves the agent.
+    job_id = cluster.submit("exit 5", "--gpus", "1", cwd=workdir)
+    assert cluster.wait_job_state(job_id, FINISHED)["exit_code"] == 5

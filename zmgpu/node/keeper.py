@@ -1,0 +1,306 @@
+"""The job keeper: the long-lived parent of a node's job ranks, so that how a rank ended outlives the agent.
+
+Only a process's parent learns its exit status (waitpid).  Were the agent the
+parent, a rank that ended while no agent ran (a crash, ``kill -9``, an upgrade)
+would leave no trace of its exit code.  So the agent has this small process
+spawn its ranks: one keeper per state directory, started by an agent that finds
+none answering, in a session of its own so that it outlives that agent.
+
+The keeper only spawns, reaps and records.  For a SPAWN it starts the rank as
+the runner would (``/bin/sh -c``, a new session, output to files in the spool
+directory the agent made) and answers with its pid; when a rank ends it writes
+the exit status there (``status``, atomically) and tells the connected agents.
+Signals, kills and output stay with the agent, which signals process groups
+itself.  A restarted agent connects to the keeper still there (HELLO is
+answered with the ranks it runs) and reads from the status files how the
+others ended.
+
+The wire format (JSON lines on ``<state_dir>/keeper.sock``) is in
+keeper_link.py; connections from another user are refused.  The keeper exits
+once it has had no rank and no agent for ``IDLE_EXIT`` seconds, so an agent
+stopped for good leaves nothing behind; on SIGTERM, once its last rank ended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from ..daemon import SignalPipe, setup_logging
+from ..protocol import Stream
+from .identity import lock_file
+from .keeper_link import Op, encode, on_short_path, socket_path, take_messages, write_status
+from .sweep import proc_stat
+
+LOCK_FILE = "keeper.lock"
+#: Seconds without ranks or agents before the keeper exits.
+IDLE_EXIT = 60.0
+#: Seconds a new keeper waits for the lock of one that is exiting.
+LOCK_WAIT = 2.0
+#: A line longer than this is no message of ours: the peer is dropped.
+MAX_LINE = 64 << 20
+#: Answers queued to an agent that does not read them; beyond this it is dropped (it reconnects).
+MAX_BACKLOG = 64 << 20
+_PEERCRED = struct.Struct("3i")
+
+
+@dataclass
+class Child:
+    popen: subprocess.Popen
+    spool: str
+
+
+@dataclass
+class Peer:
+    sock: socket.socket
+    inbox: bytearray = field(default_factory=bytearray)
+    outbox: bytearray = field(default_factory=bytearray)
+    writing: bool = False       # registered for EVENT_WRITE: the outbox waits for room
+
+
+class Keeper:
+    """Spawns ranks on request, reaps them, records their ends; one select loop, no threads."""
+
+    def __init__(self, state_dir: str, listener: socket.socket, log):
+        self.jobs_dir = os.path.join(state_dir, "jobs")
+        self.listener = listener
+        self.log = log
+        self.children: dict[int, Child] = {}
+        self.peers: dict[socket.socket, Peer] = {}
+        self.selector = selectors.DefaultSelector()
+        self.devnull = os.open(os.devnull, os.O_RDONLY)
+        self.stopping = False
+        self.handlers = {Op.HELLO: self._on_hello, Op.SPAWN: self._on_spawn}
+
+    def run(self) -> int:
+        """Serve until idle for IDLE_EXIT seconds, or until SIGTERM and the last rank's end; 0."""
+        signals = SignalPipe((signal.SIGCHLD, signal.SIGTERM, signal.SIGINT))
+        self.selector.register(signals.fileno(), selectors.EVENT_READ, lambda _: self._on_signals(signals.drain()))
+        self.selector.register(self.listener, selectors.EVENT_READ, lambda _: self._accept())
+        idle_since = time.monotonic()
+        while not (self.stopping and not self.children):
+            busy = bool(self.children or self.peers)
+            timeout = None if busy else max(0.0, idle_since + IDLE_EXIT - time.monotonic())
+            for key, mask in self.selector.select(timeout):
+                key.data(mask)
+            # Idle from the end of the last turn that had a rank or an agent.
+            if busy or self.children or self.peers:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= IDLE_EXIT:
+                self.log.info("no job and no agent for %g s: exiting", IDLE_EXIT)
+                break
+        return 0
+
+    def _on_signals(self, signums: set[int]) -> None:
+        if signal.SIGCHLD in signums:
+            self._reap()
+        if signums & {signal.SIGTERM, signal.SIGINT} and not self.stopping:
+            self.log.info("told to stop: exiting once the %d running job rank(s) have ended", len(self.children))
+            self.stopping = True
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+            uid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))[1]
+        except OSError:
+            return  # the peer gave up meanwhile
+        if uid != os.getuid():
+            self.log.warning("refused a connection from user id %d: only the agent's user may use the keeper", uid)
+            sock.close()
+            return
+        sock.setblocking(False)
+        peer = self.peers[sock] = Peer(sock)
+        self.selector.register(sock, selectors.EVENT_READ, lambda mask: self._on_peer(peer, mask))
+        self.log.debug("an agent connected")
+
+    def _on_peer(self, peer: Peer, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush(peer)
+        if not mask & selectors.EVENT_READ or peer.sock not in self.peers:
+            return
+        try:
+            data = peer.sock.recv(1 << 16)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            data = b""
+            self.log.warning("connection to an agent failed: %s", exc)
+        if not data or len(peer.inbox) > MAX_LINE:
+            self._drop(peer)
+            return
+        peer.inbox += data
+        for msg in take_messages(peer.inbox):
+            self._handle(peer, msg)
+
+    def _handle(self, peer: Peer, msg: dict | ValueError) -> None:
+        """Run the request's handler; a bad message or a failing handler is logged, and the loop goes on."""
+        handler = None if isinstance(msg, ValueError) else self.handlers.get(Op(msg["op"]))
+        if handler is None:
+            self.log.warning("dropped a message: %s", msg if isinstance(msg, ValueError) else "not a request")
+            return
+        try:
+            handler(peer, msg)
+        except Exception:
+            self.log.exception("handling %s failed", msg["op"])
+
+    def _on_hello(self, peer: Peer, msg: dict) -> None:
+        """An agent (re)connected: tell it who we are and which ranks still run."""
+        ranks = {child.spool: pid for pid, child in self.children.items()}
+        self._send(peer, encode(Op.RANKS, pid=os.getpid(), ranks=ranks))
+
+    def _on_spawn(self, peer: Peer, msg: dict) -> None:
+        """Start one rank with its output going to its spool files; answer with its pid or why not."""
+        name = msg["spool"]
+        if time.monotonic() > msg["deadline"]:
+            self._spawned(peer, name, error="the request came after the agent had stopped waiting")
+            return
+        if name.startswith(".") or os.sep in name:
+            self._spawned(peer, name, error=f"{name!r} cannot name a spool directory")
+            return
+        outputs = {}
+        try:
+            for stream in Stream:
+                # Emptied: a re-dispatched rank starts over (the agent reads the same files).
+                path = os.path.join(self.jobs_dir, name, stream.value)
+                outputs[stream] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            popen = subprocess.Popen(["/bin/sh", "-c", msg["command"]], cwd=msg["cwd"], env=msg["env"],
+                                     stdin=self.devnull, stdout=outputs[Stream.STDOUT],
+                                     stderr=outputs[Stream.STDERR], start_new_session=True, close_fds=True)
+        except (OSError, ValueError, TypeError) as exc:
+            # ValueError, TypeError: an environment the kernel cannot take (NUL, '=', not text).
+            self._spawned(peer, name, error=exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))
+            return
+        finally:
+            for fd in outputs.values():
+                os.close(fd)
+        self.children[popen.pid] = Child(popen, name)
+        # Read now: the child cannot be reaped before this loop turn ends, so its pid is still its own.
+        stat = proc_stat(popen.pid)
+        self.log.debug("%s: started pid %d", name, popen.pid)
+        self._spawned(peer, name, pid=popen.pid, start_time=stat[1] if stat else None)
+
+    def _spawned(self, peer: Peer, name: str, pid: int | None = None, start_time: int | None = None,
+                 error: str | None = None) -> None:
+        if error:
+            self.log.warning("%s: cannot start: %s", name, error)
+        self._send(peer, encode(Op.SPAWNED, spool=name, pid=pid, start_time=start_time, error=error))
+
+    def _reap(self) -> None:
+        """Collect every ended child: record its exit status, then tell the agents."""
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return  # the others still run
+            child = self.children.pop(pid, None)
+            if child is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            child.popen.returncode = code   # reaped here: the Popen object must never wait for it
+            exit_code, signum = (code, None) if code >= 0 else (None, -code)
+            try:
+                write_status(os.path.join(self.jobs_dir, child.spool), exit_code, signum)
+            except OSError as exc:
+                self.log.error("%s: cannot record its end (exit code %s, signal %s): %s",
+                               child.spool, exit_code, signum, exc.strerror or exc)
+            self.log.debug("%s: pid %d ended (exit code %s, signal %s)", child.spool, pid, exit_code, signum)
+            message = encode(Op.EXITED, spool=child.spool, pid=pid, exit_code=exit_code, signal=signum)
+            for peer in list(self.peers.values()):
+                self._send(peer, message)
+
+    def _send(self, peer: Peer, data: bytes) -> None:
+        if peer.sock in self.peers:     # not dropped meanwhile
+            peer.outbox += data
+            self._flush(peer)
+
+    def _flush(self, peer: Peer) -> None:
+        """Send what the socket takes now; wait for room (never block) for the rest."""
+        try:
+            del peer.outbox[:peer.sock.send(peer.outbox)]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._drop(peer)
+            return
+        if len(peer.outbox) > MAX_BACKLOG:
+            self.log.warning("an agent does not read what it is sent: dropping it")
+            self._drop(peer)
+        elif bool(peer.outbox) != peer.writing:
+            peer.writing = bool(peer.outbox)
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.writing else 0)
+            self.selector.modify(peer.sock, events, self.selector.get_key(peer.sock).data)
+
+    def _drop(self, peer: Peer) -> None:
+        self.log.debug("an agent disconnected")
+        self.selector.unregister(peer.sock)
+        del self.peers[peer.sock]
+        peer.sock.close()
+
+
+def listen(state_dir: str) -> socket.socket:
+    """The keeper's listening socket, replacing any left by a keeper that died; raises OSError."""
+    path = socket_path(state_dir)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    on_short_path(path, listener.bind)
+    listener.listen(64)
+    listener.setblocking(False)
+    return listener
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m zmgpu.node.keeper --state-dir DIR``: serve the agents of DIR; the exit status."""
+    parser = argparse.ArgumentParser(prog="zmgpu-keeper", description="Parent of a zmgpu node's job ranks "
+                                     "(started by zmgpu-node; not meant to be run by hand).")
+    parser.add_argument("--state-dir", required=True, help="the node agent's state directory")
+    parser.add_argument("--ready-fd", type=int, default=None, help="write a byte to this fd once listening")
+    parser.add_argument("--verbose", action="store_true", help="log every spawn and end (default: off)")
+    args = parser.parse_args(argv)
+    state_dir = os.path.abspath(args.state_dir)
+    log = setup_logging("zmgpu.keeper", args.verbose)
+    os.chdir("/")   # hold no job's or user's directory
+    deadline = time.monotonic() + LOCK_WAIT
+    try:
+        # A keeper that is exiting (idle) still holds the lock for a moment.
+        while (lock := lock_file(os.path.join(state_dir, LOCK_FILE))) is None:
+            if time.monotonic() > deadline:
+                log.error("another keeper already serves %s", state_dir)
+                return 1
+            time.sleep(0.05)
+        listener = listen(state_dir)
+    except OSError as exc:
+        log.error("cannot serve on %s: %s", state_dir, exc.strerror or exc)
+        return 1
+    log.info("keeper pid %d serving %s", os.getpid(), state_dir)
+    if args.ready_fd is not None:
+        try:
+            os.write(args.ready_fd, b"1")
+            os.close(args.ready_fd)
+        except OSError:
+            pass  # the agent stopped waiting; the next one finds this keeper listening
+    try:
+        return Keeper(state_dir, listener, log).run()
+    finally:
+        # Unlinked before the lock goes (at exit): a socket file here always belongs to the lock holder.
+        try:
+            os.unlink(socket_path(state_dir))
+        except FileNotFoundError:
+            pass  # the state directory went away
+        os.close(lock)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
