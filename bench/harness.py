@@ -37,6 +37,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: How long a daemon may take to come up, and to stop after SIGTERM before SIGKILL.
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
+#: A profiled master is several times slower and must finish its turn to write its profile.
+PROFILED_STOP_TIMEOUT = 300.0
 
 
 class BenchError(Exception):
@@ -188,13 +190,13 @@ def subprocess_env(**extra: str) -> dict:
     return env
 
 
-def stop_process(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within STOP_TIMEOUT."""
+def stop_process(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
     if proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(STOP_TIMEOUT)
+        proc.wait(timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
@@ -291,7 +293,7 @@ class Cluster:
             for agent in self.agents:
                 stop_process(agent)
             if self.master is not None:
-                stop_process(self.master)
+                stop_process(self.master, PROFILED_STOP_TIMEOUT if self._profile_path else STOP_TIMEOUT)
             if self.dir:
                 stop_strays(self.dir)
             if exc_type is not None and self.dir:

@@ -25,6 +25,9 @@ Handler = Callable[[bytes, Message], None]
 #: Most messages handled in one turn before timers and the scheduler get a go.
 BATCH = 512
 
+#: Messages whose loss is expected and harmless (the peer asks again, or is declared dead): logged at debug.
+_ROUTINE = frozenset({MsgType.HEARTBEAT, MsgType.REPLY, MsgType.REREGISTER})
+
 
 @dataclass
 class Timer:
@@ -51,6 +54,8 @@ class Reactor:
         # A restarted node agent takes its routing id (its node id) back.
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.router.setsockopt(zmq.LINGER, 0)
+        # A bounded queue per peer: a client or node that stops reading cannot grow the master's memory.
+        self.router.setsockopt(zmq.SNDHWM, 10_000)
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         # A slow subscriber costs at most this many queued messages; it re-fetches the rest by offset.
@@ -90,16 +95,22 @@ class Reactor:
     # -- sending -----------------------------------------------------------------------------
 
     def send(self, identity: bytes, msg_type: MsgType, body: dict, *payload: bytes) -> bool:
-        """Send to one peer without blocking; False if it is gone or its queue is full."""
+        """Send to one peer without blocking; False (and a log line) if it is gone or its queue is full.
+
+        The reactor never waits on a peer: a full per-peer queue (SNDHWM) means
+        that peer is not reading, and the caller decides what a failed send means.
+        """
         try:
             self.router.send_multipart([identity, *encode(msg_type, body, *payload)], zmq.NOBLOCK)
             return True
         except zmq.Again:
-            self.log.debug("send queue full for %r; %s dropped", identity, msg_type.name)
+            why = "its send queue is full"
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
-            self.log.debug("peer %r not connected; %s dropped", identity, msg_type.name)
+            why = "it is not connected"
+        level = logging.DEBUG if msg_type in _ROUTINE else logging.WARNING
+        self.log.log(level, "%s to %s dropped: %s", msg_type.name, identity.decode(errors="replace"), why)
         return False
 
     def publish(self, topic: bytes, msg_type: MsgType, body: dict, *payload: bytes) -> None:

@@ -16,6 +16,7 @@ import time
 from ..model import GpuInfo, JobState, NodeState
 from ..protocol import Message, MsgType, node_topic
 from .jobs import JobService
+from .output import STREAMS
 from .reactor import Reactor
 from .state import ClusterState, NodeRecord
 
@@ -126,6 +127,7 @@ class NodeRegistry:
                     self.jobs.settle_rank(node.node_id.encode(), job, entry["rank"], entry)
             elif current:
                 still_running.add(key)
+                self._ask_for_missing_output(node, job, entry["rank"])
             else:
                 self.log.info("node %s still runs job %s, which the master ended; stopping it",
                               node.node_id, entry["job_id"])
@@ -142,6 +144,13 @@ class NodeRegistry:
             else:
                 self.jobs.end_rank(job, rank, lost=True,
                                    reason=f"node {node.node_id} came back without the job's process")
+
+    def _ask_for_missing_output(self, node: NodeRecord, job, rank: int) -> None:
+        """A returning node resends each stream from what the master holds (chunks sent into a dead link)."""
+        for stream in STREAMS:
+            offset = self.jobs.spool.size((job.job_id, rank, stream))
+            self.reactor.send(node.node_id.encode(), MsgType.RESEND,
+                              {"job_id": job.job_id, "rank": rank, "stream": stream, "offset": offset})
 
     def on_heartbeat(self, identity: bytes, msg: Message) -> None:
         """A node is alive; one the master does not know (or thinks dead) must register again."""

@@ -42,7 +42,7 @@ from .sweep import proc_stat
 
 LOCK_FILE = "keeper.lock"
 #: Seconds without ranks or agents before the keeper exits.
-IDLE_EXIT = 60.0
+IDLE_EXIT = 1.0   # short: a restarting agent with no jobs just starts a new keeper
 #: Seconds a new keeper waits for the lock of one that is exiting.
 LOCK_WAIT = 2.0
 #: A line longer than this is no message of ours: the peer is dropped.
