@@ -1,4 +1,4 @@
-"""Command-line start-up: wall time of ``zmgpu queue`` with 10,000 finished jobs in the history, and of ``zmgpu submit``.
+"""CLI start-up: wall time of ``zmgpu queue`` with 10,000 finished jobs in the history, and of ``zmgpu submit``.
 
 The history is made fast with one array of trivial 1-GPU jobs; tasks the time
 budget does not let run are cancelled while pending, which also leaves them

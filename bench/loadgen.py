@@ -145,6 +145,8 @@ class Churn(Command):
 
 
 class Stats(Command):
+    """The counters, at once."""
+
     def result(self) -> dict | None:
         return {**self.gen.counts, "running": self.gen.running_count(), "declared_dead": len(self.gen.declared_dead)}
 

@@ -44,9 +44,18 @@ def test_schedule_gives_disjoint_gpus_in_order():
 def test_blocked_job_without_known_start_blocks_everyone_behind_it():
     # 2 GPUs free, a running job of unknown length holds the other 2: the 4-GPU job's start is unknown.
     v = view({"a": [0, 1]}, FOUR, running=[Running([("a", [2, 3])])])
-    starts, waits = schedule([Request("big", 4), Request("small", 1, time_limit=60)], v)
+    seen = []
+
+    def pending():
+        for req in [Request("big", 4), Request("small", 1, time_limit=60), Request("other", 1)]:
+            seen.append(req.job_id)
+            yield req
+
+    starts, waits = schedule(pending(), v)
     assert starts == []
-    assert waits == {"big": WaitReason.RESOURCES, "small": WaitReason.PRIORITY}
+    assert waits == {"big": WaitReason.RESOURCES}
+    # Nothing behind it could start, so the pass did not even read the rest of a long queue.
+    assert seen == ["big"]
 
 
 def test_backfill_that_must_happen_short_job_ends_before_the_reservation():

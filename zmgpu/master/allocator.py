@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Iterable
 
 Placement = list[tuple[str, list[int]]]   # (node id, GPU indices), one entry per rank
 GpuMap = dict[str, list[int]]              # node id -> GPU indices
@@ -142,11 +143,14 @@ class Reservation:
     gpus: frozenset[tuple[str, int]]
 
 
-def schedule(pending: list[Request], view: View) -> tuple[list[tuple[str, Placement]], dict[str, WaitReason]]:
+def schedule(pending: Iterable[Request], view: View) -> tuple[list[tuple[str, Placement]], dict[str, WaitReason]]:
     """One pass over ``pending`` (already in priority order).
 
     Returns the jobs to start with their placements, and a wait reason for each
-    job left pending.  ``view`` is not changed.
+    job it looked at.  Once the first blocked job's start is unknown nothing
+    behind it may start, so the pass stops there and does not read the rest of
+    ``pending`` (it may be a generator): a long queue costs one step per job
+    that can still move.  ``view`` is not changed.
     """
     free = {n: list(idx) for n, idx in view.free.items()}
     load = dict(view.load)
@@ -155,19 +159,22 @@ def schedule(pending: list[Request], view: View) -> tuple[list[tuple[str, Placem
     for run in view.running:
         user_gpus[run.user] += sum(len(idx) for _, idx in run.placement)
         array_running[run.array_id] += 1
+    capacity_total = sum(len(idx) for idx in view.capacity.values())
     reservation: Reservation | None = None
     starts: list[tuple[str, Placement]] = []
     waits: dict[str, WaitReason] = {}
     for req in pending:
-        held = _held(req, view, user_gpus, array_running)
+        held = _held(req, view, capacity_total, user_gpus, array_running)
         if held is not None:
             waits[req.job_id] = held
             continue
         placement = _backfill(req, free, load, reservation, view.now)
         if placement is None:
             waits[req.job_id] = _why_not(req, reservation)
-            if reservation is None and place(req, view.capacity, {}) is not None:
+            if reservation is None:
                 reservation = _reserve(req, free, view)
+            if reservation.start is None:
+                break
             continue
         starts.append((req.job_id, placement))
         for node, indices in placement:
@@ -179,7 +186,15 @@ def schedule(pending: list[Request], view: View) -> tuple[list[tuple[str, Placem
     return starts, waits
 
 
-def _held(req: Request, view: View, user_gpus: Counter, array_running: Counter) -> WaitReason | None:
+def _fits_usable(req: Request, view: View, capacity_total: int) -> bool:
+    """Could ``req`` run on the usable nodes if they were empty?"""
+    if req.pins:
+        return all(set(idx) <= set(view.capacity.get(node, ())) for node, idx in req.pins.items())
+    return req.gpus <= capacity_total and (req.gpus > 0 or bool(view.capacity))
+
+
+def _held(req: Request, view: View, capacity_total: int, user_gpus: Counter,
+          array_running: Counter) -> WaitReason | None:
     """A reason that keeps this one job waiting without holding up the others."""
     if req.hold is not None:
         return req.hold
@@ -187,10 +202,8 @@ def _held(req: Request, view: View, user_gpus: Counter, array_running: Counter) 
         return WaitReason.ARRAY_LIMIT
     if view.user_gpu_limit is not None and req.gpus and user_gpus[req.user] + req.gpus > view.user_gpu_limit:
         return WaitReason.USER_GPU_LIMIT
-    if req.pins and set(req.pins) & view.unusable:
-        return WaitReason.NODE_DOWN
-    if place(req, view.capacity, {}) is None and view.unusable:
-        # Not even an empty cluster of the usable nodes would fit it: waiting in line helps nobody.
+    if not _fits_usable(req, view, capacity_total):
+        # A node it needs is down or drained: waiting in line would only hold up the others.
         return WaitReason.NODE_DOWN
     return None
 

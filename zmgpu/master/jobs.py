@@ -38,6 +38,8 @@ class JobService:
         self.log = log
         self.dirty = False   # something changed that may let a pending job start
         self.to_dispatch: list[tuple[JobRecord, int]] = []   # started this turn, sent after the commit
+        self.unreasoned: set[str] = set()   # pending jobs no pass has given a wait reason yet
+        self.head: str | None = None        # the job first in line waiting for Resources
 
     def handlers(self) -> dict:
         return {
@@ -58,6 +60,8 @@ class JobService:
         """A new or requeued job joins the pending queue."""
         self.state.jobs[job.job_id] = job
         self.state.pending.add(job)
+        self.unreasoned.add(job.job_id)
+        self.track_dependencies(job)
         self.store.seq = self.state.next_seq
         self.dirty = True
         self.publish_job(job)
@@ -79,21 +83,32 @@ class JobService:
         if not self.dirty:
             return
         self.dirty = False
-        requests = []
+        starts, waits = allocator.schedule(self._requests(), self._view())
+        for job_id, reason in waits.items():
+            self._set_reason(self.state.jobs[job_id], reason)
+        # Jobs the pass did not reach wait behind a blocked one: new ones, and a former head of the line.
+        behind = self.unreasoned | ({self.head} if self.head else set())
+        for job_id in behind - waits.keys() - {j for j, _ in starts}:
+            if job_id in self.state.pending:
+                self._set_reason(self.state.jobs[job_id], allocator.WaitReason.PRIORITY)
+        self.unreasoned.clear()
+        self.head = next((j for j, r in waits.items() if r is allocator.WaitReason.RESOURCES), None)
+        for job_id, placement in starts:
+            self._start(self.state.jobs[job_id], placement)
+
+    def _requests(self):
+        """Pending jobs as allocator requests, in queue order, built only as far as the pass reads."""
         for job_id in self.state.pending:
             job = self.state.jobs[job_id]
             hold = self._dependency_hold(job)
             if job.state is JobState.PENDING:   # a failed dependency cancels it instead
-                requests.append(allocator.Request(job.job_id, job.gpus, job.pins, job.user, job.time_limit,
-                                                  job.array_job_id, job.array_limit, hold))
-        starts, waits = allocator.schedule(requests, self._view())
-        for job_id, reason in waits.items():
-            job = self.state.jobs[job_id]
-            if job.reason != reason.value:
-                job.reason = reason.value
-                self.publish_job(job)
-        for job_id, placement in starts:
-            self._start(self.state.jobs[job_id], placement)
+                yield allocator.Request(job.job_id, job.gpus, job.pins, job.user, job.time_limit,
+                                        job.array_job_id, job.array_limit, hold)
+
+    def _set_reason(self, job: JobRecord, reason: allocator.WaitReason) -> None:
+        if job.reason != reason.value and job.state is JobState.PENDING:
+            job.reason = reason.value
+            self.publish_job(job)
 
     def _view(self) -> allocator.View:
         nodes = self.state.nodes.values()
@@ -109,6 +124,18 @@ class JobService:
             load={n.node_id: len(n.ranks) for n in usable},
             running=running, unusable={n.node_id for n in nodes if not n.usable},
             now=time.time(), user_gpu_limit=self.user_gpu_limit)
+
+    def track_dependencies(self, job: JobRecord) -> None:
+        """Index ``job`` under each job it waits for, so their end settles it wherever it is in the queue."""
+        for dep in job.after:
+            self.state.dependents.setdefault(dep, set()).add(job.job_id)
+
+    def _settle_dependents(self, dep: JobRecord) -> None:
+        """A job ended: cancel the pending jobs that needed it to complete (unless --after-any)."""
+        for job_id in sorted(self.state.dependents.pop(dep.job_id, ())):
+            job = self.state.jobs.get(job_id)
+            if job is not None and job.state is JobState.PENDING:
+                self._dependency_hold(job)
 
     def _dependency_hold(self, job: JobRecord) -> allocator.WaitReason | None:
         """DEPENDENCY while an --after job runs; cancels ``job`` when one ended badly (without --after-any)."""
@@ -346,3 +373,5 @@ class JobService:
                       f": {reason}" if reason else "")
         self.dirty = True   # jobs that depend on it may now start or be cancelled
         self.publish_job(job)
+        self.unreasoned.discard(job.job_id)
+        self._settle_dependents(job)

@@ -196,6 +196,7 @@ class ClusterState:
     pending: PendingQueue = field(default_factory=PendingQueue)
     running: set[str] = field(default_factory=set)           # job ids holding GPUs or processes now
     arrays: dict[str, list[str]] = field(default_factory=dict)  # array id -> its task ids
+    dependents: dict[str, set[str]] = field(default_factory=dict)  # job id -> pending jobs --after it
     next_seq: int = 0
 
     def expand(self, job_id: str) -> list[str]:

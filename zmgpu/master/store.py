@@ -40,10 +40,14 @@ def _env_id(env: dict) -> str:
     return hashlib.sha1(json.dumps(env, sort_keys=True).encode()).hexdigest()
 
 
+_JOB_FIELDS = [f.name for f in dataclasses.fields(JobRecord) if f.name not in ("env", "ranks", "state")]
+
+
 def job_to_row(job: JobRecord) -> tuple[str, str, str]:
-    data = dataclasses.asdict(job)
-    del data["env"]
+    # Field by field rather than asdict(), which would deep-copy the (large, stored apart) environment.
+    data = {name: getattr(job, name) for name in _JOB_FIELDS}
     data["state"] = job.state.value
+    data["ranks"] = [dataclasses.asdict(r) for r in job.ranks]
     return job.job_id, _env_id(job.env), json.dumps(data, separators=(",", ":"))
 
 
