@@ -20,7 +20,7 @@ from . import allocator
 from .jobs import JobService
 from .output import STREAMS
 from .state import ClusterState, JobRecord, NodeRecord
-from .store import Store, StoreError
+from .store import Store, StoreError, env_id
 
 _JOB_ID = re.compile(JOB_ID_PATTERN)
 
@@ -197,8 +197,8 @@ class ClientRequests:
         name = spec.get("name")
         if name is not None and not isinstance(name, str):
             raise ValueError("--name must be a string")
-        return JobRecord(job_id="", seq=0, user=user, command=command, cwd=cwd, env=env, gpus=gpus,
-                         pins=pins, node_gpu_ids=pin_spec, interactive=bool(spec.get("interactive")),
+        return JobRecord(job_id="", seq=0, user=user, command=command, cwd=cwd, env=env, env_id=env_id(env),
+                         gpus=gpus, pins=pins, node_gpu_ids=pin_spec, interactive=bool(spec.get("interactive")),
                          name=name, priority=priority, time_limit=self._time_limit(spec.get("time_limit")),
                          requeue=bool(spec.get("requeue")), after=deps, after_any=bool(spec.get("after_any")))
 

@@ -97,6 +97,7 @@ class JobRecord:
     command: str
     cwd: str
     env: dict[str, str]             # shared by the tasks of an array, never mutated
+    env_id: str = ""                # content hash of env, the key it is stored under
     gpus: int
     pins: dict[str, list[int]] | None = None
     node_gpu_ids: str | None = None

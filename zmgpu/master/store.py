@@ -36,11 +36,13 @@ class StoreError(Exception):
     """The state directory cannot be written (disk full, read-only, ...)."""
 
 
-def _env_id(env: dict) -> str:
+def env_id(env: dict) -> str:
+    """The content hash an environment is stored under (computed once per submit, not per write)."""
     return hashlib.sha1(json.dumps(env, sort_keys=True).encode()).hexdigest()
 
 
-_JOB_FIELDS = [f.name for f in dataclasses.fields(JobRecord) if f.name not in ("env", "ranks", "state")]
+_JOB_FIELDS = [f.name for f in dataclasses.fields(JobRecord)
+               if f.name not in ("env", "env_id", "ranks", "state")]
 
 
 def job_to_row(job: JobRecord) -> tuple[str, str, str]:
@@ -48,11 +50,12 @@ def job_to_row(job: JobRecord) -> tuple[str, str, str]:
     data = {name: getattr(job, name) for name in _JOB_FIELDS}
     data["state"] = job.state.value
     data["ranks"] = [dataclasses.asdict(r) for r in job.ranks]
-    return job.job_id, _env_id(job.env), json.dumps(data, separators=(",", ":"))
+    return job.job_id, job.env_id, json.dumps(data, separators=(",", ":"))
 
 
-def job_from_row(data: str, env: dict) -> JobRecord:
+def job_from_row(data: str, env_key: str, env: dict) -> JobRecord:
     fields = json.loads(data)
+    fields["env_id"] = env_key
     fields["state"] = JobState(fields["state"])
     fields["ranks"] = [RankRecord(**r) for r in fields["ranks"]]
     return JobRecord(env=env, **fields)
@@ -102,9 +105,8 @@ class Store:
         jobs = list(self.dirty_jobs.values())
         envs = {}
         for job in jobs:
-            env_id = _env_id(job.env)
-            if env_id not in self.known_envs:
-                envs[env_id] = json.dumps(job.env)
+            if job.env_id not in self.known_envs:
+                envs[job.env_id] = json.dumps(job.env)
         try:
             with self.db:
                 self.db.execute("BEGIN")
@@ -138,8 +140,7 @@ class Store:
         """Everything stored: jobs, nodes (down until they register again) and the submission counter."""
         envs = {env_id: json.loads(data) for env_id, data in self.db.execute("SELECT env_id, data FROM envs")}
         self.known_envs.update(envs)
-        jobs = [job_from_row(data, envs[env_id])
-                for env_id, data in self.db.execute("SELECT env_id, data FROM jobs")]
+        jobs = [job_from_row(data, key, envs[key]) for key, data in self.db.execute("SELECT env_id, data FROM jobs")]
         nodes = []
         for (data,) in self.db.execute("SELECT data FROM nodes"):
             fields = json.loads(data)
