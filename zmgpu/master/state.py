@@ -97,7 +97,6 @@ class JobRecord:
     command: str
     cwd: str
     env: dict[str, str]             # shared by the tasks of an array, never mutated
-    env_id: str = ""                # content hash of env, the key it is stored under
     gpus: int
     pins: dict[str, list[int]] | None = None
     node_gpu_ids: str | None = None
@@ -124,6 +123,7 @@ class JobRecord:
     cancel_by: str | None = None    # who asked for a cancel of a running job
     timed_out: bool = False         # the time limit ended it
     first_failed: int | None = None  # the rank that failed first, which the verdict names
+    env_id: str = ""                # content hash of env, the key it is stored under
 
     @property
     def queue_key(self) -> tuple[int, int, str]:
