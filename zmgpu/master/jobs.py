@@ -40,6 +40,7 @@ class JobService:
         self.to_dispatch: list[tuple[JobRecord, int]] = []   # started this turn, sent after the commit
         self.unreasoned: set[str] = set()   # pending jobs no pass has given a wait reason yet
         self.head: str | None = None        # the job first in line waiting for Resources
+        self.running_views: dict[str, allocator.Running] = {}   # job id -> its cached allocator view
 
     def handlers(self) -> dict:
         return {
@@ -113,11 +114,7 @@ class JobService:
     def _view(self) -> allocator.View:
         nodes = self.state.nodes.values()
         usable = [n for n in nodes if n.usable]
-        running = []
-        for job_id in self.state.running:
-            job = self.state.jobs[job_id]
-            running.append(allocator.Running([(r.node_id, r.gpu_indices) for _, r in job.live_ranks()],
-                                             job.user, job.deadline, job.array_job_id))
+        running = [self._running_view(self.state.jobs[job_id]) for job_id in self.state.running]
         return allocator.View(
             free={n.node_id: n.free_gpus() for n in usable},
             capacity={n.node_id: [g.index for g in n.gpus] for n in usable},
@@ -136,6 +133,14 @@ class JobService:
             job = self.state.jobs.get(job_id)
             if job is not None and job.state is JobState.PENDING:
                 self._dependency_hold(job)
+
+    def _running_view(self, job: JobRecord) -> allocator.Running:
+        """What the allocator needs of a running job, rebuilt only when one of its ranks ends."""
+        view = self.running_views.get(job.job_id)
+        if view is None:
+            view = self.running_views[job.job_id] = allocator.Running(
+                [(r.node_id, r.gpu_indices) for _, r in job.live_ranks()], job.user, job.deadline, job.array_job_id)
+        return view
 
     def _dependency_hold(self, job: JobRecord) -> allocator.WaitReason | None:
         """DEPENDENCY while an --after job runs; cancels ``job`` when one ended badly (without --after-any)."""
@@ -192,6 +197,7 @@ class JobService:
                         del node.holders[index]
                 node.ranks.discard((job.job_id, rank))
         self.state.running.discard(job.job_id)
+        self.running_views.pop(job.job_id, None)
         self.log.info("job %s goes back to the queue: %s", job.job_id, why)
         job.attempt += 1
         job.ranks, job.state, job.start_time = [], JobState.PENDING, None
@@ -208,6 +214,7 @@ class JobService:
 
     def kill_ranks(self, job: JobRecord, reason: str) -> None:
         """Ask every node holding a live rank of ``job`` to stop it."""
+        job.kill_sent = time.time()
         body = {"job_id": job.job_id, "attempt": job.attempt, "reason": reason}
         for node_id in {r.node_id for _, r in job.live_ranks()}:
             self.reactor.send(node_id.encode(), MsgType.KILL, body)
@@ -215,7 +222,11 @@ class JobService:
     # -- timers --------------------------------------------------------------------------------
 
     def check_time_limits(self) -> None:
-        """Stop running jobs whose time limit has run out (TERM, grace, KILL on the nodes)."""
+        """Stop running jobs whose time limit has run out, and ask again where a stop went unheeded.
+
+        A KILL can be lost (its node's link was down); a job that should have
+        ended keeps being asked, once per grace period, until its ranks report.
+        """
         now = time.time()
         for job_id in self.state.running:
             job = self.state.jobs[job_id]
@@ -225,6 +236,8 @@ class JobService:
                 self.store.job_changed(job)
                 self.log.info("job %s reached its time limit of %s", job.job_id, format_duration(job.time_limit))
                 self.kill_ranks(job, "time limit reached")
+            elif (job.timed_out or job.cancel_by) and now - job.kill_sent > self.kill_grace + 5:
+                self.kill_ranks(job, "cancelled" if job.cancel_by else "time limit reached")
 
     def purge_finished(self) -> None:
         """Forget finished jobs older than the retention time, with their output, unless still depended on."""
@@ -250,13 +263,13 @@ class JobService:
         """The rank a node message is about, if that node really runs it (and in this attempt)."""
         job = self.state.jobs.get(body["job_id"])
         rank = body["rank"]
+        if job is not None and body.get("attempt", 0) != job.attempt:
+            self.log.debug("node %s reported stale attempt %s of job %s; ignored",
+                           identity.decode(errors="replace"), body.get("attempt"), job.job_id)
+            return None
         if job is None or not 0 <= rank < len(job.ranks) or job.ranks[rank].node_id.encode() != identity:
             self.log.warning("node %s reported unknown job %s rank %s; ignored",
                              identity.decode(errors="replace"), body["job_id"], rank)
-            return None
-        if body.get("attempt", 0) != job.attempt:
-            self.log.info("node %s reported stale attempt %s of job %s; ignored",
-                          identity.decode(errors="replace"), body.get("attempt"), job.job_id)
             return None
         return job, job.ranks[rank]
 
@@ -310,6 +323,7 @@ class JobService:
         """Record how one rank ended, free its GPUs, and end the job when no rank is left."""
         part = job.ranks[rank]
         part.ended, part.exit_code, part.signal, part.reason, part.lost = True, exit_code, signal, reason, lost
+        self.running_views.pop(job.job_id, None)
         node = self.state.nodes.get(part.node_id)
         if node is not None:
             for index in part.gpu_indices:

@@ -90,7 +90,11 @@ class NodeRegistry:
         self.seen(identity)
         self._log_connected(node)
         self._reconcile(node, body["jobs"])
-        self.reactor.send(identity, MsgType.REGISTERED, {"heartbeat_interval": self.heartbeat_interval})
+        # How long the node's keeper lets jobs run with no agent: a little less than the time after which
+        # this master declares the node dead and may run them elsewhere, so no job ever runs twice.
+        lease = self.dead_timeout - min(self.node_timeout, self.dead_timeout / 2)
+        self.reactor.send(identity, MsgType.REGISTERED, {"heartbeat_interval": self.heartbeat_interval,
+                                                         "dead_timeout": lease})
         self.publish(node)
         self.jobs.dirty = True
 
@@ -128,6 +132,8 @@ class NodeRegistry:
             elif current:
                 still_running.add(key)
                 self._ask_for_missing_output(node, job, entry["rank"])
+                if job.cancel_by or job.timed_out:
+                    self.jobs.kill_ranks(job, "cancelled" if job.cancel_by else "time limit reached")
             else:
                 self.log.info("node %s still runs job %s, which the master ended; stopping it",
                               node.node_id, entry["job_id"])

@@ -148,6 +148,9 @@ class ClientRequests:
         capacity = [allocator.NodeCapacity(n.node_id, tuple(g.index for g in n.gpus))
                     for n in self.state.nodes.values()]
         problem = allocator.infeasible(allocator.Request("", template.gpus, template.pins), capacity)
+        cap = self.jobs.user_gpu_limit
+        if problem is None and cap is not None and template.gpus > cap:
+            problem = f"the job asks for {template.gpus} GPUs, but one user may hold at most {cap} at once"
         if problem:
             raise RequestError(ErrorCode.IMPOSSIBLE, problem)
         base_id = self._new_id()
@@ -273,6 +276,8 @@ class ClientRequests:
             live = [self.state.jobs[t] for t in tasks if not self.state.jobs[t].state.finished]
             for job in live:
                 self.jobs.cancel(job, user)
+            if not live:
+                return {"job_id": job_id, "ok": False, "message": f"array {job_id} has no unfinished task"}
             return {"job_id": job_id, "ok": True, "message": f"cancelled {len(live)} task(s) of array {job_id}"}
         job = self.state.jobs.get(job_id) if _JOB_ID.fullmatch(job_id) else None
         if job is None:

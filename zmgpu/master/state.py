@@ -124,6 +124,7 @@ class JobRecord:
     timed_out: bool = False         # the time limit ended it
     first_failed: int | None = None  # the rank that failed first, which the verdict names
     env_id: str = ""                # content hash of env, the key it is stored under
+    kill_sent: float = 0.0          # when a KILL last went out, to repeat one that went unheeded
 
     @property
     def queue_key(self) -> tuple[int, int, str]:

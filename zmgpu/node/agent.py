@@ -392,6 +392,11 @@ class Agent:
             self.heartbeat_interval = body["heartbeat_interval"]
         self.registered = True
         self.backoff = BACKOFF_FIRST
+        if self.keeper is not None and isinstance(body.get("dead_timeout"), (int, float)):
+            try:
+                self.keeper.lease(body["dead_timeout"])
+            except KeeperLost as exc:
+                self._keeper_lost(str(exc))
         self.next_heartbeat = time.monotonic() + self.heartbeat_interval
         self.log.info("registered with master at %s as node %s (%d GPUs, %d job ranks held)",
                       self.endpoint, self.node_id, len(self.gpus), len(self.ranks))

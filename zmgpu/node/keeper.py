@@ -38,7 +38,7 @@ from ..daemon import SignalPipe, setup_logging
 from ..protocol import Stream
 from .identity import lock_file
 from .keeper_link import Op, encode, on_short_path, socket_path, take_messages, write_status
-from .sweep import proc_stat
+from .sweep import JobProcesses, proc_stat
 
 LOCK_FILE = "keeper.lock"
 #: Seconds without ranks or agents before the keeper exits.
@@ -78,7 +78,11 @@ class Keeper:
         self.selector = selectors.DefaultSelector()
         self.devnull = os.open(os.devnull, os.O_RDONLY)
         self.stopping = False
-        self.handlers = {Op.HELLO: self._on_hello, Op.SPAWN: self._on_spawn}
+        self.handlers = {Op.HELLO: self._on_hello, Op.SPAWN: self._on_spawn, Op.LEASE: self._on_lease}
+        # Seconds ranks may run with no agent: past that the master has declared the node dead and may have
+        # run the jobs elsewhere, so they are killed here (None: the agent has not said yet; never).
+        self.lease: float | None = None
+        self.alone_since: float | None = None
 
     def run(self) -> int:
         """Serve until idle for IDLE_EXIT seconds, or until SIGTERM and the last rank's end; 0."""
@@ -89,8 +93,14 @@ class Keeper:
         while not (self.stopping and not self.children):
             busy = bool(self.children or self.peers)
             timeout = None if busy else max(0.0, idle_since + IDLE_EXIT - time.monotonic())
+            orphan_at = self._orphan_deadline()
+            if orphan_at is not None:
+                timeout = max(0.0, orphan_at - time.monotonic())
             for key, mask in self.selector.select(timeout):
                 key.data(mask)
+            orphan_at = self._orphan_deadline()
+            if orphan_at is not None and time.monotonic() >= orphan_at:
+                self._kill_orphans()
             # Idle from the end of the last turn that had a rank or an agent.
             if busy or self.children or self.peers:
                 idle_since = time.monotonic()
@@ -155,6 +165,32 @@ class Keeper:
         """An agent (re)connected: tell it who we are and which ranks still run."""
         ranks = {child.spool: pid for pid, child in self.children.items()}
         self._send(peer, encode(Op.RANKS, pid=os.getpid(), ranks=ranks))
+
+    def _on_lease(self, peer: Peer, msg: dict) -> None:
+        """The agent passes on the master's dead timeout (see :attr:`lease`)."""
+        self.lease = float(msg["seconds"])
+
+    def _orphan_deadline(self) -> float | None:
+        """When the ranks, alone since the last agent left, must go; None while that cannot happen."""
+        if self.peers or not self.children or self.lease is None:
+            self.alone_since = None
+            return None
+        if self.alone_since is None:
+            self.alone_since = time.monotonic()
+        return self.alone_since + self.lease
+
+    def _kill_orphans(self) -> None:
+        """No agent for the whole lease: the master counts these jobs as lost, so none may run on here."""
+        self.log.warning("no node agent for %g s, so the master has declared this node dead: killing %d job "
+                         "rank(s) that may already run elsewhere", self.lease, len(self.children))
+        for pid, child in list(self.children.items()):
+            job_id = os.path.basename(child.spool).split(".", 1)[0]
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass   # the group is gone already
+            JobProcesses(job_id).kill()
+        self.alone_since = None
 
     def _on_spawn(self, peer: Peer, msg: dict) -> None:
         """Start one rank with its output going to its spool files; answer with its pid or why not."""

@@ -49,6 +49,7 @@ class Op(str, Enum):
     SPAWN = "spawn"
     SPAWNED = "spawned"
     EXITED = "exited"
+    LEASE = "lease"
 
 
 _OPS = {op.value for op in Op}
@@ -60,6 +61,7 @@ FIELDS = {
     Op.SPAWN: {"spool": str, "command": str, "cwd": str, "env": dict, "deadline": (int, float)},
     Op.SPAWNED: {"spool": str, "pid": _OPT_INT, "start_time": _OPT_INT, "error": (str, type(None))},
     Op.EXITED: {"spool": str, "pid": int, "exit_code": _OPT_INT, "signal": _OPT_INT},
+    Op.LEASE: {"seconds": (int, float)},
 }
 
 
@@ -179,6 +181,10 @@ class KeeperLink:
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def lease(self, seconds: float) -> None:
+        """Tell the keeper how long its ranks may run with no agent before the master has given up on them."""
+        self._send(encode(Op.LEASE, seconds=seconds), time.monotonic() + REPLY_TIMEOUT)
 
     def spawn(self, spool: str, command: str, cwd: str, env: dict[str, str]) -> tuple[int, int | None]:
         """Start a rank whose spool directory is named ``spool``: its pid and /proc start time.
