@@ -55,7 +55,9 @@ class JobService:
     def publish_job(self, job: JobRecord) -> None:
         """Tell subscribers about a change, and have the store write it at the end of the turn."""
         self.store.job_changed(job)
-        self.reactor.publish(protocol.job_topic(job.job_id, "state"), MsgType.JOB_STATE, self.job_dict(job))
+        topic = protocol.job_topic(job.job_id, "state")
+        if self.reactor.wants(topic):
+            self.reactor.publish(topic, MsgType.JOB_STATE, self.job_dict(job))
 
     def enqueue(self, job: JobRecord) -> None:
         """A new or requeued job joins the pending queue."""

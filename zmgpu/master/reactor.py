@@ -56,7 +56,8 @@ class Reactor:
         self.router.setsockopt(zmq.LINGER, 0)
         # A bounded queue per peer: a client or node that stops reading cannot grow the master's memory.
         self.router.setsockopt(zmq.SNDHWM, 10_000)
-        self.pub = self.ctx.socket(zmq.PUB)
+        # XPUB rather than PUB: the master sees what clients subscribe to, and builds no event nobody reads.
+        self.pub = self.ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         # A slow subscriber costs at most this many queued messages; it re-fetches the rest by offset.
         self.pub.setsockopt(zmq.SNDHWM, 2000)
@@ -66,6 +67,8 @@ class Reactor:
         self.pub_port = self._bind(self.pub, host, pub_port)
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
+        self.poller.register(self.pub, zmq.POLLIN)
+        self.subscriptions: set[bytes] = set()   # topic prefixes at least one client subscribed to
         self.handlers: dict[MsgType, Handler] = {}
         # Called with each sender before dispatch: refreshes node liveness, True for a node.
         self.peer_seen: Callable[[bytes], bool] = lambda identity: False
@@ -113,9 +116,26 @@ class Reactor:
         self.log.log(level, "%s to %s dropped: %s", msg_type.name, identity.decode(errors="replace"), why)
         return False
 
+    def wants(self, topic: bytes) -> bool:
+        """Whether any client subscribed to a prefix of ``topic`` (so it is worth building the message)."""
+        return any(topic.startswith(prefix) for prefix in self.subscriptions)
+
     def publish(self, topic: bytes, msg_type: MsgType, body: dict, *payload: bytes) -> None:
-        """Fan out to subscribers; PUB drops at its high-water mark and never blocks."""
-        self.pub.send_multipart([topic, *encode(msg_type, body, *payload)], zmq.NOBLOCK)
+        """Fan out to subscribers, if there are any; drops at the high-water mark and never blocks."""
+        if self.wants(topic):
+            self.pub.send_multipart([topic, *encode(msg_type, body, *payload)], zmq.NOBLOCK)
+
+    def _read_subscriptions(self) -> None:
+        # XPUB passes each prefix's first subscribe and last unsubscribe on: a set mirrors it exactly.
+        while True:
+            try:
+                frame = self.pub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if frame[:1] == b"\x01":
+                self.subscriptions.add(frame[1:])
+            elif frame[:1] == b"\x00":
+                self.subscriptions.discard(frame[1:])
 
     # -- loop ----------------------------------------------------------------------------------
 
@@ -124,6 +144,8 @@ class Reactor:
         self.running = True
         while self.running:
             events = dict(self.poller.poll(self._timeout_ms()))
+            if events.get(self.pub):
+                self._read_subscriptions()
             if events.get(self.router):
                 self._drain_router()
             for fd, callback in self.fds.items():
