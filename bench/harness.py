@@ -29,6 +29,7 @@ from typing import Iterable, Optional
 import zmq
 
 from zmgpu import Client, protocol
+from zmgpu.config import default_state_dir
 from zmgpu.model import JobState
 from zmgpu.protocol import MsgType
 
@@ -255,6 +256,17 @@ def _tail(path: str, lines: int = 15) -> str:
         return ""
 
 
+def bench_root() -> str:
+    """Where the clusters' state goes: $ZMGPU_BENCH_DIR, else beside zmgpu's own default state directory.
+
+    The daemons' state lives there in real use (or under /var/lib); some machines' /tmp is far slower at
+    creating files, which would measure the temporary directory rather than zmgpu.
+    """
+    root = os.environ.get("ZMGPU_BENCH_DIR") or os.path.dirname(default_state_dir())
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
 class Cluster:
     """A master and ``nodes`` simulated-GPU node agents on loopback, in a temp dir, stopped on exit.
 
@@ -274,7 +286,7 @@ class Cluster:
         self.port = self.pub_port = self.master_pid = 0
 
     def __enter__(self) -> "Cluster":
-        self.dir = tempfile.mkdtemp(prefix=f"zmgpu-bench-{self.name}-")
+        self.dir = tempfile.mkdtemp(prefix=f"zmgpu-bench-{self.name}-", dir=bench_root())
         try:
             self._start_master()
             for index in range(self.nodes):
