@@ -191,15 +191,9 @@ class JobService:
     def undo_start(self, job: JobRecord, why: str) -> None:
         """Back to the queue as if never started (a new attempt number makes any sent rank stale)."""
         self.kill_ranks(job, why)
-        for rank, part in enumerate(job.ranks):
-            node = self.state.nodes.get(part.node_id)
-            if node is not None:
-                for index in part.gpu_indices:
-                    if node.holders.get(index) == job.job_id:
-                        del node.holders[index]
-                node.ranks.discard((job.job_id, rank))
+        for rank in range(len(job.ranks)):
+            self._release(job, rank)
         self.state.running.discard(job.job_id)
-        self.running_views.pop(job.job_id, None)
         self.log.info("job %s goes back to the queue: %s", job.job_id, why)
         job.attempt += 1
         job.ranks, job.state, job.start_time = [], JobState.PENDING, None
@@ -320,18 +314,23 @@ class JobService:
 
     # -- ending ----------------------------------------------------------------------------------
 
-    def end_rank(self, job: JobRecord, rank: int, exit_code: int | None = None,
-                 signal: int | None = None, reason: str | None = None, lost: bool = False) -> None:
-        """Record how one rank ended, free its GPUs, and end the job when no rank is left."""
+    def _release(self, job: JobRecord, rank: int) -> None:
+        """Give one rank's GPUs and its place on its node back."""
         part = job.ranks[rank]
-        part.ended, part.exit_code, part.signal, part.reason, part.lost = True, exit_code, signal, reason, lost
-        self.running_views.pop(job.job_id, None)
         node = self.state.nodes.get(part.node_id)
         if node is not None:
             for index in part.gpu_indices:
                 if node.holders.get(index) == job.job_id:
                     del node.holders[index]
             node.ranks.discard((job.job_id, rank))
+        self.running_views.pop(job.job_id, None)
+
+    def end_rank(self, job: JobRecord, rank: int, exit_code: int | None = None,
+                 signal: int | None = None, reason: str | None = None, lost: bool = False) -> None:
+        """Record how one rank ended, free its GPUs, and end the job when no rank is left."""
+        part = job.ranks[rank]
+        part.ended, part.exit_code, part.signal, part.reason, part.lost = True, exit_code, signal, reason, lost
+        self._release(job, rank)
         self.dirty = True
         self.store.job_changed(job)
         if part.failed and job.first_failed is None:
