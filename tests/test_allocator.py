@@ -140,3 +140,26 @@ def test_infeasible_messages():
     assert "unknown node 'c'" in infeasible(Request("j", 1, {"c": [0]}), nodes)
     assert "has no GPU 5" in infeasible(Request("j", 1, {"b": [5]}), nodes)
     assert "no node agent has registered" in infeasible(Request("j", 0), [])
+
+
+def test_pending_queue_orders_by_priority_then_submission():
+    from zmgpu.master.state import JobRecord, PendingQueue
+
+    def job(job_id, seq, priority=0):
+        return JobRecord(job_id=job_id, seq=seq, user="u", command="true", cwd="/", env={}, gpus=1,
+                         priority=priority)
+
+    queue = PendingQueue()
+    for record in [job("first", 1), job("low", 2, -5), job("second", 3), job("urgent", 4, 10)]:
+        queue.add(record)
+    assert list(queue) == ["urgent", "first", "second", "low"]
+    queue.remove("first")
+    assert list(queue) == ["urgent", "second", "low"] and "first" not in queue and len(queue) == 3
+
+
+def test_schedule_follows_the_order_it_is_given():
+    # The queue decides the order (priority first); the pass starts jobs in that order while GPUs last.
+    pending = [Request("urgent", 2), Request("first", 2), Request("low", 1)]
+    starts, waits = schedule(pending, view({"a": [0, 1, 2]}))
+    assert [j for j, _ in starts] == ["urgent"]
+    assert waits == {"first": WaitReason.RESOURCES}
