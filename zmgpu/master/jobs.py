@@ -148,13 +148,15 @@ class JobService:
         """DEPENDENCY while an --after job runs; cancels ``job`` when one ended badly (without --after-any)."""
         if not job.after:
             return None
-        deps = [self.state.jobs.get(dep) for dep in job.after]
-        if any(dep is not None and not dep.state.finished for dep in deps):
-            return allocator.WaitReason.DEPENDENCY
-        bad = next((d for d in deps if d is not None and d.state is not JobState.COMPLETED), None)
+        deps = [d for d in (self.state.jobs.get(dep) for dep in job.after) if d is not None]
+        # Without --after-any, one dependency that ended badly is enough: the others need not be waited for.
+        bad = next((d for d in deps if d.state.finished and d.state is not JobState.COMPLETED), None)
         if bad is not None and not job.after_any:
             self.state.pending.remove(job.job_id)
             self._finish(job, JobState.CANCELLED, f"dependency {bad.job_id} ended {bad.state.value}")
+            return None
+        if any(not d.state.finished for d in deps):
+            return allocator.WaitReason.DEPENDENCY
         return None
 
     def _start(self, job: JobRecord, placement: allocator.Placement) -> None:
