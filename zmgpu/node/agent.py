@@ -46,7 +46,7 @@ from ..daemon import SignalPipe
 from ..model import GpuInfo
 from ..protocol import MsgType, Stream
 from .identity import new_instance, read_instance, write_instance
-from .keeper_link import KeeperLink, KeeperLost
+from .keeper_link import Exited, KeeperLink, KeeperLost, Spawned
 from .runner import RankKey, RankProcess, is_count, recent_ends, spool_keys, valid_job_id
 from .sweep import JobProcesses
 
@@ -108,6 +108,8 @@ class Agent:
         self.kills: dict[tuple[str, int | None], PendingKill] = {}   # by (job id, attempt or None)
         self.keeper: KeeperLink | None = None   # None: ranks are spawned as the agent's own children
         self.keeper_retry_at = 0.0
+        # What the keeper was asked to start and has not answered: redone if the request is lost.
+        self.unanswered: dict[RankKey, tuple[dict, list[int]]] = {}
         self.instance = new_instance()
         self.previous_instance = read_instance(config.state_dir)
         self.instance_saved = False
@@ -160,7 +162,7 @@ class Agent:
 
     def _turn(self, now: float) -> None:
         """Work that does not wait for a message: reap, escalate kills, send output, keep the link."""
-        self._take_exits()
+        self._take_keeper_events()
         busy = False
         for rank in self.ranks.values():
             if rank.poll():
@@ -220,25 +222,48 @@ class Agent:
         self.keeper.close()
         self.keeper = None
         kept = self._open_keeper(time.monotonic())
+        unanswered, self.unanswered = self.unanswered, {}
+        for key, (body, indices) in unanswered.items():
+            rank = self.ranks[key]
+            if key.name in kept:
+                rank.started(kept[key.name], None, None)
+            else:
+                # The request was lost, or its rank orphaned by a keeper that died: it must not run twice.
+                JobProcesses(key.job_id, key.attempt).kill()
+                killed = rank.killed
+                rank = self.ranks[key] = self._spawn(key, body, indices)
+                if killed:
+                    rank.kill(time.monotonic())
+            self._log_start(rank)
         for rank in self.ranks.values():
             rank.rejoin(kept)
 
-    def _take_exits(self) -> None:
-        """Hand each end the keeper reported to its rank; poll() then ends the rank."""
+    def _take_keeper_events(self) -> None:
+        """Hand each answer and end the keeper reported to its rank; poll() then ends an ended rank."""
         if self.keeper is None:
             return
         try:
-            exits = self.keeper.exits()
+            events = self.keeper.events()
         except KeeperLost as exc:
             self._keeper_lost(str(exc))
             return
-        for end in exits:
-            rank = self.ranks.get(RankKey.parse(end.spool))
-            if rank is not None and rank.pid == end.pid:
-                rank.exited(end.exit_code, end.signal)
+        for event in events:
+            key = RankKey.parse(event.spool)
+            rank = self.ranks.get(key)
+            if rank is None:
+                continue
+            if isinstance(event, Spawned):
+                if self.unanswered.pop(key, None) is not None:
+                    rank.started(event.pid, event.start_time, event.error)
+                    self._log_start(rank)
+            elif isinstance(event, Exited) and rank.pid == event.pid:
+                rank.exited(event.exit_code, event.signal)
 
     def _spawn(self, key: RankKey, body: dict, indices: list[int]) -> RankProcess:
-        """Start a rank through the keeper (reached again if need be), or as the agent's own child."""
+        """Start a rank through the keeper (reached again if need be), or as the agent's own child.
+
+        A rank asked of the keeper comes back pending: see :meth:`_take_keeper_events`.
+        """
         if self.keeper is None and time.monotonic() >= self.keeper_retry_at:
             self._open_keeper(time.monotonic())
         spawn = functools.partial(
@@ -249,11 +274,15 @@ class Agent:
             if self.keeper is None:
                 break
             try:
-                return spawn(keeper=self.keeper)
+                rank_proc = spawn(keeper=self.keeper)
             except KeeperLost as exc:
                 self._keeper_lost(str(exc))
                 # The lost request may have started the rank: it must not run twice.
                 JobProcesses(key.job_id, key.attempt).kill()
+                continue
+            if rank_proc.pending:
+                self.unanswered[key] = (body, indices)
+            return rank_proc
         return spawn(keeper=None)
 
     def _poll_timeout_ms(self) -> int:
@@ -445,15 +474,22 @@ class Agent:
         known = self.ranks.get(key)
         if known is not None:
             self.log.warning("%s is already here; reporting it again", key)
-            known.start_reported = known.pid is None
+            # Once more, unless it never started (or has not yet: JOB_STARTED is still to come).
+            known.start_reported = known.pid is None and known.ended
             return
         self._spare_from_kills(key)
-        rank_proc = self.ranks[key] = self._spawn(key, body, indices)
+        self.ranks[key] = self._spawn(key, body, indices)
+        self._log_start(self.ranks[key])
+
+    def _log_start(self, rank_proc: RankProcess) -> None:
+        """Say how the start of a rank went, once it is known."""
+        if rank_proc.pending:
+            return
         if rank_proc.pid is None:
-            self.log.warning("%s could not start: %s", key, rank_proc.reason)
+            self.log.warning("%s could not start: %s", rank_proc.key, rank_proc.reason)
         else:
-            gpus = ",".join(map(str, indices)) or "none"
-            self.log.info("%s started: pid %d, GPUs %s", key, rank_proc.pid, gpus)
+            gpus = ",".join(map(str, rank_proc.gpu_indices)) or "none"
+            self.log.info("%s started: pid %d, GPUs %s", rank_proc.key, rank_proc.pid, gpus)
 
     def _spare_from_kills(self, key: RankKey) -> None:
         """A KILL of every attempt of a job came before this attempt was dispatched: it is not for this one."""
@@ -525,6 +561,8 @@ class Agent:
         budget = PUMP_BUDGET
         sent = False
         for key, rank in list(self.ranks.items()):
+            if rank.pending:
+                continue    # JOB_STARTED waits for the keeper's answer
             if not rank.start_reported:
                 if not self._send(MsgType.JOB_STARTED, {**key.wire(), "pid": rank.pid}):
                     return sent

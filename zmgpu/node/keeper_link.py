@@ -12,12 +12,13 @@ stream socket).  A line that is not a valid message is logged and dropped::
 NAME is a spool directory's name under ``<state_dir>/jobs``.  ``deadline``
 (CLOCK_MONOTONIC, the same clock in every process) is when the agent stops
 waiting for the answer; the keeper refuses a later SPAWN, so a rank the agent
-gave up on and started another way never runs twice.
+gave up on and started another way never runs twice.  The agent does not block
+on a SPAWN: the answer comes with the ends, from :meth:`KeeperLink.events`.
 
 :class:`KeeperLink` is the agent's end: it connects to the keeper that answers
 on the socket, or starts one (in a session of its own, so that it outlives the
 agent; its log goes to ``<state_dir>/keeper.log``), spawns ranks through it and
-collects the ends it reports.
+collects its answers and the ends it reports.
 """
 
 from __future__ import annotations
@@ -119,8 +120,14 @@ class KeeperLost(Exception):
     """No keeper answers, or the link to it broke; the message says how."""
 
 
-class SpawnError(Exception):
-    """The keeper could not start a rank; the message is why (the system's words)."""
+@dataclass(frozen=True)
+class Spawned:
+    """The keeper's answer to a spawn request: the rank's pid and /proc start time, or why it did not start."""
+
+    spool: str
+    pid: int | None
+    start_time: int | None
+    error: str | None
 
 
 @dataclass(frozen=True)
@@ -140,7 +147,8 @@ class KeeperLink:
         self.sock = sock
         self.log = log
         self.inbox = bytearray()
-        self.due: list[Exited] = []         # ends read while waiting for an answer
+        self.due: list[Spawned | Exited] = []   # read and not yet handed out by events()
+        self.unanswered: dict[str, float] = {}  # spawn requests: spool name -> deadline (monotonic)
         self.pid = 0                        # the keeper's
         self.process: subprocess.Popen | None = None   # the keeper, if this agent started it
         self.ranks: dict[str, int] = {}     # what it ran when we connected: spool name -> pid
@@ -171,7 +179,7 @@ class KeeperLink:
         link = cls(sock, log)
         try:
             link._send(encode(Op.HELLO), time.monotonic() + REPLY_TIMEOUT)
-            hello = link._answer(Op.RANKS, None, time.monotonic() + REPLY_TIMEOUT)
+            hello = link._answer(Op.RANKS, time.monotonic() + REPLY_TIMEOUT)
         except KeeperLost:
             link.close()
             raise
@@ -186,23 +194,26 @@ class KeeperLink:
         """Tell the keeper how long its ranks may run with no agent before the master has given up on them."""
         self._send(encode(Op.LEASE, seconds=seconds), time.monotonic() + REPLY_TIMEOUT)
 
-    def spawn(self, spool: str, command: str, cwd: str, env: dict[str, str]) -> tuple[int, int | None]:
-        """Start a rank whose spool directory is named ``spool``: its pid and /proc start time.
+    def spawn(self, spool: str, command: str, cwd: str, env: dict[str, str]) -> None:
+        """Ask for a rank whose spool directory is named ``spool``; the answer comes from events() as Spawned.
 
-        SpawnError when the keeper could not start it; KeeperLost when the link broke
-        (the rank may then have started: its processes are the caller's to stop).
+        Not waiting for it spares the agent a round trip per rank.  KeeperLost when
+        the link broke (the rank may then have started: its processes are the
+        caller's to stop).
         """
         deadline = time.monotonic() + REPLY_TIMEOUT
         self._send(encode(Op.SPAWN, spool=spool, command=command, cwd=cwd, env=env, deadline=deadline), deadline)
-        answer = self._answer(Op.SPAWNED, spool, deadline)
-        if answer["error"] is not None or answer["pid"] is None:
-            raise SpawnError(answer["error"] or "the keeper gave no pid")
-        return answer["pid"], answer["start_time"]
+        self.unanswered[spool] = deadline
 
-    def exits(self) -> list[Exited]:
-        """The ends reported since the last call, read without waiting; KeeperLost when the keeper is gone."""
+    def events(self) -> list[Spawned | Exited]:
+        """Answers and ends since the last call, read without waiting, in order.
+
+        KeeperLost when the keeper is gone, or has not answered a spawn request in time.
+        """
         self._receive()
-        self._sort(None, None)
+        self._sort(None)
+        if self.unanswered and min(self.unanswered.values()) < time.monotonic():
+            raise KeeperLost(f"the keeper did not answer within {REPLY_TIMEOUT:g} s")
         due, self.due = self.due, []
         return due
 
@@ -221,17 +232,17 @@ class KeeperLink:
             except OSError as exc:
                 raise KeeperLost(f"the keeper's connection failed: {exc.strerror or exc}") from None
 
-    def _answer(self, op: Op, spool: str | None, deadline: float) -> dict:
-        """The keeper's next ``op`` message (about ``spool``); ends that come first are kept for exits()."""
+    def _answer(self, op: Op, deadline: float) -> dict:
+        """The keeper's next ``op`` message; answers and ends that come first are kept for events()."""
         while True:
-            answer = self._sort(op, spool)
+            answer = self._sort(op)
             if answer is not None:
                 return answer
             self._wait(select.POLLIN, deadline)
             self._receive()
 
-    def _sort(self, op: Op | None, spool: str | None) -> dict | None:
-        """File the complete messages read so far, up to the first ``op`` message (about ``spool``): it is returned."""
+    def _sort(self, op: Op | None) -> dict | None:
+        """File the complete messages read so far, up to the first ``op`` message: it is returned."""
         while (end := self.inbox.find(b"\n")) >= 0:
             line = self.inbox[:end + 1]
             del self.inbox[:end + 1]
@@ -240,7 +251,9 @@ class KeeperLink:
                 self.log.warning("dropped a malformed message from the job keeper: %s", msg)
             elif msg["op"] == Op.EXITED:
                 self.due.append(Exited(msg["spool"], msg["pid"], msg["exit_code"], msg["signal"]))
-            elif msg["op"] == op and spool in (None, msg.get("spool")):
+            elif msg["op"] == Op.SPAWNED and self.unanswered.pop(msg["spool"], None) is not None:
+                self.due.append(Spawned(msg["spool"], msg["pid"], msg["start_time"], msg["error"]))
+            elif msg["op"] == op:
                 return msg
             else:
                 self.log.warning("dropped an unexpected %s message from the job keeper", msg["op"])

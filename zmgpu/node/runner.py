@@ -11,8 +11,8 @@ agent has reported and forgotten the rank can still be served
 it from the agent's next REGISTER (:func:`recent_ends`).
 
 Ranks outlive their agent: the node's job keeper (keeper.py), not the agent,
-is their parent, and it writes each rank's exit status the moment it ends.  At
-spawn the agent records who the rank's process is (:class:`SpawnRecord`), and
+is their parent, and it writes each rank's exit status the moment it ends.  Once
+a rank started the agent records who its process is (:class:`SpawnRecord`), and
 removes that record once the master has the rank's end, so that a successor
 takes over exactly the ranks still unreported (:meth:`RankProcess.adopt`): it
 tails their output from offset 0 and signals their process groups, learns the
@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 from ..model import JOB_ID_PATTERN
 from ..protocol import CHUNK_BYTES, Stream
-from .keeper_link import STATUS_FILE, KeeperLink, KeeperLost, SpawnError, write_status
+from .keeper_link import STATUS_FILE, KeeperLink, KeeperLost, write_status
 from .sweep import ATTEMPT_VAR, JOB_ID_VAR, proc_stat
 
 _JOB_ID = re.compile(JOB_ID_PATTERN)
@@ -176,11 +176,17 @@ class SpawnRecord:
         return record
 
     def save(self, spool: str) -> None:
-        """Write the record atomically, so that a crash leaves the old file or the new one."""
-        path = os.path.join(spool, _PROCESS_FILE)
-        with open(path + ".tmp", "w") as fh:
-            json.dump(dataclasses.asdict(self), fh)
-        os.replace(path + ".tmp", path)
+        """Write the record in one write(2) to a new file: an agent killed meanwhile leaves all of it or none.
+
+        Cheaper than a temporary file and a rename, and as safe here: the spool never
+        holds an older record (a re-dispatch removes it), and a record torn by a
+        system crash reads as none (see :meth:`RankProcess.adopt`).
+        """
+        fd = os.open(os.path.join(spool, _PROCESS_FILE), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, json.dumps(dataclasses.asdict(self)).encode())
+        finally:
+            os.close(fd)
 
     def alive(self) -> bool:
         """True while this very process runs; a zombie has ended, a new process with its pid is not it."""
@@ -204,10 +210,11 @@ class RankProcess:
 
     key: RankKey
     spool: str
+    node_id: str = ""                      # for the reason of a rank that cannot start
     gpu_indices: list[int] = field(default_factory=list)
     kill_grace: float = 10.0
     proc: subprocess.Popen | None = None   # set only for our own child, which waitpid reaps
-    kept: bool = False                     # the keeper is its parent: it reports the end and records it
+    kept: bool = False                     # the keeper is its parent (or asked to be): it reports the end
     spawned: SpawnRecord | None = None     # set for every rank that ran, adopted ones included
     exit_code: int | None = None
     signal: int | None = None
@@ -227,9 +234,11 @@ class RankProcess:
               gpu_indices: list[int], kill_grace: float, keeper: KeeperLink | None) -> "RankProcess":
         """Start one rank, through the keeper if there is one; a rank that cannot start comes back ended.
 
-        Raises KeeperLost when the link to the keeper broke: the rank may have started.
+        A rank asked of the keeper comes back :attr:`pending` until its answer is
+        passed to :meth:`started`.  Raises KeeperLost when the link to the keeper
+        broke: the rank may have started.
         """
-        rank_proc = cls(key, key.spool(state_dir), list(gpu_indices), kill_grace)
+        rank_proc = cls(key, key.spool(state_dir), node_id, list(gpu_indices), kill_grace)
         try:
             rank_proc._create_spool()
         except OSError as exc:
@@ -240,23 +249,28 @@ class RankProcess:
             rank_proc._fail(f"working directory {cwd} does not exist on node {node_id}")
             return rank_proc
         env = {**{str(k): str(v) for k, v in env.items()}, **_job_marks(key, gpu_indices, node_id)}
-        start_time = None
-        try:
-            if keeper is None:
-                pid = rank_proc._spawn_child(command, cwd, env)
-            else:
-                pid, start_time = keeper.spawn(key.name, command, cwd, env)
-                rank_proc.kept = True
-        except (OSError, ValueError, SpawnError) as exc:
-            # ValueError: an environment name or value the kernel cannot take (NUL, '=').
-            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            rank_proc._fail(f"cannot start the job on node {node_id}: {detail}")
+        if keeper is not None:
+            keeper.spawn(key.name, command, cwd, env)
+            rank_proc.kept = True
             return rank_proc
-        except KeeperLost:
-            rank_proc.close()
-            raise
-        rank_proc._record_spawn(pid, start_time)
+        try:
+            pid = rank_proc._spawn_child(command, cwd, env)
+        except (OSError, ValueError) as exc:
+            # ValueError: an environment name or value the kernel cannot take (NUL, '=').
+            rank_proc._fail_start(exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))
+            return rank_proc
+        rank_proc._begin(pid, None)
         return rank_proc
+
+    def started(self, pid: int | None, start_time: int | None, error: str | None) -> None:
+        """The keeper answered the spawn request: the rank runs as ``pid``, or it could not start (``error``)."""
+        if error is not None or pid is None:
+            self.kept = False   # no process: the end to record is this agent's
+            self._fail_start(error or "the keeper gave no pid")
+            return
+        self._begin(pid, start_time)
+        if self.killed:
+            self._terminate()   # a KILL came while the keeper was starting it
 
     def _spawn_child(self, command: str, cwd: str, env: dict[str, str]) -> int:
         """Start the rank as this agent's own child, as the keeper would; its pid."""
@@ -280,7 +294,8 @@ class RankProcess:
         try:
             rank_proc.spawned = SpawnRecord.load(spool)
             rank_proc.kill_grace = rank_proc.spawned.kill_grace
-        except FileNotFoundError:
+        except (FileNotFoundError, json.JSONDecodeError):
+            # No record, or one torn by a system crash (it is written in one go).
             if key.name not in kept:
                 return None     # reported already, or never started
             # The agent died between the keeper's spawn and its record of it.
@@ -332,18 +347,23 @@ class RankProcess:
         return rank_proc
 
     def _create_spool(self) -> None:
-        """The spool directory, without the end and the spawn of an earlier dispatch, and readers on its output.
+        """The spool directory, without the end and the spawn record of an earlier dispatch.
 
-        Whoever starts the rank empties the output files (a re-dispatched rank starts over).
+        Whoever starts the rank creates and empties the output files (a re-dispatched
+        rank starts over), so they are left alone here.  Each step is a file-system
+        metadata operation, the main cost of a short job: a new spool needs one.
         """
-        os.makedirs(self.spool, exist_ok=True)
-        for name in (STATUS_FILE, _PROCESS_FILE):
-            _unlink(os.path.join(self.spool, name))
-        self._open_readers(os.O_CREAT)
+        try:
+            os.mkdir(self.spool)
+        except FileNotFoundError:
+            os.makedirs(self.spool, exist_ok=True)    # the node's first rank: no jobs directory yet
+        except FileExistsError:
+            for name in (STATUS_FILE, _PROCESS_FILE):
+                _unlink(os.path.join(self.spool, name))
 
-    def _open_readers(self, flags: int = 0) -> None:
+    def _open_readers(self) -> None:
         for stream in Stream:
-            self._readers[stream] = os.open(os.path.join(self.spool, stream.value), os.O_RDONLY | flags, 0o644)
+            self._readers[stream] = os.open(os.path.join(self.spool, stream.value), os.O_RDONLY)
 
     def _record_spawn(self, pid: int, start_time: int | None) -> None:
         self.spawned = SpawnRecord.of(pid, self.kill_grace, start_time)
@@ -351,6 +371,17 @@ class RankProcess:
             self.spawned.save(self.spool)
         except OSError:
             pass  # the job runs all the same; only an agent restarted meanwhile would not find it
+
+    def _begin(self, pid: int, start_time: int | None) -> None:
+        """The rank just started as ``pid``: record who it is and read its output from now on."""
+        self._record_spawn(pid, start_time)
+        try:
+            self._open_readers()
+        except OSError:
+            self.close()    # its output is lost (the spool went away); its end is still reported
+
+    def _fail_start(self, detail: str) -> None:
+        self._fail(f"cannot start the job on node {self.node_id}: {detail}")
 
     def _fail(self, reason: str) -> None:
         """End a rank that never ran; there is no process to report as started."""
@@ -381,6 +412,11 @@ class RankProcess:
     def running(self) -> bool:
         return self.spawned is not None and not self.ended
 
+    @property
+    def pending(self) -> bool:
+        """Asked of the keeper, which has not answered yet: neither running nor ended."""
+        return self.kept and self.spawned is None and not self.ended
+
     def poll(self) -> bool:
         """True when the rank has just ended: reported by the keeper, reaped if our child, gone from /proc."""
         if not self.running:
@@ -405,15 +441,22 @@ class RankProcess:
         return True
 
     def kill(self, now: float) -> bool:
-        """SIGCONT and SIGTERM to the rank's process group; SIGKILL follows after the grace period."""
-        if not self.running:
+        """SIGCONT and SIGTERM to the rank's process group; SIGKILL follows after the grace period.
+
+        A pending rank gets them once it has started.
+        """
+        if self.ended:
             return False
         self.killed = True
         if self.kill_deadline is None:
             self.kill_deadline = now + self.kill_grace
+        if self.spawned is not None:
+            self._terminate()
+        return True
+
+    def _terminate(self) -> None:
         self.spawned.signal_group(signal.SIGCONT)    # a stopped process would never see the SIGTERM
         self.spawned.signal_group(signal.SIGTERM)
-        return True
 
     def escalate(self, now: float) -> bool:
         """SIGKILL the group once the grace period of a KILL has run out; True when it did."""
