@@ -122,7 +122,7 @@ def test_array_limit_counts_tasks_started_in_the_same_pass():
 def test_node_down_pins_and_too_big_for_usable_nodes_do_not_block():
     capacity = {"a": [0, 1, 2, 3]}
     pending = [Request("pinned", 1, {"b": [0]}), Request("huge", 6), Request("ok", 1)]
-    starts, waits = schedule(pending, view(FOUR, capacity, unusable={"b"}))
+    starts, waits = schedule(pending, view(FOUR, capacity))
     assert [j for j, _ in starts] == ["ok"]
     assert waits == {"pinned": WaitReason.NODE_DOWN, "huge": WaitReason.NODE_DOWN}
 

@@ -25,9 +25,9 @@ def default_state_dir() -> str:
     return os.path.join(base, "zmgpu")
 
 
-def _bounded(default, check, expected: str, **kw):
+def _bounded(default, check, expected: str):
     """A field whose value must pass ``check``; ``expected`` completes "must be ..." in the error."""
-    return dataclasses.field(default=default, metadata={"check": check, "expected": expected}, **kw)
+    return dataclasses.field(default=default, metadata={"check": check, "expected": expected})
 
 
 def _port(default, allow_zero: bool = True):

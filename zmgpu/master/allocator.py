@@ -65,7 +65,6 @@ class View:
     capacity: GpuMap                    # usable nodes -> all their GPU indices
     load: dict[str, int] = field(default_factory=dict)   # ranks per node, to spread CPU jobs
     running: list[Running] = field(default_factory=list)
-    unusable: set[str] = field(default_factory=set)      # down or drained nodes
     now: float = 0.0
     user_gpu_limit: int | None = None
 

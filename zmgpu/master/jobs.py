@@ -12,14 +12,12 @@ import time
 
 from .. import protocol
 from ..model import JobState, format_duration
-from ..protocol import Message, MsgType, Stream
+from ..protocol import Message, MsgType
 from . import allocator
-from .output import OutputSpool
+from .output import STREAMS, OutputSpool
 from .reactor import Reactor
 from .state import ClusterState, JobRecord, RankRecord
 from .store import Store
-
-_STREAMS = {s.value for s in Stream}
 
 
 class JobService:
@@ -50,14 +48,12 @@ class JobService:
         }
 
     def job_dict(self, job: JobRecord) -> dict:
-        return job.to_dict(self.spool.sizes)
+        return job.to_dict(self.spool.size)
 
     def publish_job(self, job: JobRecord) -> None:
         """Tell subscribers about a change, and have the store write it at the end of the turn."""
         self.store.job_changed(job)
-        topic = protocol.job_topic(job.job_id, "state")
-        if self.reactor.wants(topic):
-            self.reactor.publish(topic, MsgType.JOB_STATE, self.job_dict(job))
+        self.reactor.publish(protocol.job_topic(job.job_id, "state"), MsgType.JOB_STATE, lambda: self.job_dict(job))
 
     def enqueue(self, job: JobRecord) -> None:
         """A new or requeued job joins the pending queue."""
@@ -68,6 +64,25 @@ class JobService:
         self.store.seq = self.state.next_seq
         self.dirty = True
         self.publish_job(job)
+        self.cancel_if_dependency_failed(job)
+
+    def unqueue(self, job: JobRecord) -> None:
+        """Undo :meth:`enqueue` for a job never acknowledged (its submit could not be stored)."""
+        del self.state.jobs[job.job_id]
+        if job.job_id in self.state.pending:
+            self.state.pending.remove(job.job_id)
+        self.unreasoned.discard(job.job_id)
+        for dep in job.after:
+            self.state.dependents.get(dep, set()).discard(job.job_id)
+        self._drop_from_array(job)
+        self.store.forget_unsaved([job.job_id])
+
+    def _drop_from_array(self, job: JobRecord) -> None:
+        tasks = self.state.arrays.get(job.array_job_id)
+        if tasks is not None and job.job_id in tasks:
+            tasks.remove(job.job_id)
+            if not tasks:
+                del self.state.arrays[job.array_job_id]
 
     def cancel(self, job: JobRecord, user: str) -> None:
         """End a pending job now, or ask the nodes of a running one to stop it."""
@@ -86,6 +101,8 @@ class JobService:
         if not self.dirty:
             return
         self.dirty = False
+        if not len(self.state.pending):
+            return
         starts, waits = allocator.schedule(self._requests(), self._view())
         for job_id, reason in waits.items():
             self._set_reason(self.state.jobs[job_id], reason)
@@ -100,13 +117,16 @@ class JobService:
             self._start(self.state.jobs[job_id], placement)
 
     def _requests(self):
-        """Pending jobs as allocator requests, in queue order, built only as far as the pass reads."""
+        """Pending jobs as allocator requests, in queue order, built only as far as the pass reads.
+
+        Reading changes nothing (failed dependencies are settled when they end), so the queue is
+        walked in place, not copied.
+        """
         for job_id in self.state.pending:
             job = self.state.jobs[job_id]
-            hold = self._dependency_hold(job)
-            if job.state is JobState.PENDING:   # a failed dependency cancels it instead
-                yield allocator.Request(job.job_id, job.gpus, job.pins, job.user, job.time_limit,
-                                        job.array_job_id, job.array_limit, hold)
+            hold = allocator.WaitReason.DEPENDENCY if self._waits_for_dependency(job) else None
+            yield allocator.Request(job.job_id, job.gpus, job.pins, job.user, job.time_limit,
+                                    job.array_job_id, job.array_limit, hold)
 
     def _set_reason(self, job: JobRecord, reason: allocator.WaitReason) -> None:
         if job.reason != reason.value and job.state is JobState.PENDING:
@@ -121,8 +141,7 @@ class JobService:
             free={n.node_id: n.free_gpus() for n in usable},
             capacity={n.node_id: [g.index for g in n.gpus] for n in usable},
             load={n.node_id: len(n.ranks) for n in usable},
-            running=running, unusable={n.node_id for n in nodes if not n.usable},
-            now=time.time(), user_gpu_limit=self.user_gpu_limit)
+            running=running, now=time.time(), user_gpu_limit=self.user_gpu_limit)
 
     def track_dependencies(self, job: JobRecord) -> None:
         """Index ``job`` under each job it waits for, so their end settles it wherever it is in the queue."""
@@ -133,8 +152,8 @@ class JobService:
         """A job ended: cancel the pending jobs that needed it to complete (unless --after-any)."""
         for job_id in sorted(self.state.dependents.pop(dep.job_id, ())):
             job = self.state.jobs.get(job_id)
-            if job is not None and job.state is JobState.PENDING:
-                self._dependency_hold(job)
+            if job is not None:
+                self.cancel_if_dependency_failed(job)
 
     def _running_view(self, job: JobRecord) -> allocator.Running:
         """What the allocator needs of a running job, rebuilt only when one of its ranks ends."""
@@ -144,20 +163,19 @@ class JobService:
                 [(r.node_id, r.gpu_indices) for _, r in job.live_ranks()], job.user, job.deadline, job.array_job_id)
         return view
 
-    def _dependency_hold(self, job: JobRecord) -> allocator.WaitReason | None:
-        """DEPENDENCY while an --after job runs; cancels ``job`` when one ended badly (without --after-any)."""
-        if not job.after:
-            return None
-        deps = [d for d in (self.state.jobs.get(dep) for dep in job.after) if d is not None]
-        # Without --after-any, one dependency that ended badly is enough: the others need not be waited for.
-        bad = next((d for d in deps if d.state.finished and d.state is not JobState.COMPLETED), None)
-        if bad is not None and not job.after_any:
+    def _waits_for_dependency(self, job: JobRecord) -> bool:
+        """An --after job of ``job`` has not ended yet."""
+        return any(not dep.state.finished for dep in map(self.state.jobs.get, job.after) if dep is not None)
+
+    def cancel_if_dependency_failed(self, job: JobRecord) -> None:
+        """Without --after-any, one --after job that ended badly cancels ``job`` at once."""
+        if job.state is not JobState.PENDING or job.after_any:
+            return
+        bad = next((dep for dep in map(self.state.jobs.get, job.after)
+                    if dep is not None and dep.state.finished and dep.state is not JobState.COMPLETED), None)
+        if bad is not None:
             self.state.pending.remove(job.job_id)
             self._finish(job, JobState.CANCELLED, f"dependency {bad.job_id} ended {bad.state.value}")
-            return None
-        if any(not d.state.finished for d in deps):
-            return allocator.WaitReason.DEPENDENCY
-        return None
 
     def _start(self, job: JobRecord, placement: allocator.Placement) -> None:
         """Hold the GPUs and mark the job running; its DISPATCH goes out once that is stored."""
@@ -165,10 +183,8 @@ class JobService:
         self.state.pending.remove(job.job_id)
         self.state.running.add(job.job_id)
         job.state, job.reason, job.start_time = JobState.RUNNING, None, time.time()
-        for rank, part in enumerate(job.ranks):
-            node = self.state.nodes[part.node_id]
-            node.holders.update(dict.fromkeys(part.gpu_indices, job.job_id))
-            node.ranks.add((job.job_id, rank))
+        for rank in range(len(job.ranks)):
+            self.hold_rank(job, rank)
         where = " ".join(f"{r.node_id}:{','.join(map(str, r.gpu_indices)) or '-'}" for r in job.ranks)
         self.log.info("job %s started on %s for %s: %s", job.job_id, where, job.user, job.command)
         self.publish_job(job)
@@ -234,24 +250,26 @@ class JobService:
                 self.store.job_changed(job)
                 self.log.info("job %s reached its time limit of %s", job.job_id, format_duration(job.time_limit))
                 self.kill_ranks(job, "time limit reached")
-            elif (job.timed_out or job.cancel_by) and now - job.kill_sent > self.kill_grace + 5:
-                self.kill_ranks(job, "cancelled" if job.cancel_by else "time limit reached")
+            elif now - job.kill_sent > self.kill_grace + 5:
+                self.repeat_kill(job)
+
+    def repeat_kill(self, job: JobRecord) -> None:
+        """Send a cancelled or timed-out job's KILL again (the first may have been lost)."""
+        if job.cancel_by or job.timed_out:
+            self.kill_ranks(job, "cancelled" if job.cancel_by else "time limit reached")
 
     def purge_finished(self) -> None:
-        """Forget finished jobs older than the retention time, with their output, unless still depended on."""
+        """Forget finished jobs older than the retention time, with their output.
+
+        A job's dependents were settled when it ended, so forgetting it cannot change them.
+        """
         cutoff = time.time() - self.retention
-        needed = {dep for jid in self.state.pending for dep in self.state.jobs[jid].after}
-        old = [j for j in self.state.jobs.values()
-               if j.state.finished and j.end_time < cutoff and j.job_id not in needed]
+        old = [j for j in self.state.jobs.values() if j.state.finished and j.end_time < cutoff]
         for job in old:
             del self.state.jobs[job.job_id]
             self.store.job_deleted(job.job_id)
-            self.spool.discard(job.job_id, len(job.ranks))
-            tasks = self.state.arrays.get(job.array_job_id)
-            if tasks is not None:
-                tasks.remove(job.job_id)
-                if not tasks:
-                    del self.state.arrays[job.array_job_id]
+            self._drop_from_array(job)
+        self.spool.discard({job.job_id for job in old})
         if old:
             self.log.info("forgot %d job(s) that ended more than %s ago", len(old), format_duration(self.retention))
 
@@ -281,7 +299,7 @@ class JobService:
     def on_output(self, identity: bytes, msg: Message) -> None:
         """Spool a chunk by offset, publish what is new, ask for a resend on a gap."""
         body = msg.body
-        if body["stream"] not in _STREAMS or self._rank_from(identity, body) is None:
+        if body["stream"] not in STREAMS or self._rank_from(identity, body) is None:
             return
         key = (body["job_id"], body["rank"], body["stream"])
         result = self.spool.append(key, body["offset"], msg.payload[0])
@@ -290,7 +308,7 @@ class JobService:
             self.reactor.send(identity, MsgType.RESEND, {**rank_key, "offset": result.offset})
         elif result.data:
             self.reactor.publish(protocol.job_topic(body["job_id"], "output"), MsgType.OUTPUT,
-                                 {**rank_key, "offset": result.offset}, result.data)
+                                 lambda: {**rank_key, "offset": result.offset}, result.data)
 
     def on_job_ended(self, identity: bytes, msg: Message) -> None:
         """A rank's process ended (or never started): record it through the common path."""
@@ -303,7 +321,7 @@ class JobService:
         part = job.ranks[rank]
         sizes = report.get("sizes")
         for stream, size in (sizes.items() if isinstance(sizes, dict) else ()):
-            if stream not in _STREAMS or not isinstance(size, int):
+            if stream not in STREAMS or not isinstance(size, int):
                 continue
             part.final_sizes[stream] = size
             held = self.spool.size((job.job_id, rank, stream))
@@ -315,6 +333,13 @@ class JobService:
                       signal if isinstance(signal, int) else None, reason if isinstance(reason, str) else None)
 
     # -- ending ----------------------------------------------------------------------------------
+
+    def hold_rank(self, job: JobRecord, rank: int) -> None:
+        """Mark one rank's GPUs as held and the rank as placed on its node (undone by :meth:`_release`)."""
+        part = job.ranks[rank]
+        node = self.state.nodes[part.node_id]
+        node.holders.update(dict.fromkeys(part.gpu_indices, job.job_id))
+        node.ranks.add((job.job_id, rank))
 
     def _release(self, job: JobRecord, rank: int) -> None:
         """Give one rank's GPUs and its place on its node back."""

@@ -8,7 +8,6 @@ end reveals a gap that the reactor asks the node to fill.
 
 from __future__ import annotations
 
-import glob
 import os
 from dataclasses import dataclass
 
@@ -80,12 +79,16 @@ class OutputSpool:
                 os.replace(self._path(key), f"{self._path(key)}.attempt{attempt}")
             self.sizes.pop(key, None)
 
-    def discard(self, job_id: str, ranks: int) -> None:
-        """Delete a forgotten job's output (set-aside attempts too)."""
-        for key in self._keys(job_id, ranks):
-            self.sizes.pop(key, None)
-            for path in [self._path(key), *glob.glob(glob.escape(self._path(key)) + ".attempt*")]:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+    def discard(self, job_ids: set[str]) -> None:
+        """Delete forgotten jobs' output, set-aside attempts too, in one pass over the spool directory."""
+        if not job_ids:
+            return
+        for key in [k for k in self.sizes if k[0] in job_ids]:
+            del self.sizes[key]
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                if entry.name.split(".", 1)[0] in job_ids:
+                    try:
+                        os.unlink(entry.path)
+                    except FileNotFoundError:
+                        pass

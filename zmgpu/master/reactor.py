@@ -120,10 +120,11 @@ class Reactor:
         """Whether any client subscribed to a prefix of ``topic`` (so it is worth building the message)."""
         return any(topic.startswith(prefix) for prefix in self.subscriptions)
 
-    def publish(self, topic: bytes, msg_type: MsgType, body: dict, *payload: bytes) -> None:
-        """Fan out to subscribers, if there are any; drops at the high-water mark and never blocks."""
+    def publish(self, topic: bytes, msg_type: MsgType, make_body: Callable[[], dict], *payload: bytes) -> None:
+        """Fan out to subscribers; the body is built only if someone subscribed.  Drops at the high-water
+        mark and never blocks."""
         if self.wants(topic):
-            self.pub.send_multipart([topic, *encode(msg_type, body, *payload)], zmq.NOBLOCK)
+            self.pub.send_multipart([topic, *encode(msg_type, make_body(), *payload)], zmq.NOBLOCK)
 
     def _read_subscriptions(self) -> None:
         # XPUB passes each prefix's first subscribe and last unsubscribe on: a set mirrors it exactly.

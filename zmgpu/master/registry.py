@@ -87,7 +87,7 @@ class NodeRegistry:
         else:
             node.hostname, node.address, node.gpus = body["hostname"], body["address"], gpus
         node.state, node.instance, node.suspect, node.registered = NodeState.UP, instance, False, True
-        self.seen(identity)
+        node.heard, node.last_seen, node.reachable = time.monotonic(), time.time(), True
         self._log_connected(node)
         self._reconcile(node, body["jobs"])
         # How long the node's keeper lets jobs run with no agent: a little less than the time after which
@@ -193,7 +193,15 @@ class NodeRegistry:
             self.jobs.end_rank(self.state.jobs[job_id], rank, reason=reason, lost=True)
         self.publish(node)
 
+    def set_drain(self, node: NodeRecord, reason: str | None, user: str) -> None:
+        """An admin drains a node (no new jobs there; running ones finish) or, with None, resumes it."""
+        node.drain_reason = reason
+        self.log.info("node %s %s by %s%s", node.node_id, "drained" if reason else "resumed", user,
+                      f": {reason}" if reason else "")
+        self.jobs.dirty = True
+        self.publish(node)
+
     def publish(self, node: NodeRecord) -> None:
         """Tell subscribers, and have the store write the node at the end of the turn."""
         self.jobs.store.node_changed(node)
-        self.reactor.publish(node_topic(node.node_id), MsgType.NODE_STATE, node.to_dict())
+        self.reactor.publish(node_topic(node.node_id), MsgType.NODE_STATE, node.to_dict)

@@ -8,9 +8,11 @@ master's ``admins`` list) may raise priorities and drain or resume nodes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import secrets
+import time
 from dataclasses import dataclass, field
 
 from .. import protocol
@@ -20,6 +22,7 @@ from . import allocator
 from .jobs import JobService
 from .output import STREAMS
 from .state import ClusterState, JobRecord, NodeRecord
+from .registry import NodeRegistry
 from .store import Store, StoreError, env_id
 
 _JOB_ID = re.compile(JOB_ID_PATTERN)
@@ -46,10 +49,11 @@ class Outgoing:
 class ClientRequests:
     """Handlers for everything a ``zmgpu`` client may ask."""
 
-    def __init__(self, state: ClusterState, jobs: JobService, admins: list[str],
+    def __init__(self, state: ClusterState, jobs: JobService, registry: NodeRegistry, admins: list[str],
                  default_time_limit: int | None, max_time_limit: int | None):
         self.state = state
         self.jobs = jobs
+        self.registry = registry
         self.admins = set(admins)
         self.default_time_limit = default_time_limit
         self.max_time_limit = max_time_limit
@@ -86,26 +90,24 @@ class ClientRequests:
 
     def commit_and_reply(self, store: Store) -> None:
         """Store the turn's changes, then answer: a submit is acknowledged only once it is on disk."""
+        if not self.outbox:
+            return   # nothing to answer: the end-of-turn commit will do
         try:
             store.flush()
         except StoreError as exc:
-            self._revoke(store, exc)
+            self._revoke(exc)
         for out in self.outbox:
             self.jobs.reactor.send(out.identity, MsgType.REPLY, out.body, *out.payload)
         self.outbox.clear()
 
-    def _revoke(self, store: Store, exc: StoreError) -> None:
+    def _revoke(self, exc: StoreError) -> None:
         """Turn this turn's unsaved submits into errors and forget those jobs."""
-        self.jobs.log.error("%s; refusing this turn's submits", exc)
         for out in self.outbox:
             if not out.new_jobs:
                 continue
+            self.jobs.log.error("%s; refusing a submit", exc)
             for job_id in out.new_jobs:
-                job = self.state.jobs.pop(job_id)
-                if job_id in self.state.pending:
-                    self.state.pending.remove(job_id)
-                self.state.arrays.pop(job.array_job_id, None)
-            store.forget_unsaved(out.new_jobs)
+                self.jobs.unqueue(self.state.jobs[job_id])
             out.body = error_reply(out.body["req"], ErrorCode.STORE_FAILED,
                                    f"the master could not store the job, so it was not queued ({exc})")
             out.payload = []
@@ -223,8 +225,8 @@ class ClientRequests:
 
     def _record(self, template: JobRecord, job_id: str, **array) -> JobRecord:
         self.state.next_seq += 1
-        fields = {k: v for k, v in vars(template).items() if k not in ("job_id", "seq", "submit_time")}
-        return JobRecord(job_id=job_id, seq=self.state.next_seq, **{**fields, **array})
+        return dataclasses.replace(template, job_id=job_id, seq=self.state.next_seq, submit_time=time.time(),
+                                   ranks=[], **array)
 
     def on_queue(self, body: dict) -> tuple:
         """List jobs (active ones, or all with ``all``; filtered by owner, states, ids) and nodes."""
@@ -291,18 +293,14 @@ class ClientRequests:
         """Admin: place nothing new on a node; what runs there finishes."""
         self._admin(body["user"], "drain nodes")
         node = self._node(body["node_id"])
-        node.drain_reason = body["reason"] or "drained"
-        self.jobs.log.info("node %s drained by %s: %s", node.node_id, body["user"], node.drain_reason)
-        self.jobs.dirty = True
+        self.registry.set_drain(node, body["reason"] or "drained", body["user"])
         return ({"message": f"node {node.node_id} drained"},)
 
     def on_resume(self, body: dict) -> tuple:
         """Admin: undo a drain."""
         self._admin(body["user"], "resume nodes")
         node = self._node(body["node_id"])
-        node.drain_reason = None
-        self.jobs.log.info("node %s resumed by %s", node.node_id, body["user"])
-        self.jobs.dirty = True
+        self.registry.set_drain(node, None, body["user"])
         return ({"message": f"node {node.node_id} resumed"},)
 
 

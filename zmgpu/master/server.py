@@ -32,9 +32,9 @@ class Master:
         self.jobs = JobService(self.state, self.reactor, OutputSpool(config.state_dir), self.store,
                                config.kill_grace, config.max_requeue, config.user_gpu_limit,
                                config.finished_retention, log)
-        self.requests = ClientRequests(self.state, self.jobs, config.admins, *time_limits)
         self.registry = NodeRegistry(self.state, self.reactor, self.jobs, config.heartbeat_interval,
                                      config.node_timeout, config.node_dead_timeout, log)
+        self.requests = ClientRequests(self.state, self.jobs, self.registry, config.admins, *time_limits)
         self.reactor.handlers = {**self.requests.handlers(), **self.jobs.handlers(), **self.registry.handlers()}
         self.reactor.peer_seen = self.registry.seen
         self.reactor.after_turn = self._end_of_turn
@@ -62,6 +62,8 @@ class Master:
                 self.jobs.track_dependencies(job)
             elif job.state is JobState.RUNNING:
                 self._hold(job)
+        for job in jobs:
+            self.jobs.cancel_if_dependency_failed(job)
         if jobs or nodes:
             self.log.info("restored %d job(s) (%d pending, %d running) and %d node(s) from %s",
                           len(jobs), len(self.state.pending), len(self.state.running), len(nodes),
@@ -72,12 +74,10 @@ class Master:
         """A restored running job keeps its GPUs until its nodes say otherwise."""
         self.state.running.add(job.job_id)
         for rank, part in job.live_ranks():
-            node = self.state.nodes.get(part.node_id)
-            if node is None:
+            if part.node_id in self.state.nodes:
+                self.jobs.hold_rank(job, rank)
+            else:
                 self.jobs.end_rank(job, rank, lost=True, reason=f"node {part.node_id} is unknown after a restart")
-                continue
-            node.holders.update(dict.fromkeys(part.gpu_indices, job.job_id))
-            node.ranks.add((job.job_id, rank))
 
     def _end_of_turn(self) -> None:
         """Commit and answer this turn's requests, schedule once, commit that, then dispatch."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import time
+from typing import Callable
 from dataclasses import dataclass, field
 
 from ..model import GpuInfo, JobState, NodeState, NodeStatus
@@ -141,11 +142,12 @@ class JobRecord:
     def live_ranks(self) -> list[tuple[int, RankRecord]]:
         return [(i, r) for i, r in enumerate(self.ranks) if not r.ended]
 
-    def to_dict(self, sizes: dict[tuple[str, int, str], int]) -> dict:
+    def to_dict(self, size: Callable[[tuple[str, int, str]], int]) -> dict:
+        """The wire dict; ``size`` tells how many bytes of a (job, rank, stream) the master holds."""
         # Once a rank has ended, the size its node reported is the one a client must reach.
         outputs = [
             {"rank": i, "stream": s.value,
-             "size": max(sizes.get((self.job_id, i, s.value), 0), r.final_sizes.get(s.value, 0))}
+             "size": max(size((self.job_id, i, s.value)), r.final_sizes.get(s.value, 0))}
             for i, r in enumerate(self.ranks) for s in Stream
         ]
         return {
@@ -183,7 +185,8 @@ class PendingQueue:
         return job_id in self._by_id
 
     def __iter__(self):
-        return (key[2] for key in list(self._keys))
+        # No copy: a pass only reads; jobs leave the queue after the pass (see JobService._requests).
+        return (key[2] for key in self._keys)
 
     def __len__(self) -> int:
         return len(self._keys)

@@ -113,12 +113,19 @@ class Store:
                 self.db.executemany("INSERT OR IGNORE INTO envs VALUES (?, ?)", envs.items())
                 self.db.executemany("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?)", [job_to_row(j) for j in jobs])
                 self.db.executemany("DELETE FROM jobs WHERE job_id = ?", [(j,) for j in self.deleted_jobs])
+                kept = None
+                if self.deleted_jobs:
+                    # Environments are shared by content; drop those no job uses any more.
+                    self.db.execute("DELETE FROM envs WHERE env_id NOT IN (SELECT env_id FROM jobs)")
+                    kept = {env_id for (env_id,) in self.db.execute("SELECT env_id FROM envs")}
                 self.db.executemany("INSERT OR REPLACE INTO nodes VALUES (?, ?)",
                                     [(n.node_id, json.dumps(self._node_data(n))) for n in self.dirty_nodes.values()])
                 if self.seq is not None:
                     self.db.execute("INSERT OR REPLACE INTO meta VALUES ('seq', ?)", (str(self.seq),))
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write the job database: {exc}") from None
+        if kept is not None:
+            self.known_envs = kept
         self.known_envs.update(envs)
         self.dirty_jobs.clear()
         self.deleted_jobs.clear()
