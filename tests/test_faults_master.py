@@ -5,6 +5,7 @@ Every daemon is the real one.  A stopped master is started again on the same sta
 the same ports, so the node agents and clients find it again as they would in a lab.
 """
 
+import getpass
 import resource
 import signal
 import sys
@@ -211,3 +212,21 @@ def test_sigterm_master_exits_0_and_a_restart_shows_every_job_as_it_was(fresh_pa
     (workdir / "release").touch()
     ended = cluster.wait_jobs_ended([held, pending])
     assert {j: job["state"] for j, job in ended.items()} == {held: "COMPLETED", pending: "COMPLETED"}
+
+
+def test_a_drain_survives_a_master_restart(bare_cluster, tmp_path, workdir):
+    cluster = bare_cluster
+    config = tmp_path / "master.yaml"
+    config.write_text(f"admins: [{getpass.getuser()}]\n")
+    cluster.start_master(0, 0, "--config", str(config))
+    cluster.start_node("n1")
+    cluster.wait_nodes_up(1)
+    cluster.cli("drain", "n1", "--reason", "new driver")
+    cluster.stop(cluster.master, signal.SIGKILL)
+    cluster.start_master(cluster.port, cluster.pub_port, "--config", str(config))
+    poll(lambda: cluster.node("n1")["status"] != "suspect", 10, "n1 to register again")
+    node = cluster.node("n1")
+    assert (node["status"], node["drain_reason"]) == ("drained", "new driver"), node
+    job_id = cluster.submit("true", "--gpus", "1", cwd=workdir)
+    poll(lambda: cluster.job(job_id)["reason"], 5, "the job's wait reason")
+    assert cluster.job(job_id)["state"] == "PENDING"
