@@ -1,8 +1,7 @@
-"""Fault injection on node agents: ``kill -9`` while jobs run, and a frozen node that comes back.
+"""Fault injection on node agents: a frozen node that comes back (``kill -9`` of an agent is in
+test_node_keeper.py).
 
-A killed agent's jobs live on in their own sessions; the agent started in its place must report
-their output and how they ended, even for a job that ended while no agent ran.  A node that stops
-answering is first suspect (nothing new goes there), then dead (its requeueable job runs
+A node that stops answering is first suspect (nothing new goes there), then dead (its requeueable job runs
 elsewhere); when it answers again its stale attempt must be stopped, and the job must have run to
 completion once.
 """
@@ -11,55 +10,7 @@ import os
 import signal
 
 from conftest import FINISHED, pid_alive, poll, process_state, written
-from helpers import STDERR_MARKER, job_command, pattern_chunks, wait_for_file_sh
-
-# -- kill -9 of a node agent -----------------------------------------------------------------------
-
-#: Thresholds far above the agent's downtime: the master must wait for the agent, not fail its jobs.
-PATIENT_MASTER = ("--node-timeout", "30", "--node-dead-timeout", "30")
-#: Written by each job before the agent is killed: more than one output chunk.
-BEFORE = 300 * 1024 + 5
-DOWN_LINE = "written while no node agent ran"
-AFTER_LINE = "written after the node agent came back"
-
-
-def test_killed_node_agent_loses_no_output_and_no_exit_status(bare_cluster, workdir):
-    cluster = bare_cluster
-    cluster.start_master(0, 0, *PATIENT_MASTER)
-    cluster.start_node("n1")
-    cluster.wait_nodes_up(1)
-    spew = job_command("spew", str(BEFORE), "0")
-    # Ends while no agent runs, with exit code 3.
-    ends_away = cluster.submit("; ".join([
-        spew, "echo $$ > away.pid", wait_for_file_sh("agent.killed"), f"echo '{DOWN_LINE}'", "exit 3",
-    ]), "--gpus", "1", cwd=workdir)
-    # Runs on after the new agent has taken it over.
-    outlives = cluster.submit("; ".join([
-        spew, wait_for_file_sh("agent.killed"), f"echo '{DOWN_LINE}'", "touch outlives.down",
-        wait_for_file_sh("agent.back"), f"echo '{AFTER_LINE}'",
-    ]), "--gpus", "1", cwd=workdir)
-    for job_id in (ends_away, outlives):
-        poll(lambda: cluster.output_size(job_id) == BEFORE, 20, f"the first part of job {job_id}'s output")
-
-    cluster.stop(cluster.nodes["n1"], signal.SIGKILL)
-    (workdir / "agent.killed").touch()
-    away_pid = int(written(workdir / "away.pid"))
-    poll(lambda: not pid_alive(away_pid), 20, "the job to end while no agent runs")
-    poll((workdir / "outlives.down").exists, 20, "the other job to write while no agent runs")
-    cluster.start_node("n1")
-    poll(lambda: cluster.output_size(outlives) == BEFORE + len(DOWN_LINE) + 1, 20,
-         "the output written while no agent ran to reach the master")
-    assert cluster.job(outlives)["state"] == "RUNNING"
-    (workdir / "agent.back").touch()
-
-    jobs = cluster.wait_jobs_ended([ends_away, outlives])
-    head = b"".join(pattern_chunks(BEFORE))
-    assert cluster.output(ends_away) == head + f"{DOWN_LINE}\n".encode()
-    assert cluster.output(outlives) == head + f"{DOWN_LINE}\n{AFTER_LINE}\n".encode()
-    assert cluster.output(ends_away, "stderr") == cluster.output(outlives, "stderr") == STDERR_MARKER
-    ended = {job_id: (job["state"], job["exit_code"], job["signal"]) for job_id, job in jobs.items()}
-    assert ended == {ends_away: ("FAILED", 3, None), outlives: ("COMPLETED", 0, None)}, jobs
-
+from helpers import wait_for_file_sh
 
 # -- a frozen node: suspect, dead, back ------------------------------------------------------------
 

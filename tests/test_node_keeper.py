@@ -56,7 +56,7 @@ def test_job_ending_while_no_agent_runs_keeps_exit_code_and_output(bare_cluster,
     assert pids(workdir / "outlives.pids")[1] == keeper
     assert keeper != agent.popen.pid
     # The master holds the first part: the new agent sends it again from offset 0, as duplicates.
-    poll(lambda: len(cluster.output(ends_away)) == BEFORE, 20, "the first part of the output to reach the master")
+    poll(lambda: cluster.output_size(ends_away) == BEFORE, 20, "the first part of the output to reach the master")
 
     cluster.stop(agent, signal.SIGKILL)
     assert pid_alive(keeper), "the keeper died with the agent"
@@ -66,6 +66,8 @@ def test_job_ending_while_no_agent_runs_keeps_exit_code_and_output(bare_cluster,
 
     agent = cluster.start_node("n1")
     job = cluster.wait_job_state(ends_away, FINISHED)
+    # The adopted job still holds its GPU: the master does not hand it out again.
+    assert [g["job_id"] for g in cluster.node("n1")["gpus"]].count(outlives) == 1
     assert (job["state"], job["exit_code"]) == ("FAILED", 3), job
     assert cluster.output(ends_away) == b"".join(pattern_chunks(BEFORE)) + f"{DOWN_LINE}\n".encode()
     assert cluster.output(ends_away, "stderr") == STDERR_MARKER
@@ -80,6 +82,7 @@ def test_job_ending_while_no_agent_runs_keeps_exit_code_and_output(bare_cluster,
     job = cluster.wait_job_state(outlives, FINISHED)
     assert (job["state"], job["exit_code"]) == ("COMPLETED", 0), job
     assert cluster.output(outlives) == f"first\n{AFTER_LINE}\n".encode()
+    poll(lambda: all(g["job_id"] is None for g in cluster.node("n1")["gpus"]), 10, "the jobs' GPUs to be released")
     assert agent.alive() and pid_alive(keeper)
 
 
