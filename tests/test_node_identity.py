@@ -62,7 +62,7 @@ def test_second_agent_on_a_state_dir_in_use_exits_at_once(bare_cluster, workdir,
     twin = run_program(agent_argv(cluster, "n1-twin", state_dir), timeout=30)
     assert twin.returncode == 1, (twin.returncode, twin.stderr)
     [line] = twin.stderr.strip().splitlines()
-    assert str(state_dir) in line and "already running" in line, line
+    assert str(state_dir) in line and "in use" in line, line
 
     assert first.alive()
     job_id = cluster.submit("true", "--gpus", "1", cwd=workdir)

@@ -82,13 +82,14 @@ class StateDirBusy(Exception):
     """Another live daemon holds the state directory's lock."""
 
 
-def lock_state_dir(state_dir: str):
-    """Hold an exclusive lock on ``<state_dir>/lock`` for the life of the process (the file object is the lock).
+def lock_state_dir(state_dir: str, name: str = "lock"):
+    """Hold an exclusive lock on ``<state_dir>/<name>`` for the life of the process (the file object is the
+    lock); StateDirBusy if a live process holds it.
 
     The kernel drops the lock when the process dies, even by ``kill -9``, so a
     stale lock file never blocks a restart.
     """
-    fh = open(os.path.join(state_dir, "lock"), "a+")
+    fh = open(os.path.join(state_dir, name), "a+")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:

@@ -120,6 +120,7 @@ class Agent:
         self.sock: zmq.Socket | None = None
         self.registered = False                 # the master accepted us on the current socket
         self.heartbeat_interval = config.heartbeat_interval
+        self.master_timeout = config.master_timeout   # raised if the master's heartbeats come slower
         self.last_heard = 0.0
         self.next_heartbeat = 0.0
         self.backoff = BACKOFF_FIRST
@@ -289,9 +290,9 @@ class Agent:
         if self.sock is None:
             deadline = self.reconnect_at
         elif self.registered:
-            deadline = min(self.next_heartbeat, self.last_heard + self.config.master_timeout)
+            deadline = min(self.next_heartbeat, self.last_heard + self.master_timeout)
         else:
-            deadline = self.last_heard + self.config.master_timeout
+            deadline = self.last_heard + self.master_timeout
         kills = [p.deadline for p in self.kills.values()]
         kills += [r.kill_deadline for r in self.ranks.values() if r.running and r.kill_deadline is not None]
         timeout = math.ceil((min([deadline, *kills]) - time.monotonic()) * 1000)
@@ -356,7 +357,7 @@ class Agent:
                 self._connect(now)
             return
         silence = now - self.last_heard
-        if silence > self.config.master_timeout:
+        if silence > self.master_timeout:
             self._disconnect()
             self._retry_later(now, f"no word from the master at {self.endpoint} for {silence:.1f} s")
             return
@@ -419,6 +420,12 @@ class Agent:
         """The master accepted the registration: output may flow, the backoff starts over."""
         if body["heartbeat_interval"] > 0:
             self.heartbeat_interval = body["heartbeat_interval"]
+            # The master heartbeats at this interval too: a shorter silence limit would reconnect in a loop.
+            self.master_timeout = max(self.config.master_timeout, 3 * self.heartbeat_interval)
+            if self.master_timeout > self.config.master_timeout:
+                self.log.warning("the master heartbeats every %g s: waiting %g s of silence before reconnecting, "
+                                 "not the configured %g s", self.heartbeat_interval, self.master_timeout,
+                                 self.config.master_timeout)
         self.registered = True
         self.backoff = BACKOFF_FIRST
         if self.keeper is not None and isinstance(body.get("dead_timeout"), (int, float)):

@@ -9,8 +9,7 @@ import socket
 import sys
 
 from ..config import NodeConfig
-from ..daemon import load_or_exit, setup_logging
-from .identity import lock_state_dir
+from ..daemon import StateDirBusy, describe_state_dir_error, load_or_exit, lock_state_dir, setup_logging
 
 PROG = "zmgpu-node"
 
@@ -48,7 +47,8 @@ def get_parser() -> argparse.ArgumentParser:
                              "machines without NVIDIA hardware; they are marked as simulated everywhere "
                              "(default: real GPUs)")
     parser.add_argument("--heartbeat-interval", metavar="S", type=float, default=None,
-                        help="seconds between heartbeats to the master (default: 1)")
+                        help="seconds between heartbeats to the master until it names its own interval "
+                             "at registration, which then wins (default: 1)")
     parser.add_argument("--master-timeout", metavar="S", type=float, default=None,
                         help="seconds without any word from the master before reconnecting, with a "
                              "backoff of 1 s doubling to 32 s between tries (default: 5)")
@@ -62,12 +62,7 @@ def _problem(config: NodeConfig) -> str | None:
     if not _NODE_ID.fullmatch(config.node_id):
         return (f"node id '{config.node_id}' is not usable: use letters, digits, '.', '_' and '-' "
                 f"(set --node-id)")
-    if not 0 < config.master_port < 65536:
-        return f"master port {config.master_port} is out of range (1-65535)"
-    if config.simulate_gpus is not None and config.simulate_gpus < 0:
-        return f"the number of simulated GPUs must be 0 or more, got {config.simulate_gpus}"
-    if config.heartbeat_interval <= 0:
-        return f"heartbeat interval must be positive, got {config.heartbeat_interval}"
+    # Ranges (port, counts, intervals) are checked by load_config from the NodeConfig fields.
     if config.master_timeout <= config.heartbeat_interval:
         return (f"master timeout ({config.master_timeout} s) must be longer than the heartbeat "
                 f"interval ({config.heartbeat_interval} s)")
@@ -87,13 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     log = setup_logging("zmgpu.node", config.verbose)
     try:
         os.makedirs(os.path.join(config.state_dir, "jobs"), exist_ok=True)
-        lock = lock_state_dir(config.state_dir)
-    except OSError as exc:
-        log.error("cannot use the state directory %s: %s", config.state_dir, exc.strerror or exc)
-        return 1
-    if lock is None:
-        log.error("another node agent is already running on the state directory %s; stop it first, or give "
-                  "this one its own --state-dir", config.state_dir)
+        lock = lock_state_dir(config.state_dir)   # held for the agent's life
+    except (OSError, StateDirBusy) as exc:
+        log.error("%s", describe_state_dir_error(config.state_dir, exc))
         return 1
 
     # Imported here so that the parser above stays cheap for the man page generator.
@@ -106,5 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                  " (simulated)" if gpu.simulated else "")
     if not gpus:
         log.info("no GPUs offered: only CPU jobs (--gpus 0) will run on this node")
-    # The lock stays held (its fd open) until this process exits.
-    return Agent(config, config.node_id, gpus, log).run()
+    try:
+        return Agent(config, config.node_id, gpus, log).run()
+    finally:
+        lock.close()

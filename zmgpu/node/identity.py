@@ -1,8 +1,7 @@
-"""The agent's claims: its state directory (a lock) and its node id (an instance id the master checks).
+"""The agent's claim on its node id: an instance id the master checks.
 
-Two agents must never share a state directory: both would adopt the same ranks
-and report them twice.  An exclusive ``flock`` on ``<state_dir>/lock``, held for
-the agent's life and released by the kernel when it dies, keeps a second one out.
+(Its claim on the state directory is the lock of zmgpu.daemon.lock_state_dir:
+two agents sharing one would adopt the same ranks and report them twice.)
 
 Two agents on different hosts (or state directories) must never share a node
 id either: the master would send one agent's jobs to the other.  Each agent
@@ -17,12 +16,10 @@ its successor out.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import uuid
 
-LOCK_FILE = "lock"
 INSTANCE_FILE = "instance"
 _INSTANCE = re.compile(r"[0-9a-f]{32}")
 
@@ -30,26 +27,6 @@ _INSTANCE = re.compile(r"[0-9a-f]{32}")
 def new_instance() -> str:
     """A fresh instance id for this agent process."""
     return uuid.uuid4().hex
-
-
-def lock_state_dir(state_dir: str) -> int | None:
-    """Lock the state directory for this process's life: the lock's fd, or None if another agent holds it."""
-    return lock_file(os.path.join(state_dir, LOCK_FILE))
-
-
-def lock_file(path: str) -> int | None:
-    """Lock ``path`` (created if need be) for this process's life: the lock's fd, or None if another holds it.
-
-    Raises OSError when the file cannot be opened.  The fd is not inherited by
-    jobs (Python opens it close-on-exec), so a job outliving its agent never holds it.
-    """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
 
 
 def read_instance(state_dir: str) -> str | None:

@@ -34,9 +34,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from ..daemon import SignalPipe, setup_logging
+from ..daemon import SignalPipe, StateDirBusy, lock_state_dir, setup_logging
 from ..protocol import Stream
-from .identity import lock_file
 from .keeper_link import Op, encode, on_short_path, socket_path, take_messages, write_status
 from .sweep import JobProcesses, proc_stat
 
@@ -311,11 +310,15 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + LOCK_WAIT
     try:
         # A keeper that is exiting (idle) still holds the lock for a moment.
-        while (lock := lock_file(os.path.join(state_dir, LOCK_FILE))) is None:
-            if time.monotonic() > deadline:
-                log.error("another keeper already serves %s", state_dir)
-                return 1
-            time.sleep(0.05)
+        while True:
+            try:
+                lock = lock_state_dir(state_dir, LOCK_FILE)
+                break
+            except StateDirBusy:
+                if time.monotonic() > deadline:
+                    log.error("another keeper already serves %s", state_dir)
+                    return 1
+                time.sleep(0.05)   # a retry interval, not a synchronisation: the holder may be exiting
         listener = listen(state_dir)
     except OSError as exc:
         log.error("cannot serve on %s: %s", state_dir, exc.strerror or exc)
@@ -335,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             os.unlink(socket_path(state_dir))
         except FileNotFoundError:
             pass  # the state directory went away
-        os.close(lock)
+        lock.close()
 
 
 if __name__ == "__main__":

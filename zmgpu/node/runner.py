@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 from ..model import JOB_ID_PATTERN
 from ..protocol import CHUNK_BYTES, Stream
-from .keeper_link import STATUS_FILE, KeeperLink, KeeperLost, write_status
+from .keeper_link import STATUS_FILE, KeeperLink, write_status
 from .sweep import ATTEMPT_VAR, JOB_ID_VAR, proc_stat
 
 _JOB_ID = re.compile(JOB_ID_PATTERN)
@@ -235,7 +235,7 @@ class RankProcess:
         """Start one rank, through the keeper if there is one; a rank that cannot start comes back ended.
 
         A rank asked of the keeper comes back :attr:`pending` until its answer is
-        passed to :meth:`started`.  Raises KeeperLost when the link to the keeper
+        passed to :meth:`started`.  Raises keeper_link.KeeperLost when the link to the keeper
         broke: the rank may have started.
         """
         rank_proc = cls(key, key.spool(state_dir), node_id, list(gpu_indices), kill_grace)
