@@ -259,13 +259,14 @@ class Client:
         """One job's dict; ClientError with code ``UNKNOWN_JOB`` if the master has no such job."""
         return self._request(MsgType.JOB, job_id=job_id).body["job"]
 
-    def cancel(self, *job_ids: str) -> list:
+    def cancel(self, *job_ids: str, timeout: Optional[float] = None) -> list:
         """Cancel jobs; one ``{"job_id", "ok", "message"}`` per id, in order.
 
         An id may be a job id, an array task id (``ARRAYID_INDEX``) or an array id
-        (every unfinished task of the array).
+        (every unfinished task of the array).  ``timeout`` overrides the client's
+        connection timeout for this request.
         """
-        return self._request(MsgType.CANCEL, job_ids=list(job_ids)).body["results"]
+        return self._request(MsgType.CANCEL, timeout=timeout, job_ids=list(job_ids)).body["results"]
 
     def nodes(self) -> list:
         """Every node's dict: liveness, ``status`` (a :class:`zmgpu.model.NodeStatus` value), GPUs and holders."""

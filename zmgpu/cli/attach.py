@@ -13,7 +13,7 @@ import math
 import signal
 import sys
 
-from ..errors import Detached, LocalError
+from ..errors import Detached, LocalError, MasterUnreachable
 from ..model import JobState, shell_exit_status
 from .common import (add_connection_timeout, add_max_consecutive_timeouts, add_session_timeout, client_config,
                      ending, job_id_arg, make_client, silence_stdout)
@@ -32,6 +32,9 @@ DESCRIPTION = (
 
 #: Exit status of a session that stopped watching a job which had not ended, by the reason.
 DETACHED_STATUS = {LocalError.DETACHED: 1, LocalError.SESSION_TIMEOUT: 1, LocalError.INTERRUPTED: 130}
+
+#: Seconds the cancel of a first Ctrl-C may wait for the master.
+CANCEL_TIMEOUT = 3.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,7 +84,14 @@ def _on_interrupt(client, job_id: str, count: int) -> bool:
     if count > 1:
         return False
     print(f"zmgpu: cancelling job {job_id} (Ctrl-C again to stop watching)", file=sys.stderr, flush=True)
-    for result in client.cancel(job_id):
+    try:
+        # Briefly: a master that is away must not freeze the terminal for the whole connection timeout.
+        results = client.cancel(job_id, timeout=CANCEL_TIMEOUT)
+    except MasterUnreachable:
+        print(f"zmgpu: the master did not answer, so job {job_id} is not cancelled yet; Ctrl-C again to stop "
+              f"watching, then zmgpu cancel {job_id}", file=sys.stderr, flush=True)
+        return True
+    for result in results:
         if not result["ok"]:
             print(f"zmgpu: {result['message']}", file=sys.stderr, flush=True)
     return True
