@@ -61,12 +61,17 @@ class SignalPipe:
         os.close(self._w)
 
 
-def write_port_file(path: str, **ports: int) -> None:
-    """Atomically write the bound ports as JSON, for supervisors and tests using port 0."""
+def atomic_write(path: str, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a reader (or a crash) never sees half of it; raises OSError."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as fh:
-        json.dump({**ports, "pid": os.getpid()}, fh)
+        fh.write(text)
     os.replace(tmp, path)
+
+
+def write_port_file(path: str, **ports: int) -> None:
+    """Write the bound ports as JSON, for supervisors and tests using port 0."""
+    atomic_write(path, json.dumps({**ports, "pid": os.getpid()}))
 
 
 def load_or_exit(cls, args, prog: str):

@@ -20,6 +20,8 @@ import os
 import re
 import uuid
 
+from ..daemon import atomic_write
+
 INSTANCE_FILE = "instance"
 _INSTANCE = re.compile(r"[0-9a-f]{32}")
 
@@ -41,7 +43,4 @@ def read_instance(state_dir: str) -> str | None:
 
 def write_instance(state_dir: str, instance: str) -> None:
     """Record an accepted instance atomically; raises OSError."""
-    path = os.path.join(state_dir, INSTANCE_FILE)
-    with open(path + ".tmp", "w") as fh:
-        fh.write(instance + "\n")
-    os.replace(path + ".tmp", path)
+    atomic_write(os.path.join(state_dir, INSTANCE_FILE), instance + "\n")

@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 
+from ..daemon import atomic_write
+
 SOCKET_FILE = "keeper.sock"
 LOG_FILE = "keeper.log"
 #: In a rank's spool directory: how it ended, as JSON {"exit_code", "signal", "reason"}.
@@ -110,10 +112,8 @@ def on_short_path(path: str, act):
 
 def write_status(spool: str, exit_code: int | None, signum: int | None, reason: str | None = None) -> None:
     """Record how a rank ended, atomically (a crash leaves no half-written file); raises OSError."""
-    path = os.path.join(spool, STATUS_FILE)
-    with open(path + ".tmp", "w") as fh:
-        json.dump({"exit_code": exit_code, "signal": signum, "reason": reason}, fh)
-    os.replace(path + ".tmp", path)
+    atomic_write(os.path.join(spool, STATUS_FILE),
+                 json.dumps({"exit_code": exit_code, "signal": signum, "reason": reason}))
 
 
 class KeeperLost(Exception):
