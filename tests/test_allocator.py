@@ -1,7 +1,7 @@
 """Placement policy, called as plain functions: no sockets, no daemons."""
 
-from zmgpu.master.allocator import (NodeCapacity, Request, Running, View, WaitReason, infeasible, place,
-                                    schedule)
+from zmgpu.master.allocator import (NodeCapacity, Request, Running, View, WaitReason, _reserve, infeasible,
+                                    place, schedule)
 
 FOUR = {"a": [0, 1, 2, 3]}
 
@@ -163,3 +163,56 @@ def test_schedule_follows_the_order_it_is_given():
     starts, waits = schedule(pending, view({"a": [0, 1, 2]}))
     assert [j for j, _ in starts] == ["urgent"]
     assert waits == {"first": WaitReason.RESOURCES}
+
+
+# -- --gpu-mem packing and others' use ---------------------------------------------------------------
+
+
+def shared(job_id: str, mib: int, gpus: int = 1, **kw) -> Request:
+    return Request(job_id, gpus, gpu_mem=mib, **kw)
+
+
+def test_two_jobs_in_one_pass_never_share_the_same_free_memory():
+    # 15 GiB of room: one 10 GiB job fits, the second must wait although each alone would fit.
+    starts, waits = schedule([shared("a", 10240), shared("b", 10240)],
+                             view({"n": [0]}, room={"n": {0: 15360}}))
+    assert starts == [("a", [("n", [0])])]
+    assert waits == {"b": WaitReason.RESOURCES}
+
+
+def test_shared_jobs_fill_the_fullest_gpu_first_and_keep_whole_gpus_free():
+    room = {"n": {0: 4000, 1: 15000}}
+    starts, _ = schedule([shared("a", 3000), Request("x", 1)], view({"n": [1]}, room=room))
+    # "a" goes beside whoever uses GPU 0, so GPU 1 stays whole for the exclusive job.
+    assert dict(starts) == {"a": [("n", [0])], "x": [("n", [1])]}
+
+
+def test_exclusive_job_never_takes_a_gpu_a_shared_job_took_this_pass():
+    starts, waits = schedule([shared("a", 1000), Request("x", 1)], view({"n": [0]}, room={"n": {0: 15000}}))
+    assert starts == [("a", [("n", [0])])] and waits == {"x": WaitReason.RESOURCES}
+
+
+def test_multi_gpu_shared_job_needs_room_on_each_gpu():
+    room = {"n": {0: 8000, 1: 2000}, "m": {0: 9000}}
+    assert place(shared("a", 5000, gpus=2), {}, {}, room) == [("m", [0]), ("n", [0])]
+    assert place(shared("a", 5000, gpus=3), {}, {}, room) is None
+    assert place(shared("a", 1000, gpus=1, pins={"n": [1]}), {}, {}, room) == [("n", [1])]
+
+
+def test_gpus_used_by_others_is_the_reason_when_they_alone_block():
+    starts, waits = schedule([Request("x", 2), Request("y", 3)],
+                             view({"n": [0]}, capacity={"n": [0, 1, 2]}, others={"n": [1]}))
+    assert starts == [] and waits["x"] is WaitReason.GPUS_IN_USE_BY_OTHERS
+
+
+def test_shared_gpu_comes_free_in_the_replay_when_its_last_sharer_ends():
+    running = [Running([("n", [0])], end=100.0, gpu_mem=1000), Running([("n", [0])], end=200.0, gpu_mem=1000)]
+    v = view({"n": []}, capacity={"n": [0]}, running=running, now=0.0, room={"n": {0: 5000}})
+    # The exclusive job's expected start is when the second sharer ends, not the first.
+    assert _reserve(Request("big", 1), v.free, v).start == 200.0
+
+
+def test_gpu_mem_larger_than_any_gpu_is_refused_at_submit():
+    nodes = [NodeCapacity("n", (0, 1), (15872, 15872))]
+    assert "can never be satisfied" in infeasible(shared("a", 20000), nodes)
+    assert infeasible(shared("a", 15000, gpus=2), nodes) is None

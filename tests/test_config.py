@@ -95,7 +95,7 @@ def test_unknown_key_names_file_and_key(tmp_path):
     (MasterConfig, "node_timeout: soon\n", "node_timeout", "a number"),
     (MasterConfig, "verbose: 1\n", "verbose", "true or false"),
     (MasterConfig, "host: 127\n", "host", "a string"),
-    (NodeConfig, "simulate_gpus: four\n", "simulate_gpus", "an integer or null"),
+    (NodeConfig, "simulate_gpus: [4]\n", "simulate_gpus", "an integer or a string or null"),
     (NodeConfig, "master_port: [1]\n", "master_port", "an integer"),
     (ClientConfig, "max_consecutive_timeouts: 2.5\n", "max_consecutive_timeouts", "an integer"),
 ])

@@ -25,17 +25,35 @@ class NVMLError_LibraryNotFound(NVMLError):
         return "NVML Shared Library Not Found"
 
 
+class NVMLError_NotSupported(NVMLError):
+    def __str__(self):
+        return "Not Supported"
+
+
+class NVMLError_GpuIsLost(NVMLError):
+    value = 15
+
+    def __str__(self):
+        return "GPU is lost"
+
+
 @dataclass
 class Device:
     name: str | bytes
     uuid: str | bytes
     total: int
     broken: bool = False
+    used: int = 0
+    utilization: int | None = 7           # None: not supported
+    temperature: int = 41
+    processes: list = field(default_factory=list)   # (pid, bytes or None)
+    ecc: int | None = 0                   # None: not supported (a consumer GPU)
+    lost: bool = False                    # fell off the bus after discovery
 
 
 @dataclass
 class FakeNvml:
-    """The few NVML calls the agent makes, over a list of devices; records init and shutdown."""
+    """The NVML calls the agent makes, over a list of devices; records init and shutdown."""
 
     devices: list[Device] = field(default_factory=list)
     init_error: Exception | None = None
@@ -44,14 +62,37 @@ class FakeNvml:
     def module(self) -> types.ModuleType:
         mod = types.ModuleType("pynvml")
         mod.NVMLError = NVMLError
+        mod.NVMLError_NotSupported = NVMLError_NotSupported
+        mod.NVML_TEMPERATURE_GPU = 0
+        mod.NVML_MEMORY_ERROR_TYPE_UNCORRECTED = 1
+        mod.NVML_VOLATILE_ECC = 0
         mod.nvmlInit = self.init
         mod.nvmlShutdown = lambda: self.calls.append("shutdown")
         mod.nvmlDeviceGetCount = lambda: len(self.devices)
         mod.nvmlDeviceGetHandleByIndex = self.handle
         mod.nvmlDeviceGetName = lambda dev: dev.name
         mod.nvmlDeviceGetUUID = lambda dev: dev.uuid
-        mod.nvmlDeviceGetMemoryInfo = lambda dev: types.SimpleNamespace(total=dev.total, free=0, used=0)
+        mod.nvmlDeviceGetMemoryInfo = lambda dev: types.SimpleNamespace(
+            total=dev.total, free=dev.total - self._alive(dev).used, used=dev.used)
+        mod.nvmlDeviceGetComputeRunningProcesses = lambda dev: [
+            types.SimpleNamespace(pid=pid, usedGpuMemory=mem) for pid, mem in self._alive(dev).processes]
+        mod.nvmlDeviceGetUtilizationRates = lambda dev: types.SimpleNamespace(
+            gpu=self._supported(self._alive(dev).utilization), memory=0)
+        mod.nvmlDeviceGetTemperature = lambda dev, sensor: self._alive(dev).temperature
+        mod.nvmlDeviceGetTotalEccErrors = lambda dev, kind, counter: self._supported(self._alive(dev).ecc)
         return mod
+
+    @staticmethod
+    def _alive(dev: Device) -> Device:
+        if dev.lost:
+            raise NVMLError_GpuIsLost()
+        return dev
+
+    @staticmethod
+    def _supported(value):
+        if value is None:
+            raise NVMLError_NotSupported()
+        return value
 
     def init(self):
         self.calls.append("init")
@@ -78,24 +119,64 @@ def warnings_of(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
 
+def discover(simulate=None, node_id="node001") -> list[GpuInfo]:
+    """What a node would offer; NVML is let go of again, as the agent does when it stops."""
+    source = gpus.open_source(simulate, node_id, LOG)
+    try:
+        return source.devices()
+    finally:
+        source.close()
+
+
 def test_nvml_gpus_are_listed_with_index_name_uuid_and_memory(nvml, caplog):
-    found = gpus.discover(None, "node001", LOG)
+    found = discover()
     assert found == [GpuInfo(0, "NVIDIA H200", "GPU-aaaa", 143771, simulated=False),
                      GpuInfo(1, "NVIDIA H200", "GPU-bbbb", 143771, simulated=False)]
     assert nvml.calls == ["init", "shutdown"]
     assert warnings_of(caplog) == []
 
 
+def test_nvml_samples_memory_processes_utilization_temperature(nvml, caplog):
+    nvml.devices[1] = Device("NVIDIA H200", "GPU-bbbb", 143771 * MIB, used=5000 * MIB, utilization=93,
+                             temperature=67, processes=[(4242, 3000 * MIB), (4343, None)])
+    source = gpus.open_source(None, "node001", LOG)
+    idle, busy = source.sample()
+    assert (idle.index, idle.used_mb, idle.processes, idle.unhealthy) == (0, 0, [], None)
+    assert (busy.used_mb, busy.utilization, busy.temperature) == (5000, 93, 67)
+    # A process whose memory NVML cannot tell (no accounting in a container) counts as 0 MiB.
+    assert busy.processes == [gpus.GpuProcess(4242, 3000), gpus.GpuProcess(4343, 0)]
+    assert warnings_of(caplog) == []
+    source.close()
+    assert nvml.calls == ["init", "shutdown"]
+
+
+def test_unsupported_calls_leave_fields_unknown_without_warnings(nvml, caplog):
+    nvml.devices[0].utilization = None
+    nvml.devices[0].ecc = None
+    [sample, _] = gpus.open_source(None, "node001", LOG).sample()
+    assert sample.utilization is None and sample.temperature == 41 and sample.unhealthy is None
+    assert warnings_of(caplog) == []
+
+
+def test_ecc_errors_and_a_lost_gpu_make_it_unhealthy(nvml):
+    source = gpus.open_source(None, "node001", LOG)
+    nvml.devices[0].ecc = 2
+    nvml.devices[1].lost = True
+    ecc, lost = source.sample()
+    assert "2 uncorrected ECC error" in ecc.unhealthy
+    assert "lost" in lost.unhealthy
+
+
 def test_bytes_from_older_pynvml_become_text(nvml):
     nvml.devices = [Device(b"Tesla V100-SXM2-16GB", b"GPU-cccc", 16384 * MIB)]
-    [gpu] = gpus.discover(None, "node001", LOG)
+    [gpu] = discover()
     assert (gpu.name, gpu.uuid, gpu.memory_mb) == ("Tesla V100-SXM2-16GB", "GPU-cccc", 16384)
     assert isinstance(gpu.name, str) and isinstance(gpu.uuid, str)
 
 
 def test_unreadable_gpu_is_skipped_with_a_warning(nvml, caplog):
     nvml.devices[0].broken = True
-    found = gpus.discover(None, "node001", LOG)
+    found = discover()
     assert [g.uuid for g in found] == ["GPU-bbbb"]
     [warning] = warnings_of(caplog)
     assert "GPU 0" in warning and "GPU is lost" in warning
@@ -111,14 +192,14 @@ def assert_one_nvml_warning(caplog, reason: str) -> None:
 
 def test_missing_pynvml_gives_no_gpus_and_one_warning(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "pynvml", None)   # makes `import pynvml` raise ImportError
-    assert gpus.discover(None, "node001", LOG) == []
+    assert discover() == []
     assert_one_nvml_warning(caplog, "nvidia-ml-py")
     assert gpus.nvml_device_count() == 0
 
 
 def test_missing_nvml_library_gives_no_gpus_and_one_warning(nvml, caplog):
     nvml.init_error = NVMLError_LibraryNotFound()
-    assert gpus.discover(None, "node001", LOG) == []
+    assert discover() == []
     assert_one_nvml_warning(caplog, "NVML Shared Library Not Found")
     assert "shutdown" not in nvml.calls    # NVML was never initialised
     assert gpus.nvml_device_count() == 0
@@ -131,7 +212,7 @@ def test_nvml_device_count(nvml):
 
 @pytest.mark.parametrize("count", [0, 3])
 def test_simulated_gpus_are_marked_and_leave_nvml_alone(nvml, caplog, count):
-    found = gpus.discover(count, "node007", LOG)
+    found = discover(str(count), "node007")
     assert found == [GpuInfo(i, "Simulated GPU", f"SIM-node007-{i}", 16384, simulated=True)
                      for i in range(count)]
     assert all(gpu.to_dict()["simulated"] is True for gpu in found)

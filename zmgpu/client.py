@@ -198,7 +198,7 @@ class Client:
                cwd: Optional[str] = None, env: Optional[dict] = None, interactive: bool = False, *,
                name: Optional[str] = None, time_limit: Optional[int] = None, requeue: bool = False,
                after: Sequence[str] = (), after_any: bool = False, array: Optional[str] = None,
-               priority: int = 0) -> str:
+               priority: int = 0, gpu_mem_mb: Optional[int] = None, per_gpu: bool = False) -> str:
         """Submit a job and return its id (8 hex characters); for an array, the array id.
 
         :param command: a command line, run by ``/bin/sh -c`` on the node.
@@ -216,6 +216,11 @@ class Client:
         :param array: an array spec such as ``"0-99%8"`` or ``"1,5,7"``: one task per index,
             with ``ZMGPU_ARRAY_JOB_ID`` and ``ZMGPU_ARRAY_TASK_ID`` set.
         :param priority: queue priority; users may only lower it (``<= 0``), admins may raise it.
+        :param gpu_mem_mb: MiB the job needs on each of its GPUs; it may then share GPUs with other such
+            jobs while what they declared, plus others' use, fits (:func:`zmgpu.model.parse_size` reads
+            ``12G``).  ``None``: the job's GPUs are its own.
+        :param per_gpu: one process (rank) per GPU, each with its own ``CUDA_VISIBLE_DEVICES``, ``RANK``
+            and ``LOCAL_RANK``; by default one process per node gets all of that node's GPUs.
 
         Raises ClientError with code ``IMPOSSIBLE`` when no registered set of nodes could ever run it
         (or the time limit exceeds the master's maximum), ``PERMISSION_DENIED`` for a raised priority.
@@ -234,6 +239,8 @@ class Client:
             "after_any": after_any,
             "array": array,
             "priority": priority,
+            "gpu_mem_mb": gpu_mem_mb,
+            "per_gpu": per_gpu,
         }
         return self._request(MsgType.SUBMIT, job=job).body["job_id"]
 
@@ -306,7 +313,7 @@ class Client:
                session_timeout: float = 7200.0, max_wait_time: float = 300.0,
                max_consecutive_timeouts: int = 30,
                on_interrupt: Optional[InterruptHandler] = None, *, from_now: bool = False,
-               detach_on_quit: bool = False, signals: Optional[SignalTrap] = None) -> dict:
+               detach_on_quit: bool = False, signals: Optional[SignalTrap] = None, label: bool = False) -> dict:
         """Write a job's output as it is produced, until the job ends; return its final dict.
 
         :param stdout: binary file for every rank's stdout (default ``sys.stdout.buffer``).
@@ -327,6 +334,7 @@ class Client:
         :param signals: a :class:`SignalTrap` the caller opened before (say, before submitting,
             so that a Ctrl-C during the submit is acted on here); ``None``: one is opened for
             the signals asked for, in the main thread.
+        :param label: begin each line with ``RANK: `` (srun's --label), for jobs of several ranks.
 
         Bytes are written byte-exact and flushed as they come, stdout and stderr
         kept apart, ranks in the order their output arrives.  Output the job
@@ -337,7 +345,7 @@ class Client:
         limits = Limits(session_timeout, max_wait_time, max_consecutive_timeouts)
         trap = signals or own_trap(on_interrupt, detach_on_quit)
         try:
-            return Follower(self, job_id, View(files, from_now=from_now), limits, trap, on_interrupt,
+            return Follower(self, job_id, View(files, from_now=from_now, label=label), limits, trap, on_interrupt,
                             detach_on_quit).run()
         finally:
             if signals is None and trap is not None:

@@ -43,6 +43,10 @@ def _at_least(default, low):
     return _bounded(default, lambda v: v >= low, f"at least {low}")
 
 
+#: How a node treats compute processes that zmgpu did not start (see conf/node.yaml).
+FOREIGN_POLICIES = ("exclusive", "threshold")
+
+
 @dataclass
 class MasterConfig:
     """Settings of ``zmgpu-master``."""
@@ -72,7 +76,14 @@ class NodeConfig:
     master_host: str = "127.0.0.1"
     master_port: int = _port(8080, allow_zero=False)
     state_dir: str = dataclasses.field(default_factory=lambda: os.path.join(default_state_dir(), "node"))
-    simulate_gpus: typing.Optional[int] = _at_least(None, 0)  # None: real GPUs through NVML
+    # None: real GPUs through NVML; a count, or the path of a YAML file describing the GPUs.
+    simulate_gpus: typing.Union[int, str, None] = _bounded(
+        None, lambda v: v >= 0 if isinstance(v, int) else bool(v),
+        "a GPU count (0 or more) or the path of a simulated-GPU YAML file")
+    foreign_policy: str = _bounded("exclusive", lambda v: v in FOREIGN_POLICIES,
+                                   "one of: exclusive, threshold")
+    foreign_threshold_mb: int = _at_least(1024, 0)   # for foreign_policy: threshold
+    gpu_mem_reserve_mb: int = _at_least(512, 0)      # kept free on a GPU shared by --gpu-mem jobs
     heartbeat_interval: float = _positive(1.0)
     master_timeout: float = _positive(5.0)
     verbose: bool = False
@@ -102,15 +113,15 @@ def _check(path: str, key: str, value, hint) -> object:
             raise ConfigError(f"{path}: key '{key}' must be a list of {_TYPE_NAMES[item].split(' ', 1)[1]}s, "
                               f"got {type(value).__name__} {value!r}")
         return value
-    optional = typing.get_origin(hint) is typing.Union
-    base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+    union = typing.get_origin(hint) is typing.Union
+    bases = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
+    optional = union and type(None) in typing.get_args(hint)
     if value is None and optional:
         return None
-    ok = isinstance(value, base) and not (isinstance(value, bool) and base is not bool)
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
+    if float in bases and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if not ok:
-        expected = _TYPE_NAMES[base] + (" or null" if optional else "")
+    if not any(isinstance(value, base) and not (isinstance(value, bool) and base is not bool) for base in bases):
+        expected = " or ".join(_TYPE_NAMES[base] for base in bases) + (" or null" if optional else "")
         raise ConfigError(f"{path}: key '{key}' must be {expected}, got {type(value).__name__} {value!r}")
     return value
 

@@ -9,17 +9,25 @@ job dict::
     interactive, state, reason, allocation [{node_id, gpu_indices}] (rank = position),
     submit_time, start_time, end_time (epoch seconds or None),
     exit_code, signal (None until known),
-    outputs [{rank, stream, size}] (bytes the master holds; final once the state is final)
+    outputs [{rank, stream, size}] (bytes the master holds; final once the state is final),
+    gpu_mem_mb (--gpu-mem, or None), per_gpu, master_port (the rendezvous port its first node picked),
+    peak_gpu_mem_mb (the most GPU memory its processes were seen using on one GPU, or None)
 
 node dict::
 
     node_id, hostname, address, state, last_seen (epoch seconds),
-    gpus [{index, name, uuid, memory_mb, simulated, job_id (holder or None)}]
+    gpus [{index, name, uuid, memory_mb, simulated, job_id (holder or None),
+           shared_by {job id: MiB declared}, room_mb (left for --gpu-mem jobs on a shared GPU),
+           unavailable (why no job may take it: drained as unhealthy, or dirty; None),
+           and the node's last report: used_mb, utilization, temperature, foreign_mb,
+           processes [{pid, used_mb, job_id (None: foreign)}], busy (others' use keeps
+           exclusive jobs off), healthy, health, dirty (job id whose processes linger)}]
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import asdict, dataclass
 
 
@@ -101,6 +109,34 @@ def parse_node_gpu_ids(spec: str) -> dict[str, list[int]]:
     if not pins:
         raise ValueError("--node-gpu-ids is empty: expected NODE:IDX[,IDX...][;NODE:...]")
     return pins
+
+
+_SIZE_UNITS = {"": 1, "M": 1, "MB": 1, "MIB": 1, "G": 1024, "GB": 1024, "GIB": 1024, "T": 1024 ** 2, "TB": 1024 ** 2,
+               "TIB": 1024 ** 2}
+
+
+def parse_size(text: str) -> int:
+    """A memory size such as ``12G``, ``800M`` or ``1.5G`` in MiB (binary units; no unit means MiB, as Slurm's --mem).
+
+    Raises ValueError with a sentence a user can act on.
+    """
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match[2].upper() if match else None
+    if unit not in _SIZE_UNITS:
+        raise ValueError(f"bad size '{text}': expected a number with M or G, such as 800M or 12G")
+    mib = int(float(match[1]) * _SIZE_UNITS[unit])
+    if mib <= 0:
+        raise ValueError(f"bad size '{text}': it must be at least 1M")
+    return mib
+
+
+def format_size(mib: int | None) -> str:
+    """MiB as people read them: ``800M``, ``12G``, ``1.5G``; '-' when unknown."""
+    if mib is None:
+        return "-"
+    if mib < 1024:
+        return f"{mib}M"
+    return f"{mib / 1024:.1f}".rstrip("0").rstrip(".") + "G"
 
 
 #: A job id: 8 hex characters, or an array task ``ARRAYID_INDEX`` (Slurm's form).

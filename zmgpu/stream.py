@@ -90,6 +90,32 @@ class View:
     ordered: bool = False        # ranks one after another (logs), or each byte as it arrives (interactive)
     live: bool = True            # until the job ends, or only what the master holds now
     from_now: bool = False       # skip what the job wrote before the follower arrived
+    label: bool = False          # begin each line with its rank (srun --label)
+
+
+class Labelled:
+    """A binary file that begins each line written to it with ``RANK: ``, as srun --label does."""
+
+    def __init__(self, out: BinaryIO, rank: int):
+        self.out = out
+        self.prefix = f"{rank}: ".encode()
+        self.line_start = True
+
+    def write(self, data: bytes) -> None:
+        out = []
+        lines = data.split(b"\n")
+        for i, piece in enumerate(lines):
+            last = i == len(lines) - 1
+            if last and not piece:
+                break     # the data ended with a newline: the next line has not begun
+            if self.line_start:
+                out.append(self.prefix)
+            out.append(piece if last else piece + b"\n")
+            self.line_start = not last
+        self.out.write(b"".join(out))
+
+    def flush(self) -> None:
+        self.out.flush()
 
 
 @dataclass(eq=False)
@@ -185,7 +211,10 @@ class Follower:
         track = self.tracks.get(key)
         if track is None and stream in self.view.files and self.view.rank in (None, rank):
             # A dump confirms every size it starts from; a live view only what it sees at the end.
-            track = self.tracks[key] = Track(rank, stream, self.view.files[stream], confirmed=self.view.live)
+            out = self.view.files[stream]
+            if self.view.label:
+                out = Labelled(out, rank)
+            track = self.tracks[key] = Track(rank, stream, out, confirmed=self.view.live)
             self.tracks = dict(sorted(self.tracks.items()))   # rank order, for an ordered view
         return track
 

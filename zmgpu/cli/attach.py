@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("job_id", type=job_id_arg, metavar="JOB_ID", help="the job (or array task) to attach to")
     parser.add_argument("--from-now", action="store_true", default=None,
                         help="skip what the job wrote before attaching (default: show it all first)")
+    parser.add_argument("--label", "-l", action="store_true", default=None,
+                        help="begin each line of output with the rank that wrote it, as srun --label does "
+                             "(default: the bytes as they are)")
     add_session_timeout(parser)
     add_max_consecutive_timeouts(parser)
     add_connection_timeout(parser)
@@ -51,10 +54,11 @@ def run(args: argparse.Namespace) -> int:
     """Attach; the job's exit status, or why the session ended first."""
     config = client_config(args)
     with make_client(config) as client:
-        return view(client, args.job_id, config, from_now=bool(args.from_now))
+        return view(client, args.job_id, config, from_now=bool(args.from_now), label=bool(args.label))
 
 
-def view(client, job_id: str, config, trap=None, max_wait_time: float = math.inf, from_now: bool = False) -> int:
+def view(client, job_id: str, config, trap=None, max_wait_time: float = math.inf, from_now: bool = False,
+         label: bool = False) -> int:
     """Show a job here until it ends; the shell exit status it ended with, or why the session ended first.
 
     ``trap``: the :class:`zmgpu.stream.SignalTrap` the caller opened already (Ctrl-C during a submit);
@@ -66,7 +70,7 @@ def view(client, job_id: str, config, trap=None, max_wait_time: float = math.inf
                             session_timeout=config.session_timeout, max_wait_time=max_wait_time,
                             max_consecutive_timeouts=config.max_consecutive_timeouts,
                             on_interrupt=lambda jid, count: _on_interrupt(client, jid, count),
-                            from_now=from_now, detach_on_quit=True, signals=trap)
+                            from_now=from_now, detach_on_quit=True, signals=trap, label=label)
     except Detached as exc:
         print(f"zmgpu: {exc}", file=sys.stderr, flush=True)
         return DETACHED_STATUS[LocalError(exc.code)]

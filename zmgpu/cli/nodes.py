@@ -7,7 +7,7 @@ import json
 import shutil
 from collections import Counter
 
-from ..model import NodeStatus
+from ..model import NodeStatus, format_size
 from .common import add_connection_timeout, client_config, make_client
 from .queue import GAP, cut
 
@@ -15,8 +15,11 @@ HELP = "show nodes and their GPUs"
 DESCRIPTION = (
     "Show one line per node: its name, STATUS (idle, mixed: some GPUs busy, allocated: all busy, "
     "drained: an admin stopped new jobs there, down: not heard from), its GPUs free for new jobs out of "
-    "its total, and the reason it was drained.  Under it, one line per GPU: index, model, memory, "
-    "'simulated' for a simulated GPU, and the job holding it ('-' when free).")
+    "its total, and the reason it was drained.  Under it, one line per GPU: index, model, memory in use "
+    "of its total, utilization and temperature as the node last reported them, 'simulated' for a "
+    "simulated GPU, and who has it: the job holding it, the --gpu-mem jobs sharing it and the room left, "
+    "'others: pid ...' for processes zmgpu did not start, 'drained: ...' when NVML reports it unhealthy, "
+    "'dirty: ...' while processes of an ended job still hold it, or '-' when free.")
 
 NODE_HEADERS = ("NODE", "STATUS", "FREE/TOTAL", "REASON")
 #: Statuses in which a node takes new jobs, so its unheld GPUs count as free.
@@ -69,14 +72,46 @@ def node_row(node: dict) -> tuple:
     """NODE, STATUS, FREE/TOTAL, REASON; a node that takes no new jobs has no free GPUs."""
     status = NodeStatus(node["status"])
     gpus = node["gpus"]
-    free = sum(1 for gpu in gpus if not gpu.get("job_id")) if status in PLACEABLE else 0
+    free = sum(1 for gpu in gpus if gpu_free(gpu)) if status in PLACEABLE else 0
     return node["node_id"], status.value, f"{free}/{len(gpus)}", node.get("drain_reason") or ""
 
 
+def gpu_free(gpu: dict) -> bool:
+    """No job on it, and nothing else keeps a new job off it."""
+    return not (gpu.get("job_id") or gpu.get("shared_by") or gpu.get("unavailable") or gpu.get("busy"))
+
+
 def gpu_row(gpu: dict) -> tuple:
-    """``GPU 0``, model, memory, ``simulated`` or nothing, holder or ``-``."""
-    return (f"GPU {gpu['index']}", gpu["name"], memory(gpu["memory_mb"]),
-            "simulated" if gpu.get("simulated") else "", gpu.get("job_id") or "-")
+    """``GPU 0``, model, memory used/total, utilization, temperature, ``simulated`` or nothing, who has it."""
+    used = gpu.get("used_mb")
+    usage = f"{format_size(used)}/{format_size(gpu['memory_mb'])}" if used is not None else memory(gpu["memory_mb"])
+    util = f"{gpu['utilization']}%" if gpu.get("utilization") is not None else ""
+    temp = f"{gpu['temperature']}C" if gpu.get("temperature") is not None else ""
+    return (f"GPU {gpu['index']}", gpu["name"], usage, util, temp,
+            "simulated" if gpu.get("simulated") else "", gpu_user(gpu))
+
+
+def gpu_user(gpu: dict) -> str:
+    """Who has the GPU: a job, sharing jobs, others, or why no one may; ``-`` when free."""
+    if gpu.get("unavailable"):
+        return gpu["unavailable"]
+    if gpu.get("job_id"):
+        who = gpu["job_id"]
+    elif gpu.get("shared_by"):
+        who = f"shared: {','.join(gpu['shared_by'])} ({memory(max(gpu.get('room_mb') or 0, 0))} left)"
+    else:
+        who = "-"
+    foreign = foreign_use(gpu)
+    return f"{who}; {foreign}" if foreign and who != "-" else foreign or who
+
+
+def foreign_use(gpu: dict) -> str:
+    """``others: pid 4242 (3 GiB)`` for processes zmgpu did not start; empty when there are none."""
+    pids = [str(p["pid"]) for p in gpu.get("processes") or () if p.get("job_id") is None]
+    if not pids and not gpu.get("busy"):
+        return ""
+    shown = ",".join(pids[:3]) + ("..." if len(pids) > 3 else "")
+    return f"others: {'pid ' + shown if pids else 'no listed process'} ({memory(gpu.get('foreign_mb') or 0)})"
 
 
 def memory(mib: int) -> str:

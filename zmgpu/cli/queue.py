@@ -83,8 +83,19 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(listing, indent=2))
     else:
-        print(format_queue(listing["jobs"], time.time(), shutil.get_terminal_size().columns))
+        width = shutil.get_terminal_size().columns
+        print(format_queue(listing["jobs"], time.time(), width))
+        for line in others_lines(listing["nodes"]):
+            print(cut(line, width))
     return 0
+
+
+def others_lines(nodes: list) -> list[str]:
+    """One line per GPU that processes zmgpu did not start are using, so waiting jobs make sense."""
+    from .nodes import foreign_use   # lazily: most queues have no foreign use to show
+
+    return [f"{node['node_id']} GPU {gpu['index']} in use by {foreign_use(gpu)}"
+            for node in nodes for gpu in node["gpus"] if foreign_use(gpu)]
 
 
 def format_queue(jobs: list, now: float, width: int = 80) -> str:

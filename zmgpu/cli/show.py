@@ -7,7 +7,7 @@ import json
 import time
 
 from ..client import ClientError
-from ..model import format_duration
+from ..model import format_duration, format_size
 from ..protocol import ErrorCode
 from .common import add_connection_timeout, client_config, job_id_arg, make_client
 from .queue import placement, run_time
@@ -79,6 +79,8 @@ FIELDS = {
     "command": ("Command", _plain),
     "cwd": ("WorkDir", _plain),
     "gpus": ("Gpus", _plain),
+    "gpu_mem_mb": ("GpuMem", lambda mib: format_size(mib) if mib else "- (GPUs of its own)"),
+    "per_gpu": ("PerGpu", _yes_no),
     "node_gpu_ids": ("NodeGpuIds", _plain),
     "allocation": ("Allocation", _allocation),
     "interactive": ("Interactive", _yes_no),
@@ -93,6 +95,8 @@ FIELDS = {
     "exit_code": ("ExitCode", _plain),
     "signal": ("Signal", _plain),
     "outputs": ("Output", _outputs),
+    "peak_gpu_mem_mb": ("PeakGpuMem", lambda mib: f"{format_size(mib)} (on its busiest GPU)" if mib else NO_VALUE),
+    "master_port": ("MasterPort", _plain),
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from ..model import parse_array_spec, parse_node_gpu_ids, parse_time_limit
+from ..model import parse_array_spec, parse_node_gpu_ids, parse_size, parse_time_limit
 from ..stream import SignalTrap
 from .attach import view
 from .common import (UsageError, add_connection_timeout, add_max_consecutive_timeouts, add_session_timeout,
@@ -17,7 +17,15 @@ DESCRIPTION = (
     "node, or the words after --, quoted so that each stays one argument.  The job runs in the current "
     "directory with the current environment, plus CUDA_VISIBLE_DEVICES (the GPUs it was given), "
     "CUDA_DEVICE_ORDER=PCI_BUS_ID, ZMGPU_JOB_ID and ZMGPU_NODE_ID (and ZMGPU_ARRAY_JOB_ID and "
-    "ZMGPU_ARRAY_TASK_ID in an array task).  Without --interactive the job id (8 hex characters; for "
+    "ZMGPU_ARRAY_TASK_ID in an array task), and torchrun's variables: MASTER_ADDR and MASTER_PORT (a free "
+    "port on the job's first node, which every rank can reach), WORLD_SIZE, RANK, NODE_RANK, NNODES, "
+    "LOCAL_RANK and LOCAL_WORLD_SIZE.  By default one process per node gets all that node's GPUs, with "
+    "LOCAL_WORLD_SIZE its GPU count, so 'torchrun --nnodes $NNODES --node_rank $NODE_RANK --nproc_per_node "
+    "$LOCAL_WORLD_SIZE --master_addr $MASTER_ADDR --master_port $MASTER_PORT train.py' works; with "
+    "--per-gpu each GPU gets a process of its own, for scripts that call torch.distributed directly.  If "
+    "any rank fails, the others are stopped and the job ends FAILED naming that rank and its node.  A GPU "
+    "that someone else's processes use is not given to a job, unless it declared --gpu-mem and fits beside "
+    "them.  Without --interactive the job id (8 hex characters; for "
     "--array, the array id) is printed alone on stdout.  With --interactive nothing else is printed on stdout: "
     "the job's stdout and stderr come to this terminal's stdout and stderr byte for byte, and zmgpu exits "
     "with the job's exit status (128+N when a signal N killed it).  Ctrl-C, from the moment the job is "
@@ -33,6 +41,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", type=non_negative_int, default=0, metavar="N",
                         help="number of GPUs; more than one node has free spans several nodes, one "
                              "process (rank) per node, started together (default: 0, a CPU job)")
+    parser.add_argument("--gpu-mem", type=_size, default=None, metavar="SIZE",
+                        help="GPU memory the job needs on each of its GPUs, e.g. 800M or 12G; the job may "
+                             "then share a GPU with other --gpu-mem jobs while what they declared, plus "
+                             "what others' processes use, fits in its memory (less the node's reserve). "
+                             "zmgpu show reports the peak a finished job used, to learn what to declare "
+                             "(default: the job's GPUs are its own)")
+    parser.add_argument("--per-gpu", action="store_true", default=None,
+                        help="start one process per GPU, each with its own CUDA_VISIBLE_DEVICES, RANK and "
+                             "LOCAL_RANK, as a plain torch.distributed script expects (default: one "
+                             "process per node, given all of that node's GPUs, as torchrun expects)")
+    parser.add_argument("--label", "-l", action="store_true", default=None,
+                        help="with --interactive: begin each line of output with the rank that wrote it, "
+                             "as srun --label does (default: the bytes as they are)")
     parser.add_argument("--node-gpu-ids", type=_gpu_pins, default=None, metavar="SPEC",
                         help="run on exactly these GPUs instead, e.g. 'node001:0,1;node002:0' "
                              "(default: any free GPUs)")
@@ -93,6 +114,7 @@ def _checked(parse, keep_text: bool):
 _gpu_pins = _checked(parse_node_gpu_ids, keep_text=True)
 _array_spec = _checked(parse_array_spec, keep_text=True)
 _time_limit = _checked(parse_time_limit, keep_text=False)   # seconds
+_size = _checked(parse_size, keep_text=False)               # MiB
 
 
 def _job_name(text: str) -> str:
@@ -134,10 +156,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--array cannot be --interactive: submit the array, then zmgpu wait for it")
     if args.after_any and not args.after:
         raise UsageError("--after-any needs --after JOB[:JOB...]")
+    if args.label and not args.interactive:
+        raise UsageError("--label labels the output shown here: it needs --interactive")
     config = client_config(args)
     options = dict(gpus=args.gpus, node_gpu_ids=args.node_gpu_ids, interactive=bool(args.interactive),
                name=args.name, time_limit=args.time, requeue=bool(args.requeue), after=args.after or [],
-               after_any=bool(args.after_any), array=args.array, priority=args.priority or 0)
+               after_any=bool(args.after_any), array=args.array, priority=args.priority or 0,
+               gpu_mem_mb=args.gpu_mem, per_gpu=bool(args.per_gpu))
     with make_client(config) as client:
         if not args.interactive:
             print(client.submit(command, **options))
@@ -145,4 +170,4 @@ def run(args: argparse.Namespace) -> int:
         # Trapped before the submit: a Ctrl-C while it is on its way cancels the job once its id is known.
         with SignalTrap() as trap:
             job_id = client.submit(command, **options)
-            return view(client, job_id, config, trap, max_wait_time=config.max_wait_time)
+            return view(client, job_id, config, trap, max_wait_time=config.max_wait_time, label=bool(args.label))

@@ -8,6 +8,12 @@ backfill): later jobs may start ahead of it only when their ``--time`` limit
 proves they cannot delay it, so big jobs never starve.  Per-user GPU caps,
 array concurrency limits and dependencies hold single jobs back without
 blocking anyone else.
+
+Jobs that declare ``--gpu-mem`` share GPUs: each of their GPUs must have that
+much *room* (memory less the node's reserve, foreign use and what the sharing
+jobs declared), and the fullest GPU that fits is taken first, so whole GPUs
+stay free for exclusive jobs.  Every other job takes its GPUs whole, and never
+one that others' processes use.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable
 
-Placement = list[tuple[str, list[int]]]   # (node id, GPU indices), one entry per rank
+Placement = list[tuple[str, list[int]]]   # (node id, GPU indices), one entry per node
 GpuMap = dict[str, list[int]]              # node id -> GPU indices
+RoomMap = dict[str, dict[int, int]]        # node id -> GPU index -> MiB a --gpu-mem job may declare there
 
 
 class WaitReason(str, enum.Enum):
@@ -31,6 +38,7 @@ class WaitReason(str, enum.Enum):
     NODE_DOWN = "NodeDown"             # it needs a node that is down or drained
     PINNED_GPUS_BUSY = "PinnedGPUsBusy"
     ARRAY_LIMIT = "ArrayLimit"         # its array already runs its %N tasks
+    GPUS_IN_USE_BY_OTHERS = "GPUsInUseByOthers"   # free of jobs, but someone else's processes use them
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,7 @@ class Request:
     array_id: str | None = None
     array_limit: int | None = None
     hold: WaitReason | None = None     # decided outside placement (dependencies)
+    gpu_mem: int | None = None         # MiB per GPU when it may share GPUs; None: GPUs of its own
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,7 @@ class Running:
     user: str = ""
     end: float | None = None           # expected end (start + time limit); None: unknown
     array_id: str | None = None
+    gpu_mem: int | None = None         # it shares its GPUs
 
 
 @dataclass
@@ -67,6 +77,8 @@ class View:
     running: list[Running] = field(default_factory=list)
     now: float = 0.0
     user_gpu_limit: int | None = None
+    room: RoomMap = field(default_factory=dict)   # usable nodes -> room for --gpu-mem jobs per GPU
+    others: GpuMap = field(default_factory=dict)  # usable nodes -> GPUs free of jobs but used by others
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,7 @@ class NodeCapacity:
 
     node_id: str
     gpu_indices: tuple[int, ...]
+    room: tuple[int, ...] = ()         # MiB each GPU offers --gpu-mem jobs when empty (memory less reserve)
 
 
 def infeasible(request: Request, nodes: list[NodeCapacity]) -> str | None:
@@ -94,6 +107,13 @@ def infeasible(request: Request, nodes: list[NodeCapacity]) -> str | None:
                 return f"node '{node_id}' has no GPU {missing[0]} (its GPUs: {have})"
         return None
     total = sum(len(n.gpu_indices) for n in nodes)
+    if request.gpu_mem is not None and request.gpus <= total:
+        fitting = sum(mb >= request.gpu_mem for n in nodes for mb in n.room)
+        if fitting < request.gpus:
+            largest = max((mb for n in nodes for mb in n.room), default=0)
+            return (f"--gpu-mem {request.gpu_mem} MiB on {request.gpus} GPU(s) can never be satisfied: "
+                    f"{fitting} GPU(s) have that much room (the most any GPU offers is {largest} MiB, "
+                    f"its memory less the node's reserve)")
     if request.gpus > total:
         per_node = ", ".join(f"{n.node_id}: {len(n.gpu_indices)}" for n in nodes)
         return (f"--gpus {request.gpus} can never be satisfied: the registered nodes have "
@@ -101,12 +121,16 @@ def infeasible(request: Request, nodes: list[NodeCapacity]) -> str | None:
     return None
 
 
-def place(request: Request, free: dict[str, list[int]], load: dict[str, int]) -> Placement | None:
+def place(request: Request, free: dict[str, list[int]], load: dict[str, int],
+          room: RoomMap | None = None) -> Placement | None:
     """Where ``request`` can start now, or None.
 
     ``free`` maps each usable (up) node to its free GPU indices; ``load`` counts
-    the job ranks already on each node, to spread CPU-only jobs.
+    the job ranks already on each node, to spread CPU-only jobs.  A ``--gpu-mem``
+    request goes by ``room`` instead; without one it is placed like any other.
     """
+    if request.gpu_mem is not None and request.gpus and room is not None:
+        return _place_shared(request, room)
     if request.pins:
         if all(set(idx) <= set(free.get(node, ())) for node, idx in request.pins.items()):
             return [(node, list(idx)) for node, idx in request.pins.items()]
@@ -134,6 +158,42 @@ def place(request: Request, free: dict[str, list[int]], load: dict[str, int]) ->
     return placement if needed == 0 else None
 
 
+def _place_shared(request: Request, room: RoomMap) -> Placement | None:
+    """GPUs with room for ``request.gpu_mem`` each: the fullest that fit first, on one node if one has enough."""
+    need = request.gpu_mem
+    fits = {n: sorted((mb, i) for i, mb in gpus.items() if mb >= need) for n, gpus in room.items()}
+    if request.pins:
+        ok = all(room.get(n, {}).get(i, -1) >= need for n, idx in request.pins.items() for i in idx)
+        return [(n, list(idx)) for n, idx in request.pins.items()] if ok else None
+    one = [n for n, gpus in fits.items() if len(gpus) >= request.gpus]
+    if one:
+        node = min(one, key=lambda n: (sum(mb for mb, _ in fits[n][:request.gpus]), n))
+        return [(node, sorted(i for _, i in fits[node][:request.gpus]))]
+    placement: Placement = []
+    needed = request.gpus
+    for node in sorted(fits, key=lambda n: (-len(fits[n]), n)):
+        take = sorted(i for _, i in fits[node][:needed])
+        if take:
+            placement.append((node, take))
+            needed -= len(take)
+        if needed == 0:
+            return placement
+    return None
+
+
+def _take(placement: Placement, gpu_mem: int | None, free: GpuMap, room: RoomMap) -> None:
+    """Mark a placement's GPUs as taken in the pass's own copies of ``free`` and ``room``."""
+    for node, indices in placement:
+        taken = set(indices)
+        free[node] = [i for i in free.get(node, ()) if i not in taken]
+        gpus = room.get(node, {})
+        for i in taken:
+            if gpu_mem is None:
+                gpus.pop(i, None)
+            elif i in gpus:
+                gpus[i] -= gpu_mem
+
+
 @dataclass(frozen=True)
 class Reservation:
     """The first blocked job's expected start and the GPUs it will take then."""
@@ -152,6 +212,7 @@ def schedule(pending: Iterable[Request], view: View) -> tuple[list[tuple[str, Pl
     that can still move.  ``view`` is not changed.
     """
     free = {n: list(idx) for n, idx in view.free.items()}
+    room = {n: dict(gpus) for n, gpus in view.room.items()}
     load = dict(view.load)
     user_gpus: Counter = Counter()
     array_running: Counter = Counter()
@@ -167,18 +228,17 @@ def schedule(pending: Iterable[Request], view: View) -> tuple[list[tuple[str, Pl
         if held is not None:
             waits[req.job_id] = held
             continue
-        placement = _backfill(req, free, load, reservation, view.now)
+        placement = _backfill(req, free, load, reservation, view.now, room)
         if placement is None:
-            waits[req.job_id] = _why_not(req, reservation)
+            waits[req.job_id] = _why_not(req, reservation, free, view.others)
             if reservation is None:
                 reservation = _reserve(req, free, view)
             if reservation.start is None:
                 break
             continue
         starts.append((req.job_id, placement))
-        for node, indices in placement:
-            taken = set(indices)
-            free[node] = [i for i in free[node] if i not in taken]
+        _take(placement, req.gpu_mem if req.gpus else None, free, room)
+        for node, _ in placement:
             load[node] = load.get(node, 0) + 1
         user_gpus[req.user] += req.gpus
         array_running[req.array_id] += 1
@@ -208,17 +268,18 @@ def _held(req: Request, view: View, capacity_total: int, user_gpus: Counter,
 
 
 def _backfill(req: Request, free: GpuMap, load: dict[str, int], reservation: Reservation | None,
-              now: float) -> Placement | None:
+              now: float, room: RoomMap) -> Placement | None:
     """Where ``req`` may start now without delaying the reserved job, or None."""
     if reservation is None:
-        return place(req, free, load)
+        return place(req, free, load, room)
     if reservation.start is None or req.time_limit is None:
         return None
     if now + req.time_limit <= reservation.start:
-        return place(req, free, load)
+        return place(req, free, load, room)
     # It would outlast the reservation: only GPUs the reserved job will not need are fair game.
     spare = {n: [i for i in idx if (n, i) not in reservation.gpus] for n, idx in free.items()}
-    return place(req, spare, load)
+    spare_room = {n: {i: mb for i, mb in gpus.items() if (n, i) not in reservation.gpus} for n, gpus in room.items()}
+    return place(req, spare, load, spare_room)
 
 
 def _reserve(req: Request, free: GpuMap, view: View) -> Reservation:
@@ -229,10 +290,17 @@ def _reserve(req: Request, free: GpuMap, view: View) -> Reservation:
     nothing may backfill past it.
     """
     future = {n: list(idx) for n, idx in free.items()}
+    # A shared GPU comes free only when the last job sharing it ends.
+    sharers = Counter((n, i) for r in view.running if r.gpu_mem is not None for n, idx in r.placement for i in idx)
     for run in sorted((r for r in view.running if r.end is not None), key=lambda r: r.end):
         for node, indices in run.placement:
-            if node in future:
-                future[node].extend(indices)
+            if node not in future:
+                continue
+            for i in indices:
+                if run.gpu_mem is not None:
+                    sharers[(node, i)] -= 1
+                if run.gpu_mem is None or not sharers[(node, i)]:
+                    future[node].append(i)
         placement = place(req, future, {})
         if placement is not None:
             return Reservation(max(run.end, view.now),
@@ -240,7 +308,12 @@ def _reserve(req: Request, free: GpuMap, view: View) -> Reservation:
     return Reservation(None, frozenset())
 
 
-def _why_not(req: Request, reservation: Reservation | None) -> WaitReason:
+def _why_not(req: Request, reservation: Reservation | None, free: GpuMap, others: GpuMap) -> WaitReason:
+    if others and req.gpu_mem is None and req.gpus:
+        # Would the GPUs that only others' processes keep busy let it start?
+        widened = {n: free.get(n, []) + others.get(n, []) for n in free.keys() | others.keys()}
+        if place(req, widened, {}) is not None:
+            return WaitReason.GPUS_IN_USE_BY_OTHERS
     if req.pins:
         return WaitReason.PINNED_GPUS_BUSY
     return WaitReason.RESOURCES if reservation is None else WaitReason.PRIORITY

@@ -35,7 +35,8 @@ class JobService:
         self.retention = retention
         self.log = log
         self.dirty = False   # something changed that may let a pending job start
-        self.to_dispatch: list[tuple[JobRecord, int]] = []   # started this turn, sent after the commit
+        # Ranks started this turn, as (job, attempt, rank numbers): their DISPATCH goes out after the commit.
+        self.to_dispatch: list[tuple[JobRecord, int, list[int]]] = []
         self.unreasoned: set[str] = set()   # pending jobs no pass has given a wait reason yet
         self.head: str | None = None        # the job first in line waiting for Resources
         self.running_views: dict[str, allocator.Running] = {}   # job id -> its cached allocator view
@@ -126,7 +127,7 @@ class JobService:
             job = self.state.jobs[job_id]
             hold = allocator.WaitReason.DEPENDENCY if self._waits_for_dependency(job) else None
             yield allocator.Request(job.job_id, job.gpus, job.pins, job.user, job.time_limit,
-                                    job.array_job_id, job.array_limit, hold)
+                                    job.array_job_id, job.array_limit, hold, job.gpu_mem_mb)
 
     def _set_reason(self, job: JobRecord, reason: allocator.WaitReason) -> None:
         if job.reason != reason.value and job.state is JobState.PENDING:
@@ -141,7 +142,9 @@ class JobService:
             free={n.node_id: n.free_gpus() for n in usable},
             capacity={n.node_id: [g.index for g in n.gpus] for n in usable},
             load={n.node_id: len(n.ranks) for n in usable},
-            running=running, now=time.time(), user_gpu_limit=self.user_gpu_limit)
+            running=running, now=time.time(), user_gpu_limit=self.user_gpu_limit,
+            room={n.node_id: n.room() for n in usable},
+            others={n.node_id: others for n in usable if (others := n.others_gpus())})
 
     def track_dependencies(self, job: JobRecord) -> None:
         """Index ``job`` under each job it waits for, so their end settles it wherever it is in the queue."""
@@ -160,7 +163,8 @@ class JobService:
         view = self.running_views.get(job.job_id)
         if view is None:
             view = self.running_views[job.job_id] = allocator.Running(
-                [(r.node_id, r.gpu_indices) for _, r in job.live_ranks()], job.user, job.deadline, job.array_job_id)
+                [(r.node_id, r.gpu_indices) for _, r in job.live_ranks()], job.user, job.deadline, job.array_job_id,
+                job.gpu_mem_mb)
         return view
 
     def _waits_for_dependency(self, job: JobRecord) -> bool:
@@ -178,8 +182,17 @@ class JobService:
             self._finish(job, JobState.CANCELLED, f"dependency {bad.job_id} ended {bad.state.value}")
 
     def _start(self, job: JobRecord, placement: allocator.Placement) -> None:
-        """Hold the GPUs and mark the job running; its DISPATCH goes out once that is stored."""
-        job.ranks = [RankRecord(node_id, indices) for node_id, indices in placement]
+        """Hold the GPUs and mark the job running; its DISPATCH goes out once that is stored.
+
+        A job on several nodes meets at a port its first node picks: the ranks on
+        the other nodes are held back until that node's JOB_STARTED names it.
+        """
+        if job.per_gpu:
+            # One rank per GPU; a CPU job (no GPUs) keeps its one rank.
+            placement = [(node, [i]) for node, indices in placement for i in indices] or placement
+        first = placement[0][0]
+        job.ranks = [RankRecord(node_id, indices, held_back=node_id != first) for node_id, indices in placement]
+        job.master_port = None
         self.state.pending.remove(job.job_id)
         self.state.running.add(job.job_id)
         job.state, job.reason, job.start_time = JobState.RUNNING, None, time.time()
@@ -188,19 +201,21 @@ class JobService:
         where = " ".join(f"{r.node_id}:{','.join(map(str, r.gpu_indices)) or '-'}" for r in job.ranks)
         self.log.info("job %s started on %s for %s: %s", job.job_id, where, job.user, job.command)
         self.publish_job(job)
-        self.to_dispatch.append((job, job.attempt))
+        self.to_dispatch.append((job, job.attempt, [i for i, r in enumerate(job.ranks) if not r.held_back]))
 
     def send_dispatches(self) -> None:
-        """Send the DISPATCH messages of jobs whose RUNNING state is now on disk.
+        """Send the DISPATCH messages of ranks whose RUNNING state is now on disk.
 
         Sending only after the commit means a master killed at any moment either
-        never sent a job (it is still PENDING after a restart) or knows it runs.
+        never sent a rank (it is started again after a restart) or knows it runs.
         """
         queued, self.to_dispatch = self.to_dispatch, []
-        for job, attempt in queued:
+        for job, attempt, ranks in queued:
             if job.attempt != attempt or job.state is not JobState.RUNNING:
                 continue   # cancelled or undone meanwhile
-            for rank in range(len(job.ranks)):
+            for rank in ranks:
+                if job.ranks[rank].ended:
+                    continue
                 if not self._dispatch(job, rank):
                     self.state.nodes[job.ranks[rank].node_id].reachable = False
                     self.undo_start(job, f"could not reach node {job.ranks[rank].node_id}")
@@ -223,13 +238,41 @@ class JobService:
         if job.array_job_id is not None:
             env = {**env, "ZMGPU_ARRAY_JOB_ID": job.array_job_id, "ZMGPU_ARRAY_TASK_ID": str(job.array_task_id)}
         body = {"job_id": job.job_id, "rank": rank, "attempt": job.attempt, "command": job.command,
-                "cwd": job.cwd, "env": env, "gpu_indices": part.gpu_indices, "kill_grace": self.kill_grace}
+                "cwd": job.cwd, "env": env, "gpu_indices": part.gpu_indices, "kill_grace": self.kill_grace,
+                "gpu_mem_mb": job.gpu_mem_mb, "launch": self._launch_env(job, rank)}
         return self.reactor.send(part.node_id.encode(), MsgType.DISPATCH, body)
 
+    def _launch_env(self, job: JobRecord, rank: int) -> dict[str, str]:
+        """The torchrun variables of one rank; MASTER_PORT is left to the job's first node to pick.
+
+        Default: one process per node, whose LOCAL_WORLD_SIZE is its GPU count and whose
+        RANK is the global rank of its first GPU (what torchrun will hand that GPU's
+        worker).  --per-gpu: each process is one worker of that world.
+        """
+        part = job.ranks[rank]
+        nodes = list(dict.fromkeys(r.node_id for r in job.ranks))
+        if job.per_gpu:
+            local = [i for i, r in enumerate(job.ranks) if r.node_id == part.node_id]
+            world, global_rank, local_rank, local_world = len(job.ranks), rank, local.index(rank), len(local)
+        else:
+            sizes = [max(len(r.gpu_indices), 1) for r in job.ranks]
+            world, global_rank, local_rank, local_world = sum(sizes), sum(sizes[:rank]), 0, sizes[rank]
+        first = self.state.nodes.get(nodes[0])
+        env = {"MASTER_ADDR": first.address if len(nodes) > 1 and first is not None else "127.0.0.1",
+               "WORLD_SIZE": world, "RANK": global_rank, "LOCAL_RANK": local_rank, "LOCAL_WORLD_SIZE": local_world,
+               "NODE_RANK": nodes.index(part.node_id), "NNODES": len(nodes)}
+        if job.master_port is not None:
+            env["MASTER_PORT"] = job.master_port
+        return {name: str(value) for name, value in env.items()}
+
     def kill_ranks(self, job: JobRecord, reason: str) -> None:
-        """Ask every node holding a live rank of ``job`` to stop it."""
+        """Ask every node holding a live rank of ``job`` to stop it; ranks never dispatched just end."""
         job.kill_sent = time.time()
         body = {"job_id": job.job_id, "attempt": job.attempt, "reason": reason}
+        for rank, part in job.live_ranks():
+            if part.held_back:
+                part.ended, part.reason = True, f"not started: {reason}"
+                self._release(job, rank)
         for node_id in {r.node_id for _, r in job.live_ranks()}:
             self.reactor.send(node_id.encode(), MsgType.KILL, body)
 
@@ -290,11 +333,20 @@ class JobService:
         return job, job.ranks[rank]
 
     def on_job_started(self, identity: bytes, msg: Message) -> None:
-        """A rank's process is running."""
+        """A rank's process is running; the first node's names the rendezvous port the other nodes wait for."""
         found = self._rank_from(identity, msg.body)
-        if found:
-            found[1].pid = msg.body["pid"]
-            self.store.job_changed(found[0])
+        if not found:
+            return
+        job, part = found
+        part.pid = msg.body["pid"]
+        self.store.job_changed(job)
+        port = msg.body.get("master_port")
+        held = [i for i, r in job.live_ranks() if r.held_back]
+        if held and part.node_id == job.ranks[0].node_id:
+            job.master_port = port if isinstance(port, int) else None
+            for i in held:
+                job.ranks[i].held_back = False
+            self.to_dispatch.append((job, job.attempt, held))
 
     def on_output(self, identity: bytes, msg: Message) -> None:
         """Spool a chunk by offset, publish what is new, ask for a resend on a gap."""
@@ -311,10 +363,27 @@ class JobService:
                                  lambda: {**rank_key, "offset": result.offset}, result.data)
 
     def on_job_ended(self, identity: bytes, msg: Message) -> None:
-        """A rank's process ended (or never started): record it through the common path."""
+        """A rank's process ended (or never started): record it through the common path.
+
+        A rank its node refused to start (others took its GPUs meanwhile) puts the
+        job back in line rather than failing it.
+        """
         found = self._rank_from(identity, msg.body)
-        if found is not None and not found[1].ended:
-            self.settle_rank(identity, found[0], msg.body["rank"], msg.body)
+        if found is None or found[1].ended:
+            return
+        job, body = found[0], msg.body
+        if isinstance(body.get("refused"), str):
+            self.undo_start(job, f"node {found[1].node_id} refused it: {body['refused']}")
+            return
+        node = self.state.nodes.get(found[1].node_id)
+        dirty = body.get("dirty_gpus")
+        if node is not None and isinstance(dirty, list):
+            for index in (i for i in dirty if i in found[1].gpu_indices):
+                # Before the GPUs are released, so that no job is placed on a GPU its processes still hold.
+                node.telemetry.setdefault(index, {})["dirty"] = job.job_id
+        if isinstance(body.get("peak_gpu_mem_mb"), int):
+            found[1].peak_gpu_mem_mb = body["peak_gpu_mem_mb"]
+        self.settle_rank(identity, job, body["rank"], body)
 
     def settle_rank(self, identity: bytes, job: JobRecord, rank: int, report: dict) -> None:
         """End a rank as its node reports it (JOB_ENDED, or an ended entry of a REGISTER)."""
@@ -338,7 +407,11 @@ class JobService:
         """Mark one rank's GPUs as held and the rank as placed on its node (undone by :meth:`_release`)."""
         part = job.ranks[rank]
         node = self.state.nodes[part.node_id]
-        node.holders.update(dict.fromkeys(part.gpu_indices, job.job_id))
+        if job.gpu_mem_mb is None:
+            node.holders.update(dict.fromkeys(part.gpu_indices, job.job_id))
+        else:
+            for index in part.gpu_indices:
+                node.shares.setdefault(index, {})[job.job_id] = job.gpu_mem_mb
         node.ranks.add((job.job_id, rank))
 
     def _release(self, job: JobRecord, rank: int) -> None:
@@ -349,6 +422,10 @@ class JobService:
             for index in part.gpu_indices:
                 if node.holders.get(index) == job.job_id:
                     del node.holders[index]
+                shared = node.shares.get(index, {})
+                shared.pop(job.job_id, None)
+                if not shared:
+                    node.shares.pop(index, None)
             node.ranks.discard((job.job_id, rank))
         self.running_views.pop(job.job_id, None)
 

@@ -1,7 +1,9 @@
 """Node registry on the master: registration, heartbeats both ways, and declaring nodes dead.
 
-Liveness is not capacity: a heartbeat only records when the node was last
-heard; free GPUs are the allocator's business.  Any message from a node counts
+Liveness is not capacity: a heartbeat records when the node was last heard
+and carries what changed on its GPUs (memory, utilization, temperature,
+processes, foreign use, health, leftovers of ended jobs), which the allocator
+reads; free GPUs are the allocator's business.  Any message from a node counts
 as a sign of life.  Two thresholds: a node silent for ``node_timeout`` is
 suspect (nothing new is placed there, its jobs go on); one silent for
 ``node_dead_timeout`` is down, and each of its live job ranks ends through the
@@ -19,6 +21,30 @@ from .jobs import JobService
 from .output import STREAMS
 from .reactor import Reactor
 from .state import ClusterState, NodeRecord
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _optional(check):
+    return lambda value: value is None or check(value)
+
+
+def _process(entry) -> bool:
+    return (isinstance(entry, dict) and _whole(entry.get("pid")) and _whole(entry.get("used_mb"))
+            and _optional(lambda j: isinstance(j, str))(entry.get("job_id")))
+
+
+#: The GPU fields a node reports, with the check each value must pass.
+_TELEMETRY = {
+    "used_mb": _whole, "foreign_mb": _whole, "utilization": _optional(_whole), "temperature": _optional(_whole),
+    "processes": lambda v: isinstance(v, list) and all(map(_process, v)),
+    "busy": lambda v: isinstance(v, bool), "healthy": lambda v: isinstance(v, bool),
+    "health": _optional(lambda v: isinstance(v, str)), "dirty": _optional(lambda v: isinstance(v, str)),
+}
+#: The fields that decide whether a GPU can take a job.
+_PLACEMENT_FIELDS = ("busy", "healthy", "dirty", "foreign_mb")
 
 
 class NodeRegistry:
@@ -86,6 +112,11 @@ class NodeRegistry:
             self.by_identity[identity] = node
         else:
             node.hostname, node.address, node.gpus = body["hostname"], body["address"], gpus
+        node.telemetry = {}
+        policy = body.get("gpu_policy")
+        reserve = policy.get("gpu_mem_reserve_mb") if isinstance(policy, dict) else None
+        node.reserve_mb = reserve if _whole(reserve) and reserve >= 0 else 0
+        self._apply_telemetry(node, body.get("telemetry"))
         node.state, node.instance, node.suspect, node.registered = NodeState.UP, instance, False, True
         node.heard, node.last_seen, node.reachable = time.monotonic(), time.time(), True
         self._log_connected(node)
@@ -159,10 +190,42 @@ class NodeRegistry:
                               {"job_id": job.job_id, "rank": rank, "stream": stream, "offset": offset})
 
     def on_heartbeat(self, identity: bytes, msg: Message) -> None:
-        """A node is alive; one the master does not know (or thinks dead) must register again."""
+        """A node is alive, with what changed on its GPUs; one the master does not know must register again."""
         node = self.by_identity.get(identity)
         if node is None or not node.up or not node.registered:
             self.reactor.send(identity, MsgType.REREGISTER, {})
+            return
+        if msg.body.get("gpus") and self._apply_telemetry(node, msg.body["gpus"]):
+            self.reactor.publish(node_topic(node.node_id), MsgType.NODE_STATE, node.to_dict)
+
+    def _apply_telemetry(self, node: NodeRecord, report) -> bool:
+        """Merge a node's GPU report (index -> changed fields); True when anything changed.
+
+        Fields of the wrong type are dropped: the allocator does arithmetic on them.
+        """
+        if not isinstance(report, dict):
+            return False
+        known = {g.index for g in node.gpus}
+        changed = False
+        for key, fields in report.items():
+            index = int(key) if isinstance(key, str) and key.isdigit() else None
+            if index not in known or not isinstance(fields, dict):
+                continue
+            state = node.telemetry.setdefault(index, {})
+            before = {k: state.get(k) for k in _PLACEMENT_FIELDS}
+            state.update((k, v) for k, v in fields.items() if k in _TELEMETRY and _TELEMETRY[k](v))
+            changed = True
+            if state.get("healthy", True) != (before["healthy"] is not False):
+                self._log_health(node, index, state)
+            if any(state.get(k) != before[k] for k in _PLACEMENT_FIELDS):
+                self.jobs.dirty = True   # a GPU came free (or was taken) outside the scheduler
+        return changed
+
+    def _log_health(self, node: NodeRecord, index: int, state: dict) -> None:
+        if state.get("healthy", True):
+            self.log.info("node %s GPU %d is healthy again; it takes jobs again", node.node_id, index)
+        else:
+            self.log.warning("node %s GPU %d drained: %s", node.node_id, index, state.get("health") or "unhealthy")
 
     def send_heartbeats(self) -> None:
         """Tell every live node the master is alive (they reconnect when it goes quiet)."""

@@ -147,9 +147,11 @@ class ClientRequests:
             indices, limit = parse_array_spec(array) if array is not None else (None, None)
         except (ValueError, TypeError) as exc:
             raise RequestError(ErrorCode.BAD_REQUEST, str(exc)) from None
-        capacity = [allocator.NodeCapacity(n.node_id, tuple(g.index for g in n.gpus))
+        capacity = [allocator.NodeCapacity(n.node_id, tuple(g.index for g in n.gpus),
+                                           tuple(g.memory_mb - n.reserve_mb for g in n.gpus))
                     for n in self.state.nodes.values()]
-        problem = allocator.infeasible(allocator.Request("", template.gpus, template.pins), capacity)
+        problem = allocator.infeasible(allocator.Request("", template.gpus, template.pins,
+                                                         gpu_mem=template.gpu_mem_mb), capacity)
         cap = self.jobs.user_gpu_limit
         if problem is None and cap is not None and template.gpus > cap:
             problem = f"the job asks for {template.gpus} GPUs, but one user may hold at most {cap} at once"
@@ -202,8 +204,14 @@ class ClientRequests:
         name = spec.get("name")
         if name is not None and not isinstance(name, str):
             raise ValueError("--name must be a string")
+        gpu_mem = spec.get("gpu_mem_mb")
+        if gpu_mem is not None and (not _whole(gpu_mem) or gpu_mem <= 0):
+            raise ValueError("--gpu-mem must be a positive size, such as 800M or 12G")
+        if gpu_mem is not None and not gpus:
+            raise ValueError("--gpu-mem needs --gpus 1 or more: it is the memory the job needs on each of its GPUs")
         return JobRecord(job_id="", seq=0, user=user, command=command, cwd=cwd, env=env, env_id=env_id(env),
-                         gpus=gpus, pins=pins, node_gpu_ids=pin_spec, interactive=bool(spec.get("interactive")),
+                         gpus=gpus, gpu_mem_mb=gpu_mem, per_gpu=bool(spec.get("per_gpu")),
+                         pins=pins, node_gpu_ids=pin_spec, interactive=bool(spec.get("interactive")),
                          name=name, priority=priority, time_limit=self._time_limit(spec.get("time_limit")),
                          requeue=bool(spec.get("requeue")), after=deps, after_any=bool(spec.get("after_any")))
 

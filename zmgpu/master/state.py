@@ -31,16 +31,48 @@ class NodeRecord:
     suspect: bool = False           # silent past the node timeout: no new placements, jobs go on
     registered: bool = True         # False for a node restored from the store until its agent registers
     last_seen: float = 0.0          # wall clock, for people
-    holders: dict[int, str] = field(default_factory=dict)   # GPU index -> job id holding it
+    holders: dict[int, str] = field(default_factory=dict)   # GPU index -> job id holding it whole
+    shares: dict[int, dict[str, int]] = field(default_factory=dict)  # GPU index -> {--gpu-mem job: MiB}
     ranks: set[tuple[str, int]] = field(default_factory=set)  # live (job id, rank) here
+    telemetry: dict[int, dict] = field(default_factory=dict)  # GPU index -> its state as the node reports it
+    reserve_mb: int = 0             # the node keeps this much free on a GPU shared by --gpu-mem jobs
 
     @property
     def up(self) -> bool:
         return self.state is NodeState.UP
 
+    def unavailable(self, index: int) -> str | None:
+        """Why GPU ``index`` can take no new job at all (unhealthy, or dirty); None when it can."""
+        state = self.telemetry.get(index, {})
+        if not state.get("healthy", True):
+            return f"drained: {state.get('health') or 'unhealthy'}"
+        if state.get("dirty"):
+            return f"dirty: job {state['dirty']}"
+        return None
+
+    def in_use_by_others(self, index: int) -> bool:
+        """Not held by a zmgpu job, yet kept from a new exclusive job: foreign use, a leftover, bad health."""
+        return self.unavailable(index) is not None or bool(self.telemetry.get(index, {}).get("busy"))
+
     def free_gpus(self) -> list[int]:
-        """Indices of GPUs no job holds."""
-        return [g.index for g in self.gpus if g.index not in self.holders]
+        """Indices of GPUs a new exclusive job may take: no job on them, and no one else's use."""
+        return [g.index for g in self.gpus
+                if g.index not in self.holders and not self.shares.get(g.index) and not self.in_use_by_others(g.index)]
+
+    def others_gpus(self) -> list[int]:
+        """Indices of GPUs that only others' use (or bad health) keeps from new exclusive jobs."""
+        return [g.index for g in self.gpus
+                if g.index not in self.holders and not self.shares.get(g.index) and self.in_use_by_others(g.index)]
+
+    def room(self) -> dict[int, int]:
+        """GPU index -> MiB a new --gpu-mem job may still declare there (GPUs held whole have none)."""
+        room = {}
+        for gpu in self.gpus:
+            if gpu.index in self.holders or self.unavailable(gpu.index):
+                continue
+            foreign = self.telemetry.get(gpu.index, {}).get("foreign_mb") or 0
+            room[gpu.index] = gpu.memory_mb - self.reserve_mb - foreign - sum(self.shares.get(gpu.index, {}).values())
+        return room
 
     @property
     def usable(self) -> bool:
@@ -57,15 +89,22 @@ class NodeRecord:
             return NodeStatus.DRAINED
         if not self.holders and not self.ranks:
             return NodeStatus.IDLE
-        return NodeStatus.ALLOCATED if len(self.holders) == len(self.gpus) else NodeStatus.MIXED
+        taken = sum(g.index in self.holders or bool(self.shares.get(g.index)) for g in self.gpus)
+        return NodeStatus.ALLOCATED if taken == len(self.gpus) else NodeStatus.MIXED
 
     def to_dict(self) -> dict:
         return {
             "node_id": self.node_id, "hostname": self.hostname, "address": self.address,
             "state": self.state.value, "status": self.status.value, "drain_reason": self.drain_reason,
             "last_seen": self.last_seen,
-            "gpus": [{**g.to_dict(), "job_id": self.holders.get(g.index)} for g in self.gpus],
+            "gpus": [self._gpu_dict(g) for g in self.gpus],
         }
+
+    def _gpu_dict(self, gpu: GpuInfo) -> dict:
+        shared = self.shares.get(gpu.index, {})
+        return {**self.telemetry.get(gpu.index, {}), **gpu.to_dict(), "job_id": self.holders.get(gpu.index),
+                "shared_by": dict(shared), "unavailable": self.unavailable(gpu.index),
+                "room_mb": self.room().get(gpu.index) if shared else None}
 
 
 @dataclass
@@ -81,6 +120,8 @@ class RankRecord:
     reason: str | None = None
     lost: bool = False              # ended because its node was declared dead
     final_sizes: dict[str, int] = field(default_factory=dict)  # stream -> bytes, as the node reported
+    held_back: bool = False         # its DISPATCH waits for the rendezvous port from the job's first node
+    peak_gpu_mem_mb: int | None = None   # the most GPU memory its processes were seen using on one GPU
 
     @property
     def failed(self) -> bool:
@@ -99,6 +140,8 @@ class JobRecord:
     cwd: str
     env: dict[str, str]             # shared by the tasks of an array, never mutated
     gpus: int
+    gpu_mem_mb: int | None = None   # --gpu-mem: may share GPUs, declaring this much on each
+    per_gpu: bool = False           # --per-gpu: one process (rank) per GPU
     pins: dict[str, list[int]] | None = None
     node_gpu_ids: str | None = None
     interactive: bool = False
@@ -126,6 +169,7 @@ class JobRecord:
     first_failed: int | None = None  # the rank that failed first, which the verdict names
     env_id: str = ""                # content hash of env, the key it is stored under
     kill_sent: float = 0.0          # when a KILL last went out, to repeat one that went unheeded
+    master_port: int | None = None  # the torch.distributed rendezvous port its first node picked
 
     @property
     def queue_key(self) -> tuple[int, int, str]:
@@ -162,6 +206,9 @@ class JobRecord:
             "allocation": [{"node_id": r.node_id, "gpu_indices": r.gpu_indices} for r in self.ranks],
             "submit_time": self.submit_time, "start_time": self.start_time, "end_time": self.end_time,
             "exit_code": self.exit_code, "signal": self.signal, "outputs": outputs,
+            "gpu_mem_mb": self.gpu_mem_mb, "per_gpu": self.per_gpu, "master_port": self.master_port,
+            "peak_gpu_mem_mb": max((r.peak_gpu_mem_mb for r in self.ranks if r.peak_gpu_mem_mb is not None),
+                                   default=None),
         }
 
 

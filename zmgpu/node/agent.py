@@ -43,19 +43,19 @@ import zmq
 from .. import protocol
 from ..config import NodeConfig
 from ..daemon import SignalPipe
-from ..model import GpuInfo
 from ..protocol import MsgType, Stream
 from .identity import new_instance, read_instance, write_instance
 from .keeper_link import Exited, KeeperLink, KeeperLost, Spawned
-from .runner import RankKey, RankProcess, is_count, recent_ends, spool_keys, valid_job_id
+from .pump import pump
+from .runner import (RankKey, RankProcess, declared_memory, free_port, is_count, recent_ends, spool_keys,
+                     valid_job_id)
 from .sweep import JobProcesses
+from .telemetry import Telemetry
 
 #: Poll timeout while ranks run or have output to send: right after output moved, and at most when idle.
 TICK_MIN_MS = 10
 TICK_MAX_MS = 100
 TICK_BACKOFF = 1.5
-#: Output bytes sent per loop turn, so heartbeats and master messages keep flowing during a flood.
-PUMP_BUDGET = 4 * 1024 * 1024
 #: Messages read from the master per loop turn.
 RECV_BATCH = 1000
 BACKOFF_FIRST = 1.0
@@ -72,6 +72,8 @@ DEFAULT_KILL_GRACE = 10.0
 EXIT_REFUSED = 2
 #: Seconds before trying again to reach a job keeper, after none could be reached or started.
 KEEPER_RETRY = 60.0
+#: Seconds between looks at a dirty GPU: a GPU freed a moment after its job ended goes back at once.
+DIRTY_RECHECK = 0.1
 
 
 @dataclass
@@ -96,15 +98,18 @@ def route_address(host: str, port: int) -> str:
 class Agent:
     """The node agent: talks to the master and runs the job ranks it dispatches here."""
 
-    def __init__(self, config: NodeConfig, node_id: str, gpus: list[GpuInfo], log: logging.Logger):
+    def __init__(self, config: NodeConfig, node_id: str, telemetry: Telemetry, log: logging.Logger):
         self.config = config
         self.node_id = node_id
-        self.gpus = gpus
+        self.telemetry = telemetry
+        self.gpus = telemetry.devices
+        self.next_dirty_check = 0.0
         self.log = log
         host = config.master_host
         self.ipv6 = ":" in host
         self.endpoint = f"tcp://[{host}]:{config.master_port}" if self.ipv6 else f"tcp://{host}:{config.master_port}"
         self.ranks: dict[RankKey, RankProcess] = {}
+        self.ports: dict[tuple[str, int], int] = {}   # (job id, attempt) -> its rendezvous port on this node
         self.kills: dict[tuple[str, int | None], PendingKill] = {}   # by (job id, attempt or None)
         self.keeper: KeeperLink | None = None   # None: ranks are spawned as the agent's own children
         self.keeper_retry_at = 0.0
@@ -171,14 +176,23 @@ class Agent:
                 self.log.info("%s %s", rank.key, rank.describe_end())
                 if rank.killed:
                     self._kill_leftovers(JobProcesses(rank.key.job_id, rank.key.attempt), "its leader ended")
+                rank.dirty_gpus = self.telemetry.release_check(rank.key.job_id, rank.key.attempt, rank.gpu_indices)
             if rank.escalate(now):
                 self.log.warning("%s outlived its %g s grace period: SIGKILL", rank.key, rank.kill_grace)
         for key, pending in list(self.kills.items()):
             if now >= pending.deadline:
                 del self.kills[key]
                 self._kill_leftovers(pending.target, "the grace period ran out")
+        if self.telemetry.dirty and now >= self.next_dirty_check:
+            self.next_dirty_check = now + DIRTY_RECHECK
+            if self.telemetry.recheck_dirty():
+                self._send_heartbeat(now)
         if self.registered:
-            busy |= self._pump()
+            moved, reported = pump(self.ranks, self._send)
+            busy |= moved
+            for key in reported:
+                if not any((k.job_id, k.attempt) == (key.job_id, key.attempt) for k in self.ranks):
+                    self.ports.pop((key.job_id, key.attempt), None)
         self._keep_alive(now)
         # Output that moved may go on moving; quiet ranks are looked at less and less often.
         self.tick_ms = TICK_MIN_MS if busy else min(self.tick_ms * TICK_BACKOFF, TICK_MAX_MS)
@@ -294,6 +308,8 @@ class Agent:
         else:
             deadline = self.last_heard + self.master_timeout
         kills = [p.deadline for p in self.kills.values()]
+        if self.telemetry.dirty:
+            kills.append(self.next_dirty_check)
         kills += [r.kill_deadline for r in self.ranks.values() if r.running and r.kill_deadline is not None]
         timeout = math.ceil((min([deadline, *kills]) - time.monotonic()) * 1000)
         if any(rank.running for rank in self.ranks.values()) or (self.registered and self.ranks):
@@ -363,8 +379,19 @@ class Agent:
             return
         # Until the master answers the REGISTER, a heartbeat would only pile up behind it.
         if self.registered and now >= self.next_heartbeat:
-            self._send(MsgType.HEARTBEAT, {})
-            self.next_heartbeat = now + self.heartbeat_interval
+            self.telemetry.sample()
+            for rank in self.ranks.values():
+                if rank.running and rank.gpu_indices:
+                    used = self.telemetry.job_memory(rank.key.job_id, rank.gpu_indices)
+                    if used:
+                        rank.peak_gpu_mem_mb = max(rank.peak_gpu_mem_mb or 0, used)
+            self._send_heartbeat(now)
+
+    def _send_heartbeat(self, now: float) -> None:
+        """A heartbeat, carrying whatever changed on the GPUs since the master last heard."""
+        changes = self.telemetry.changes()
+        self._send(MsgType.HEARTBEAT, {"gpus": changes} if changes else {})
+        self.next_heartbeat = now + self.heartbeat_interval
 
     def _register(self) -> None:
         self._send(MsgType.REGISTER, {
@@ -372,6 +399,8 @@ class Agent:
             "hostname": socket.gethostname(),
             "address": route_address(self.config.master_host, self.config.master_port),
             "gpus": [gpu.to_dict() for gpu in self.gpus],
+            "telemetry": self.telemetry.snapshot(),
+            "gpu_policy": self.telemetry.policy.to_dict(),
             "jobs": [key.wire() for key in self.ranks]
                     + recent_ends(self.config.state_dir, time.time() - ENDED_LOOKBACK, skip=self.ranks),
             "instance": self.instance,
@@ -470,8 +499,10 @@ class Agent:
         """Start one rank of a job here; JOB_STARTED (or JOB_ENDED if it cannot start) follows."""
         key = RankKey(body["job_id"], body["rank"], body.get("attempt", 0))
         indices = body["gpu_indices"]
-        if not key.valid() or not all(is_count(i) for i in indices):
-            self.log.warning("dropped a DISPATCH with a bad job id, rank, attempt or GPU list: %r", body)
+        launch, gpu_mem = body.get("launch") or {}, body.get("gpu_mem_mb")
+        if not (key.valid() and all(is_count(i) for i in indices) and (gpu_mem is None or is_count(gpu_mem))
+                and isinstance(launch, dict) and all(isinstance(v, str) for v in launch.values())):
+            self.log.warning("dropped a DISPATCH with a bad job id, rank, attempt, GPU list or launch: %r", body)
             return
         if not self.registered:
             # Before REGISTERED it may be meant for another agent with this node id (the master hands a
@@ -485,8 +516,28 @@ class Agent:
             known.start_reported = known.pid is None and known.ended
             return
         self._spare_from_kills(key)
-        self.ranks[key] = self._spawn(key, body, indices)
-        self._log_start(self.ranks[key])
+        refused = self.telemetry.refuse_start(indices, gpu_mem, declared_memory(self.ranks.values()))
+        if refused is not None:
+            self._refuse(key, refused)
+            return
+        launch = dict(launch)
+        port = None
+        if launch and "MASTER_PORT" not in launch:
+            # This node hosts the job's rendezvous: its other nodes learn the port from JOB_STARTED.
+            if (key.job_id, key.attempt) not in self.ports:
+                self.ports[(key.job_id, key.attempt)] = free_port()
+            port = self.ports[(key.job_id, key.attempt)]
+            launch["MASTER_PORT"] = str(port)
+        rank_proc = self.ranks[key] = self._spawn(key, {**body, "env": {**body["env"], **launch}}, indices)
+        rank_proc.gpu_mem_mb, rank_proc.master_port = gpu_mem, port
+        self._log_start(rank_proc)
+
+    def _refuse(self, key: RankKey, why: str) -> None:
+        """Its GPUs were taken meanwhile: the master hears the GPUs' state, then puts the job back in line."""
+        self.log.warning("%s not started: %s; the master puts it back in the queue", key, why)
+        self._send_heartbeat(time.monotonic())
+        self._send(MsgType.JOB_ENDED, {**key.wire(), "exit_code": None, "signal": None, "reason": why,
+                                       "sizes": {}, "refused": why})
 
     def _log_start(self, rank_proc: RankProcess) -> None:
         """Say how the start of a rank went, once it is known."""
@@ -556,41 +607,3 @@ class Agent:
         attempts = [key.attempt for key in (*self.ranks, *spool_keys(self.config.state_dir))
                     if (key.job_id, key.rank) == (job_id, rank)]
         return max(attempts, default=None)
-
-    # -- output ---------------------------------------------------------------------------
-
-    def _pump(self) -> bool:
-        """Send each rank's start, new output and end, in that order, within the per-turn budget.
-
-        A send that would block stops the pump until the next turn: the offsets say
-        what went out, and the spool files keep the rest.  True when anything went out.
-        """
-        budget = PUMP_BUDGET
-        sent = False
-        for key, rank in list(self.ranks.items()):
-            if rank.pending:
-                continue    # JOB_STARTED waits for the keeper's answer
-            if not rank.start_reported:
-                if not self._send(MsgType.JOB_STARTED, {**key.wire(), "pid": rank.pid}):
-                    return sent
-                rank.start_reported = sent = True
-            for stream in Stream:
-                while budget > 0:
-                    chunk = rank.read_chunk(stream, budget)
-                    if not chunk:
-                        break
-                    header = {**key.wire(), "stream": stream.value, "offset": rank.sent[stream]}
-                    if not self._send(MsgType.OUTPUT, header, chunk):
-                        return sent
-                    rank.advance(stream, len(chunk))
-                    budget -= len(chunk)
-                    sent = True
-            if budget <= 0:
-                return sent
-            if rank.ended and not rank.has_unsent():
-                if not self._send(MsgType.JOB_ENDED, rank.ended_body()):
-                    return sent
-                sent = True
-                rank.forget()
-                del self.ranks[key]
-        return sent

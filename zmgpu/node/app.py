@@ -42,9 +42,12 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--state-dir", metavar="DIR", default=None,
                         help="directory for job output spool files "
                              "(default: $XDG_STATE_HOME/zmgpu/node or ~/.local/state/zmgpu/node)")
-    parser.add_argument("--simulate-gpus", metavar="N", type=int, default=None,
+    parser.add_argument("--simulate-gpus", metavar="N|FILE", default=None,
                         help="offer N simulated GPUs instead of reading real ones through NVML, for "
-                             "machines without NVIDIA hardware; they are marked as simulated everywhere "
+                             "machines without NVIDIA hardware; or the GPUs a YAML file describes (a list "
+                             "'gpus' of {name, memory_mb, used_mb, foreign_pids, healthy}), read again at "
+                             "every heartbeat so memory use, foreign processes and health can be changed "
+                             "while the node runs; simulated GPUs are marked as such everywhere "
                              "(default: real GPUs)")
     parser.add_argument("--heartbeat-interval", metavar="S", type=float, default=None,
                         help="seconds between heartbeats to the master until it names its own interval "
@@ -89,15 +92,26 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported here so that the parser above stays cheap for the man page generator.
     from .agent import Agent
-    from .gpus import discover
+    from .gpus import SimulationError, open_source
+    from .telemetry import Policy, Telemetry
 
-    gpus = discover(config.simulate_gpus, config.node_id, log)
+    simulate = None if config.simulate_gpus is None else str(config.simulate_gpus)
+    try:
+        source = open_source(simulate, config.node_id, log)
+    except SimulationError as exc:
+        log.error("%s", exc)
+        lock.close()
+        return 2
+    policy = Policy(config.foreign_policy, config.foreign_threshold_mb, config.gpu_mem_reserve_mb)
+    telemetry = Telemetry(source, policy, log)
+    gpus = telemetry.devices
     for gpu in gpus:
         log.info("GPU %d: %s, %d MiB, %s%s", gpu.index, gpu.name, gpu.memory_mb, gpu.uuid,
                  " (simulated)" if gpu.simulated else "")
     if not gpus:
         log.info("no GPUs offered: only CPU jobs (--gpus 0) will run on this node")
     try:
-        return Agent(config, config.node_id, gpus, log).run()
+        return Agent(config, config.node_id, telemetry, log).run()
     finally:
+        source.close()
         lock.close()

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -224,6 +225,10 @@ class RankProcess:
     start_reported: bool = False           # JOB_STARTED is on its way to the master
     killed: bool = False                   # a KILL came: its end must leave no process of the job behind
     kill_deadline: float | None = None     # monotonic time for SIGKILL after a KILL
+    gpu_mem_mb: int | None = None          # the --gpu-mem it declared (None: its GPUs are its own)
+    master_port: int | None = None         # the rendezvous port this node picked for the job
+    peak_gpu_mem_mb: int | None = None     # the most GPU memory its processes were seen using on one GPU
+    dirty_gpus: list[int] = field(default_factory=list)   # its GPUs that still listed its processes at the end
     sent: dict[Stream, int] = field(default_factory=lambda: dict.fromkeys(Stream, 0))
     _readers: dict[Stream, int] = field(default_factory=dict, repr=False)
 
@@ -508,7 +513,8 @@ class RankProcess:
         """Body of the JOB_ENDED message, with the final output sizes."""
         return {**self.key.wire(), "exit_code": self.exit_code,
                 "signal": self.signal, "reason": self.reason,
-                "sizes": {stream.value: self.sent[stream] for stream in Stream}}
+                "sizes": {stream.value: self.sent[stream] for stream in Stream},
+                "peak_gpu_mem_mb": self.peak_gpu_mem_mb, "dirty_gpus": self.dirty_gpus}
 
     def close(self) -> None:
         """Release the spool readers; the files stay on disk."""
@@ -520,6 +526,23 @@ class RankProcess:
         """The rank's end is on its way to the master: close, and let no later agent take the rank over."""
         self.close()
         _unlink(os.path.join(self.spool, _PROCESS_FILE))
+
+
+def declared_memory(ranks) -> dict[int, int]:
+    """GPU index -> the --gpu-mem MiB that the shared ``ranks`` still running declared on it."""
+    declared: dict[int, int] = {}
+    for rank in ranks:
+        if rank.gpu_mem_mb and not rank.ended:
+            for index in rank.gpu_indices:
+                declared[index] = declared.get(index, 0) + rank.gpu_mem_mb
+    return declared
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a job's torch.distributed rendezvous (torchrun does the same)."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 def _job_marks(key: RankKey, gpu_indices: list[int], node_id: str) -> dict[str, str]:

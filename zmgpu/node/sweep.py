@@ -88,6 +88,17 @@ class JobProcesses:
         return len(killed)
 
 
+def read_job_mark(pid: int) -> str | None:
+    """The zmgpu job id in a process's environment; None when it has none (or cannot be read)."""
+    prefix = f"{JOB_ID_VAR}=".encode()
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            entries = fh.read().split(b"\0")
+    except OSError:
+        return None
+    return next((e[len(prefix):].decode(errors="replace") for e in entries if e.startswith(prefix)), None)
+
+
 def proc_stat(pid: int) -> tuple[str, int] | None:
     """State letter and start time (clock ticks after boot) of ``pid``, from /proc; None if there is none."""
     try:

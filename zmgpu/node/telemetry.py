@@ -1,0 +1,201 @@
+"""What the node agent tells the master about its GPUs, and the GPU checks around a job's start and end.
+
+Every sample (once per heartbeat) each compute process on a GPU is attributed
+to the zmgpu job that started it, read from the ``ZMGPU_JOB_ID`` mark in its
+environment, or else counted as *foreign*: a colleague's notebook, a stray
+process.  The node's policy decides when foreign use makes a GPU busy for a
+new exclusive job: ``exclusive`` (any foreign process) or ``threshold`` (foreign
+memory above a limit).  Jobs that declared ``--gpu-mem`` share a GPU while what
+they declared, plus the foreign use, plus a reserve, fits in its memory.
+
+Only what changed goes to the master (:meth:`Telemetry.changes`), with a small
+dead band on the numbers that wander (memory, utilization, temperature), so a
+thousand idle nodes cost the master almost nothing.
+
+Release check: once a job rank has ended, its GPUs are looked at again; any of
+the job's processes still listed there makes the GPU *dirty* (the master gives
+it to no one) and is killed again, until NVML lists none of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from .gpus import GpuSample, GpuSource
+from .sweep import JobProcesses, proc_stat, read_job_mark
+
+#: Changes smaller than these are not worth a message (MiB, percent, degrees C).
+DEAD_BAND = {"used_mb": 64, "foreign_mb": 64, "utilization": 5, "temperature": 2}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The node's YAML on foreign processes and sharing."""
+
+    foreign: str = "exclusive"          # or "threshold"
+    threshold_mb: int = 1024            # foreign memory above which a GPU is busy (threshold policy)
+    reserve_mb: int = 512               # kept free on a GPU shared by --gpu-mem jobs
+
+    def busy(self, foreign_pids: int, foreign_mb: int) -> bool:
+        """Is a GPU with this foreign use taken for a new exclusive job?"""
+        if self.foreign == "threshold":
+            return foreign_mb > self.threshold_mb
+        return foreign_pids > 0
+
+    def to_dict(self) -> dict:
+        return {"foreign_policy": self.foreign, "foreign_threshold_mb": self.threshold_mb,
+                "gpu_mem_reserve_mb": self.reserve_mb}
+
+
+class Telemetry:
+    """The agent's view of its GPUs: samples, attribution, dirty GPUs, and the deltas owed to the master."""
+
+    def __init__(self, source: GpuSource, policy: Policy, log: logging.Logger):
+        self.source = source
+        self.policy = policy
+        self.log = log
+        self.devices = source.devices()
+        self.memory = {gpu.index: gpu.memory_mb for gpu in self.devices}
+        self.owners: dict[int, tuple[int | None, str | None]] = {}  # pid -> (start time, job id or None)
+        self.dirty: dict[int, str] = {}        # GPU index -> job id whose processes still hold it
+        self.current: dict[int, dict] = {}     # GPU index -> its state as of the last sample
+        self.sent: dict[int, dict] = {}        # GPU index -> its state as the master last heard it
+        self.sample()
+
+    # -- sampling -----------------------------------------------------------------------
+
+    def sample(self) -> dict[int, dict]:
+        """Read every GPU now; the per-GPU state dicts (the wire form)."""
+        samples = self.source.sample()
+        self.current = {s.index: self._state(s) for s in samples if s.index in self.memory}
+        self._forget_owners({p["pid"] for state in self.current.values() for p in state["processes"]})
+        return self.current
+
+    def _state(self, sample: GpuSample) -> dict:
+        processes = [{"pid": p.pid, "used_mb": p.used_mb, "job_id": self.owner(p.pid)} for p in sample.processes]
+        foreign = [p for p in processes if p["job_id"] is None]
+        ours_mb = sum(p["used_mb"] for p in processes if p["job_id"] is not None)
+        foreign_mb = max(0, sample.used_mb - ours_mb)
+        return {"used_mb": sample.used_mb, "utilization": sample.utilization, "temperature": sample.temperature,
+                "processes": processes, "foreign_mb": foreign_mb,
+                "busy": self.policy.busy(len(foreign), foreign_mb),
+                "healthy": sample.unhealthy is None, "health": sample.unhealthy,
+                "dirty": self.dirty.get(sample.index)}
+
+    def owner(self, pid: int) -> str | None:
+        """The zmgpu job a GPU process belongs to, None for a foreign one.
+
+        Remembered per pid and start time: a process that has died (NVML may still
+        list it while the driver lets go of its memory) keeps the owner it had.
+        """
+        stat = proc_stat(pid)
+        start = stat[1] if stat else None
+        known = self.owners.get(pid)
+        if known is not None and (start is None or known[0] == start):
+            return known[1]
+        job_id = read_job_mark(pid) if stat else None
+        self.owners[pid] = (start, job_id)
+        return job_id
+
+    def _forget_owners(self, listed: set[int]) -> None:
+        for pid in self.owners.keys() - listed:
+            del self.owners[pid]
+
+    def job_memory(self, job_id: str, indices: list[int]) -> int:
+        """MiB the job's processes use on the most loaded of ``indices``, as of the last sample."""
+        return max((sum(p["used_mb"] for p in self.current.get(i, {}).get("processes", ()) if p["job_id"] == job_id)
+                    for i in indices), default=0)
+
+    # -- what the master hears -------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, dict]:
+        """Every GPU's full state, for the REGISTER; from now on only changes are sent."""
+        self.sent = {i: dict(state) for i, state in self.current.items()}
+        return {str(i): state for i, state in self.current.items()}
+
+    def changes(self) -> dict[str, dict]:
+        """The fields that changed (beyond the dead band) since the master last heard; {} when none."""
+        out = {}
+        for index, state in self.current.items():
+            before = self.sent.setdefault(index, {})
+            delta = {k: v for k, v in state.items() if _moved(k, before.get(k), v)}
+            if delta:
+                before.update(delta)
+                out[str(index)] = delta
+        return out
+
+    # -- around a job ------------------------------------------------------------------------
+
+    def refuse_start(self, indices: list[int], gpu_mem_mb: int | None, declared: dict[int, int]) -> str | None:
+        """Why a rank must not start on ``indices`` now (a fresh look), or None.
+
+        ``declared`` is the --gpu-mem the shared ranks running here declared, per GPU.
+        """
+        if not indices:
+            return None
+        self.sample()
+        for index in indices:
+            state = self.current.get(index)
+            if state is None:
+                continue
+            if state["dirty"]:
+                return f"GPU {index} still holds processes of job {state['dirty']}"
+            if gpu_mem_mb is None:
+                if state["busy"]:
+                    return f"GPU {index} is in use by others ({_describe_foreign(state)})"
+                continue
+            room = self.memory[index] - self.policy.reserve_mb - state["foreign_mb"] - declared.get(index, 0)
+            if gpu_mem_mb > room:
+                return (f"GPU {index} has {max(room, 0)} MiB left for --gpu-mem jobs, {gpu_mem_mb} MiB asked "
+                        f"(others use {state['foreign_mb']} MiB)")
+        return None
+
+    def release_check(self, job_id: str, attempt: int, indices: list[int]) -> list[int]:
+        """After a rank of ``job_id`` ended: the GPUs its processes still hold (now dirty); those are killed again."""
+        if not indices:
+            return []
+        self.sample()
+        held = [i for i in indices if any(p["job_id"] == job_id for p in self.current.get(i, {}).get("processes", ()))]
+        if held:
+            self.dirty.update(dict.fromkeys(held, job_id))
+            for index in held:
+                # The master hears of it with the rank's end (JOB_ENDED): only its cleaning is news later.
+                self.current[index]["dirty"] = self.sent.setdefault(index, {})["dirty"] = job_id
+            killed = JobProcesses(job_id, attempt).kill()
+            self.log.warning("job %s ended but GPU(s) %s still list its processes: marked dirty (not given to any "
+                             "job until clean); SIGKILL to %d process(es) of it", job_id,
+                             ",".join(map(str, held)), killed)
+        return held
+
+    def recheck_dirty(self) -> list[int]:
+        """Look at the dirty GPUs again; the ones now clean (their state in :attr:`current` is updated)."""
+        if not self.dirty:
+            return []
+        self.sample()
+        clean = []
+        for index, job_id in list(self.dirty.items()):
+            state = self.current.get(index, {})
+            left = [p["pid"] for p in state.get("processes", ()) if p["job_id"] == job_id]
+            if left:
+                if any(proc_stat(pid) for pid in left):
+                    JobProcesses(job_id).kill()   # only while one lives: a dead one is the driver's to clear
+                continue
+            del self.dirty[index]
+            state["dirty"] = None
+            clean.append(index)
+            self.log.info("GPU %d is clean again: no process of job %s is left on it", index, job_id)
+        return clean
+
+
+def _moved(key: str, before, after) -> bool:
+    band = DEAD_BAND.get(key)
+    if band is None or before is None or after is None:
+        return before != after
+    return abs(after - before) >= band
+
+
+def _describe_foreign(state: dict) -> str:
+    pids = [str(p["pid"]) for p in state["processes"] if p["job_id"] is None]
+    who = f"pid {', '.join(pids[:3])}{' ...' if len(pids) > 3 else ''}" if pids else "no listed process"
+    return f"{who}, {state['foreign_mb']} MiB"
