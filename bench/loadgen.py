@@ -57,6 +57,12 @@ class FakeNode:
         self.send(MsgType.REGISTER, {"node_id": self.node_id, "hostname": "loadgen", "address": "127.0.0.1",
                                      "gpus": self.gpus, "jobs": jobs})
 
+    def telemetry(self, tick: int) -> dict:
+        """A heartbeat as a busy node sends it: every GPU's memory, utilization and temperature moved
+        past the dead band (the worst case for the master; idle nodes send nothing)."""
+        return {"gpus": {str(g["index"]): {"used_mb": 1000 + (tick * 97) % 60000, "utilization": (tick * 7) % 100,
+                                           "temperature": 40 + tick % 30} for g in self.gpus}}
+
     def end(self, key: tuple[str, int], signal: int | None = None) -> None:
         """Report one held rank as ended (exit 0, or killed by ``signal``)."""
         attempt = self.jobs.pop(key)
@@ -251,7 +257,7 @@ class LoadGenerator:
             _, index = heapq.heappop(self.heartbeats)
             node = self.nodes[index]
             if node.registered:
-                node.send(MsgType.HEARTBEAT, {})
+                node.send(MsgType.HEARTBEAT, node.telemetry(self.counts["heartbeats"]))
                 self.counts["heartbeats"] += 1
             heapq.heappush(self.heartbeats, (now + self.interval, index))
 

@@ -141,7 +141,7 @@ def run(ctx: Context) -> Iterator[Figure]:
             raise BenchError(f"only {reg['registered']} of {nodes} simulated nodes registered within 60 s")
         yield Figure(NAME, "register_all_s", reg["seconds"], "s", Better.LOWER, note=f"{where} registering at once")
         yield from _observed_figures("heartbeat", _observe(client, pid, window),
-                                     f"{where} heartbeating every 1 s, no jobs; {window:g} s window")
+                                     f"{where} heartbeating every 1 s with every GPU's telemetry changed, no jobs; {window:g} s window")
 
         # A tenth of the queue first, for a second point of the pass time against the queue's length.
         accept = _submit_queue(client, capacity + first_queue, cwd)

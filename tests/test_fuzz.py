@@ -36,9 +36,11 @@ MASTER_TYPES = (MsgType.REGISTERED, MsgType.HEARTBEAT, MsgType.REREGISTER, MsgTy
 #: Optional body fields the handlers read, worth giving random values too.
 OPTIONAL = {
     MsgType.QUEUE: ("all", "owner", "states", "job_ids"),
-    MsgType.REGISTER: ("instance", "previous_instance"),
-    MsgType.JOB_STARTED: ("attempt",), MsgType.OUTPUT: ("attempt",), MsgType.JOB_ENDED: ("attempt",),
-    MsgType.DISPATCH: ("attempt",), MsgType.KILL: ("attempt",),
+    MsgType.REGISTER: ("instance", "previous_instance", "telemetry", "gpu_policy"),
+    MsgType.HEARTBEAT: ("gpus",),
+    MsgType.JOB_STARTED: ("attempt", "master_port"), MsgType.OUTPUT: ("attempt",),
+    MsgType.JOB_ENDED: ("attempt", "refused", "dirty_gpus", "peak_gpu_mem_mb"),
+    MsgType.DISPATCH: ("attempt", "launch", "gpu_mem_mb"), MsgType.KILL: ("attempt",),
 }
 #: More GPUs than any test cluster has: a SUBMIT that passes every other check is still refused.
 TOO_MANY_GPUS = 10 ** 6

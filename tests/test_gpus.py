@@ -218,3 +218,11 @@ def test_simulated_gpus_are_marked_and_leave_nvml_alone(nvml, caplog, count):
     assert all(gpu.to_dict()["simulated"] is True for gpu in found)
     assert nvml.calls == []
     assert warnings_of(caplog) == []
+
+
+def test_a_quick_look_reads_only_memory_and_processes_of_the_gpus_asked(nvml):
+    nvml.devices[1].processes = [(4242, 1000 * MIB)]
+    source = gpus.open_source(None, "node001", LOG)
+    [sample] = source.sample([1])
+    assert (sample.index, sample.processes, sample.utilization, sample.temperature) == (
+        1, [gpus.GpuProcess(4242, 1000)], None, None)

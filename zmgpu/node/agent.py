@@ -394,6 +394,7 @@ class Agent:
         self.next_heartbeat = now + self.heartbeat_interval
 
     def _register(self) -> None:
+        self.telemetry.sample()
         self._send(MsgType.REGISTER, {
             "node_id": self.node_id,
             "hostname": socket.gethostname(),

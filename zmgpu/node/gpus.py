@@ -81,7 +81,8 @@ class GpuSource:
     def devices(self) -> list[GpuInfo]:
         return []
 
-    def sample(self) -> list[GpuSample]:
+    def sample(self, indices=None) -> list[GpuSample]:
+        """Every GPU now, or only those ``indices`` with only their memory and processes (a quick look)."""
         return []
 
     def close(self) -> None:
@@ -118,10 +119,12 @@ class NvmlSource(GpuSource):
     def devices(self) -> list[GpuInfo]:
         return list(self.info)
 
-    def sample(self) -> list[GpuSample]:
-        return [self._sample(index, handle) for index, handle in self.handles.items()]
+    def sample(self, indices=None) -> list[GpuSample]:
+        if indices is None:
+            return [self._sample(index, handle, quick=False) for index, handle in self.handles.items()]
+        return [self._sample(index, self.handles[index], quick=True) for index in indices if index in self.handles]
 
-    def _sample(self, index: int, handle) -> GpuSample:
+    def _sample(self, index: int, handle, quick: bool) -> GpuSample:
         """One GPU's sample; a call NVML does not support leaves its field unknown."""
         nvml = self.nvml
         sample = GpuSample(index)
@@ -134,6 +137,8 @@ class NvmlSource(GpuSource):
                 sample.unhealthy = "the GPU is lost (NVML cannot reach it)"
                 return sample
             self._warn_once(index, "memory and processes", exc)
+        if quick:
+            return sample
         sample.utilization = self._optional(index, "utilization",
                                             lambda: nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
         sample.temperature = self._optional(index, "temperature",
@@ -188,7 +193,7 @@ class SimulatedSource(GpuSource):
     def devices(self) -> list[GpuInfo]:
         return list(self.info)
 
-    def sample(self) -> list[GpuSample]:
+    def sample(self, indices=None) -> list[GpuSample]:
         """The file as it is now; a file being rewritten (or broken) leaves the last good sample."""
         if self.path is not None:
             try:

@@ -72,6 +72,17 @@ class Telemetry:
         self._forget_owners({p["pid"] for state in self.current.values() for p in state["processes"]})
         return self.current
 
+    def _look(self, indices: list[int]) -> None:
+        """A quick fresh look at some GPUs' memory and processes, around a job's start or end.
+
+        What is not read again (utilization, temperature, health) keeps its last value.
+        """
+        for sample in self.source.sample(indices):
+            state = self.current.get(sample.index)
+            if state is not None:
+                fresh = self._state(sample)
+                state.update((k, fresh[k]) for k in ("used_mb", "processes", "foreign_mb", "busy", "dirty"))
+
     def _state(self, sample: GpuSample) -> dict:
         processes = [{"pid": p.pid, "used_mb": p.used_mb, "job_id": self.owner(p.pid)} for p in sample.processes]
         foreign = [p for p in processes if p["job_id"] is None]
@@ -134,7 +145,7 @@ class Telemetry:
         """
         if not indices:
             return None
-        self.sample()
+        self._look(indices)
         for index in indices:
             state = self.current.get(index)
             if state is None:
@@ -155,7 +166,7 @@ class Telemetry:
         """After a rank of ``job_id`` ended: the GPUs its processes still hold (now dirty); those are killed again."""
         if not indices:
             return []
-        self.sample()
+        self._look(indices)
         held = [i for i in indices if any(p["job_id"] == job_id for p in self.current.get(i, {}).get("processes", ()))]
         if held:
             self.dirty.update(dict.fromkeys(held, job_id))
@@ -172,7 +183,7 @@ class Telemetry:
         """Look at the dirty GPUs again; the ones now clean (their state in :attr:`current` is updated)."""
         if not self.dirty:
             return []
-        self.sample()
+        self._look(sorted(self.dirty))
         clean = []
         for index, job_id in list(self.dirty.items()):
             state = self.current.get(index, {})
