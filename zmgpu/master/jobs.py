@@ -51,9 +51,10 @@ class JobService:
     def job_dict(self, job: JobRecord) -> dict:
         return job.to_dict(self.spool.size)
 
-    def publish_job(self, job: JobRecord) -> None:
+    def publish_job(self, job: JobRecord, store: bool = True) -> None:
         """Tell subscribers about a change, and have the store write it at the end of the turn."""
-        self.store.job_changed(job)
+        if store:
+            self.store.job_changed(job)
         self.reactor.publish(protocol.job_topic(job.job_id, "state"), MsgType.JOB_STATE, lambda: self.job_dict(job))
 
     def enqueue(self, job: JobRecord) -> None:
@@ -130,9 +131,10 @@ class JobService:
                                     job.array_job_id, job.array_limit, hold, job.gpu_mem_mb)
 
     def _set_reason(self, job: JobRecord, reason: allocator.WaitReason) -> None:
+        """Tell subscribers why a job waits; not stored: after a restart the first pass says it again."""
         if job.reason != reason.value and job.state is JobState.PENDING:
             job.reason = reason.value
-            self.publish_job(job)
+            self.publish_job(job, store=False)
 
     def _view(self) -> allocator.View:
         nodes = self.state.nodes.values()

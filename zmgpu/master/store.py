@@ -49,7 +49,9 @@ def job_to_row(job: JobRecord) -> tuple[str, str, str]:
     # Field by field rather than asdict(), which would deep-copy the (large, stored apart) environment.
     data = {name: getattr(job, name) for name in _JOB_FIELDS}
     data["state"] = job.state.value
-    data["ranks"] = [dataclasses.asdict(r) for r in job.ranks]
+    # A rank holds only plain values, lists and dicts of them: its own fields serialise as they are,
+    # without the deep copy asdict() makes (this runs several times per job).
+    data["ranks"] = [vars(r) for r in job.ranks]
     return job.job_id, job.env_id, json.dumps(data, separators=(",", ":"))
 
 
