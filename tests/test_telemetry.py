@@ -83,8 +83,10 @@ def test_only_changes_beyond_the_dead_band_are_sent(gpus_file):
     assert t.changes() == {}
     gpus_file({"used_mb": 500, "temperature": 51, "healthy": False})
     t.sample()
-    assert t.changes() == {"0": {"used_mb": 500, "foreign_mb": 500, "healthy": False,
-                                 "health": "simulated as unhealthy"}}
+    owed = {"0": {"used_mb": 500, "foreign_mb": 500, "healthy": False, "health": "simulated as unhealthy"}}
+    assert t.changes() == owed
+    assert t.changes() == owed      # not delivered (the heartbeat could not go): still owed
+    t.delivered(owed)
     assert t.changes() == {}
 
 
@@ -102,13 +104,15 @@ def test_start_is_refused_on_a_busy_gpu_and_when_declared_memory_does_not_fit(gp
 def test_release_check_marks_dirty_until_the_process_is_gone(gpus_file, processes):
     pid = processes("0badcafe")
     t = telemetry(gpus_file({"processes": [{"pid": pid, "used_mb": 500}]}))
+    t.snapshot()
     assert t.release_check("0badcafe", 0, [0]) == [0]
     assert t.current[0]["dirty"] == "0badcafe" and t.dirty == {0: "0badcafe"}
     # The leftover was killed again; the file (NVML) still lists it, so the GPU stays dirty.
     assert t.recheck_dirty() == []
     gpus_file({})
     assert t.recheck_dirty() == [0]
-    assert t.current[0]["dirty"] is None and t.changes()["0"]["dirty"] is None
+    delta = t.changes()["0"]
+    assert t.current[0]["dirty"] is None and "dirty" in delta and delta["dirty"] is None
 
 
 def test_release_check_ignores_other_jobs_and_foreign_processes(gpus_file, processes):

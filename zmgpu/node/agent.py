@@ -390,7 +390,8 @@ class Agent:
     def _send_heartbeat(self, now: float) -> None:
         """A heartbeat, carrying whatever changed on the GPUs since the master last heard."""
         changes = self.telemetry.changes()
-        self._send(MsgType.HEARTBEAT, {"gpus": changes} if changes else {})
+        if self._send(MsgType.HEARTBEAT, {"gpus": changes} if changes else {}):
+            self.telemetry.delivered(changes)
         self.next_heartbeat = now + self.heartbeat_interval
 
     def _register(self) -> None:

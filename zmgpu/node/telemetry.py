@@ -126,15 +126,23 @@ class Telemetry:
         return {str(i): state for i, state in self.current.items()}
 
     def changes(self) -> dict[str, dict]:
-        """The fields that changed (beyond the dead band) since the master last heard; {} when none."""
+        """The fields that changed (beyond the dead band) since the master last heard; {} when none.
+
+        They count as heard only once :meth:`delivered` says so: a heartbeat that could not be sent
+        leaves them owed.
+        """
         out = {}
         for index, state in self.current.items():
-            before = self.sent.setdefault(index, {})
+            before = self.sent.get(index, {})
             delta = {k: v for k, v in state.items() if _moved(k, before.get(k), v)}
             if delta:
-                before.update(delta)
                 out[str(index)] = delta
         return out
+
+    def delivered(self, changes: dict[str, dict]) -> None:
+        """``changes`` went out to the master."""
+        for key, delta in changes.items():
+            self.sent.setdefault(int(key), {}).update(delta)
 
     # -- around a job ------------------------------------------------------------------------
 
