@@ -188,10 +188,12 @@ class Cluster:
         assert info["pid"] == self.master.popen.pid
         return self.master
 
-    def start_node(self, node_id: str, gpus: int = 4, *extra: str) -> Daemon:
-        """Start a node agent with ``gpus`` simulated GPUs (does not wait for registration)."""
+    def start_node(self, node_id: str, gpus: int | str | None = 4, *extra: str) -> Daemon:
+        """Start a node agent with ``gpus`` simulated GPUs (a count, or a simulated-GPU file; None: this
+        machine's real GPUs through NVML); does not wait for registration."""
+        simulate = [] if gpus is None else ["--simulate-gpus", str(gpus)]
         argv = [sys.executable, "-m", "zmgpu.node", "--node-id", node_id, "--master-port", str(self.port),
-                "--state-dir", str(self.root / f"node-{node_id}"), "--simulate-gpus", str(gpus),
+                "--state-dir", str(self.root / f"node-{node_id}"), *simulate,
                 "--heartbeat-interval", str(HEARTBEAT), "--master-timeout", str(NODE_TIMEOUT), *extra]
         self.nodes[node_id] = self._spawn(f"node-{node_id}", argv)
         return self.nodes[node_id]

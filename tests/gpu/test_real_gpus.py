@@ -5,10 +5,9 @@ GPU, which is every machine without an NVIDIA GPU and driver.  On a GPU machine,
 ``python -m pytest -q tests/gpu`` (or ``tests/gpu/run_on_device.sh``).  The checks that run a PyTorch job
 are skipped when PyTorch with CUDA is not importable by this Python.
 
-The master and the node agent are the real ones, started the way tests/conftest.py starts them, except
-that the node reads real GPUs instead of simulating them.  That node start lives here rather than in a
-``conftest.py`` of this folder: tests/*.py import their helpers with ``from conftest import ...``, and a second
-``conftest.py`` outside a package would take that module name over for the whole run.
+The master and the node agent are the real ones, started by tests/conftest.py's Cluster, the node reading
+real GPUs instead of simulating them.  This folder has no ``conftest.py`` of its own: tests/*.py import their
+helpers with ``from conftest import ...``, and a second one would take that module name over.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import warnings
 
 import pytest
 
-from conftest import FINISHED, HEARTBEAT, KILL_GRACE, NODE_TIMEOUT, REPO, Cluster, pid_alive, poll, written
+from conftest import FINISHED, KILL_GRACE, REPO, Cluster, pid_alive, poll, written
 
 
 def _nvml_gpu_count() -> tuple[int, str]:
@@ -88,22 +87,13 @@ time.sleep(3600)
 # -- the cluster -------------------------------------------------------------------------------------
 
 
-def start_real_node(cluster: Cluster, node_id: str):
-    """A node agent reading this machine's GPUs: Cluster.start_node's command line less --simulate-gpus."""
-    argv = [sys.executable, "-m", "zmgpu.node", "--node-id", node_id, "--master-port", str(cluster.port),
-            "--state-dir", str(cluster.root / f"node-{node_id}"),
-            "--heartbeat-interval", str(HEARTBEAT), "--master-timeout", str(NODE_TIMEOUT)]
-    cluster.nodes[node_id] = cluster._spawn(f"node-{node_id}", argv)
-    return cluster.nodes[node_id]
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A master and one node agent offering this machine's real GPUs."""
     cluster = Cluster(tmp_path_factory.mktemp("gpu-cluster"))
     try:
         cluster.start_master()
-        start_real_node(cluster, NODE_ID)
+        cluster.start_node(NODE_ID, None)   # no --simulate-gpus: the real ones
         cluster.wait_nodes_up(1, timeout=60)
         yield cluster
     finally:
