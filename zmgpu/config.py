@@ -84,6 +84,7 @@ class NodeConfig:
                                    "one of: exclusive, threshold")
     foreign_threshold_mb: int = _at_least(1024, 0)   # for foreign_policy: threshold
     gpu_mem_reserve_mb: int = _at_least(512, 0)      # kept free on a GPU shared by --gpu-mem jobs
+    spool_retention: float = _at_least(86400.0, 3600)  # seconds a reported rank's output stays on the node
     heartbeat_interval: float = _positive(1.0)
     master_timeout: float = _positive(5.0)
     verbose: bool = False

@@ -43,12 +43,13 @@ import zmq
 from .. import protocol
 from ..config import NodeConfig
 from ..daemon import SignalPipe
+from ..model import format_duration
 from ..protocol import MsgType, Stream
-from .identity import new_instance, read_instance, write_instance
+from .identity import new_instance, read_instance, route_address, write_instance
 from .keeper_link import Exited, KeeperLink, KeeperLost, Spawned
 from .pump import pump
-from .runner import (RankKey, RankProcess, declared_memory, free_port, is_count, recent_ends, spool_keys,
-                     valid_job_id)
+from .runner import RankKey, RankProcess, declared_memory, free_port, is_count, spool_keys, valid_job_id
+from .spools import adopt_leftovers, prune_spools, recent_ends
 from .sweep import JobProcesses
 from .telemetry import Telemetry
 
@@ -72,6 +73,8 @@ DEFAULT_KILL_GRACE = 10.0
 EXIT_REFUSED = 2
 #: Seconds before trying again to reach a job keeper, after none could be reached or started.
 KEEPER_RETRY = 60.0
+#: Seconds between looks for spools old enough to remove.
+PRUNE_INTERVAL = 3600.0
 #: Seconds between looks at a dirty GPU: a GPU freed a moment after its job ended goes back at once.
 DIRTY_RECHECK = 0.1
 
@@ -84,17 +87,6 @@ class PendingKill:
     deadline: float             # monotonic
 
 
-def route_address(host: str, port: int) -> str:
-    """This host's IP address on the route to ``host`` (a UDP connect sends nothing); 127.0.0.1 if unknown."""
-    try:
-        family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.connect(sockaddr)
-            return probe.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
-
-
 class Agent:
     """The node agent: talks to the master and runs the job ranks it dispatches here."""
 
@@ -104,6 +96,7 @@ class Agent:
         self.telemetry = telemetry
         self.gpus = telemetry.devices
         self.next_dirty_check = 0.0
+        self.next_prune = 0.0
         self.log = log
         host = config.master_host
         self.ipv6 = ":" in host
@@ -147,7 +140,7 @@ class Agent:
         """Serve until SIGTERM or SIGINT (0) or a refused registration (2); running jobs are left running."""
         signals = SignalPipe((signal.SIGCHLD, signal.SIGTERM, signal.SIGINT))
         self.poller.register(signals.fileno(), zmq.POLLIN)
-        self._adopt_leftovers(self._open_keeper(time.monotonic()))
+        self.ranks.update(adopt_leftovers(self.config.state_dir, self._open_keeper(time.monotonic()), self.log))
         self._connect(time.monotonic())
         try:
             while not self.stopping:
@@ -196,24 +189,6 @@ class Agent:
         self._keep_alive(now)
         # Output that moved may go on moving; quiet ranks are looked at less and less often.
         self.tick_ms = TICK_MIN_MS if busy else min(self.tick_ms * TICK_BACKOFF, TICK_MAX_MS)
-
-    def _adopt_leftovers(self, kept: dict[str, int]) -> None:
-        """Take over the ranks a previous agent started and did not report ended, so REGISTER reports them."""
-        for key in spool_keys(self.config.state_dir):
-            try:
-                rank_proc = RankProcess.adopt(self.config.state_dir, key, kept)
-            except ValueError as exc:
-                self.log.warning("%s: cannot take it over: %s", key, exc)
-                continue
-            if rank_proc is None:
-                continue
-            self.ranks[key] = rank_proc
-            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rank_proc.spawned.spawned_at))
-            if rank_proc.ended:
-                self.log.info("%s (started %s) %s", key, started, rank_proc.describe_end())
-            else:
-                self.log.info("%s: taken over from the previous node agent (pid %d, started %s%s)", key,
-                              rank_proc.pid, started, "" if rank_proc.kept else "; its exit status will be unknown")
 
     # -- the job keeper -----------------------------------------------------------------
 
@@ -379,6 +354,7 @@ class Agent:
             return
         # Until the master answers the REGISTER, a heartbeat would only pile up behind it.
         if self.registered and now >= self.next_heartbeat:
+            self._prune(now)
             self.telemetry.sample()
             for rank in self.ranks.values():
                 if rank.running and rank.gpu_indices:
@@ -386,6 +362,16 @@ class Agent:
                     if used:
                         rank.peak_gpu_mem_mb = max(rank.peak_gpu_mem_mb or 0, used)
             self._send_heartbeat(now)
+
+    def _prune(self, now: float) -> None:
+        """Now and then, remove the spools of ranks reported long ago, so that the node's disk does not fill."""
+        if now < self.next_prune:
+            return
+        self.next_prune = now + PRUNE_INTERVAL
+        removed = prune_spools(self.config.state_dir, time.time() - self.config.spool_retention, self.ranks)
+        if removed:
+            self.log.info("removed the output spools of %d job rank(s) reported over %s ago", removed,
+                          format_duration(self.config.spool_retention))
 
     def _send_heartbeat(self, now: float) -> None:
         """A heartbeat, carrying whatever changed on the GPUs since the master last heard."""
@@ -465,6 +451,7 @@ class Agent:
             except KeeperLost as exc:
                 self._keeper_lost(str(exc))
         self.next_heartbeat = time.monotonic() + self.heartbeat_interval
+        self._prune(time.monotonic())
         self.log.info("registered with master at %s as node %s (%d GPUs, %d job ranks held)",
                       self.endpoint, self.node_id, len(self.gpus), len(self.ranks))
         if not self.instance_saved:

@@ -1,4 +1,4 @@
-"""The agent's claim on its node id: an instance id the master checks.
+"""Who this node agent is: its claim on its node id (an instance id the master checks), and its address.
 
 (Its claim on the state directory is the lock of zmgpu.daemon.lock_state_dir:
 two agents sharing one would adopt the same ranks and report them twice.)
@@ -17,6 +17,7 @@ its successor out.
 from __future__ import annotations
 
 import os
+import socket
 import re
 import uuid
 
@@ -44,3 +45,14 @@ def read_instance(state_dir: str) -> str | None:
 def write_instance(state_dir: str, instance: str) -> None:
     """Record an accepted instance atomically; raises OSError."""
     atomic_write(os.path.join(state_dir, INSTANCE_FILE), instance + "\n")
+
+
+def route_address(host: str, port: int) -> str:
+    """This host's IP address on the route to ``host`` (a UDP connect sends nothing); 127.0.0.1 if unknown."""
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.connect(sockaddr)
+            return probe.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"

@@ -8,7 +8,7 @@ loses nothing, and a RESEND only moves the offset back.  When a rank ends its
 exit status is written next to its output, so a RESEND that arrives after the
 agent has reported and forgotten the rank can still be served
 (:meth:`RankProcess.revive`), and a master that missed the JOB_ENDED can learn
-it from the agent's next REGISTER (:func:`recent_ends`).
+it from the agent's next REGISTER (:func:`zmgpu.node.spools.recent_ends`).
 
 Ranks outlive their agent: the node's job keeper (keeper.py), not the agent,
 is their parent, and it writes each rank's exit status the moment it ends.  Once
@@ -44,7 +44,7 @@ _JOB_ID = re.compile(JOB_ID_PATTERN)
 _SPOOL_NAME = re.compile(rf"({JOB_ID_PATTERN})\.([0-9]+)\.([0-9]+)")
 #: Written at spawn and removed once the master has the rank's end: the :class:`SpawnRecord` a
 #: restarted agent takes the rank over by.
-_PROCESS_FILE = "process"
+PROCESS_FILE = "process"
 
 #: Reasons for the end of a rank taken over without a keeper that knew it: its exit status is lost.
 ENDED_WHILE_AWAY = "exit status unknown: the job ended while neither the node agent nor its job keeper ran"
@@ -105,29 +105,7 @@ def spool_keys(state_dir: str) -> list[RankKey]:
     return [key for key in map(RankKey.parse, names) if key is not None]
 
 
-def recent_ends(state_dir: str, since: float, skip) -> list[dict]:
-    """How the spooled ranks that ended after ``since`` (epoch seconds) ended, as REGISTER "jobs" entries.
-
-    A master that missed a JOB_ENDED (it restarted, or the link dropped it) settles
-    the rank from these; ranks in ``skip`` (the agent still holds them) are left out.
-    """
-    entries = []
-    for key in spool_keys(state_dir):
-        if key in skip:
-            continue
-        spool = key.spool(state_dir)
-        try:
-            if os.stat(os.path.join(spool, STATUS_FILE)).st_mtime < since:
-                continue
-            status = _load_status(spool)
-        except (OSError, ValueError):
-            continue
-        sizes = {stream.value: _file_size(os.path.join(spool, stream.value)) for stream in Stream}
-        entries.append({**key.wire(), "ended": True, **status, "sizes": sizes})
-    return entries
-
-
-def _load_status(spool: str) -> dict:
+def load_status(spool: str) -> dict:
     """The exit status a rank's end recorded; OSError, or ValueError for a file that is not one."""
     with open(os.path.join(spool, STATUS_FILE)) as fh:
         status = json.load(fh)
@@ -136,7 +114,7 @@ def _load_status(spool: str) -> dict:
     return {name: status.get(name) for name in ("exit_code", "signal", "reason")}
 
 
-def _file_size(path: str) -> int:
+def file_size(path: str) -> int:
     try:
         return os.path.getsize(path)
     except OSError:
@@ -164,16 +142,16 @@ class SpawnRecord:
     @classmethod
     def load(cls, spool: str) -> "SpawnRecord":
         """Read the record; OSError, or ValueError for a file that is not one."""
-        with open(os.path.join(spool, _PROCESS_FILE)) as fh:
+        with open(os.path.join(spool, PROCESS_FILE)) as fh:
             fields = json.load(fh)
         try:
             record = cls(**fields)
         except TypeError:
-            raise ValueError(f"{_PROCESS_FILE} is not a spawn record") from None
+            raise ValueError(f"{PROCESS_FILE} is not a spawn record") from None
         # A group id of 0 or 1 would make killpg hit this agent's own group or every process.
         if not (all(isinstance(n, int) and n > 1 for n in (record.pid, record.pgid))
                 and isinstance(record.kill_grace, (int, float)) and record.kill_grace >= 0):
-            raise ValueError(f"{_PROCESS_FILE} holds bad values: {fields}")
+            raise ValueError(f"{PROCESS_FILE} holds bad values: {fields}")
         return record
 
     def save(self, spool: str) -> None:
@@ -183,7 +161,7 @@ class SpawnRecord:
         holds an older record (a re-dispatch removes it), and a record torn by a
         system crash reads as none (see :meth:`RankProcess.adopt`).
         """
-        fd = os.open(os.path.join(spool, _PROCESS_FILE), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(os.path.join(spool, PROCESS_FILE), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.write(fd, json.dumps(dataclasses.asdict(self)).encode())
         finally:
@@ -323,7 +301,7 @@ class RankProcess:
         if not self.kept or not self.running or self.reaped:
             return
         try:
-            status = _load_status(self.spool)
+            status = load_status(self.spool)
         except (OSError, ValueError):
             # Still running under this keeper, or orphaned by a keeper that died: only /proc can tell then.
             self.kept = kept.get(self.key.name) == self.pid
@@ -341,7 +319,7 @@ class RankProcess:
         """An already reported, ended rank rebuilt from its spool, to serve a late RESEND."""
         rank_proc = cls(key, key.spool(state_dir), start_reported=True, ended=True)
         try:
-            status = _load_status(rank_proc.spool)
+            status = load_status(rank_proc.spool)
             rank_proc._open_readers()
         except (OSError, ValueError):
             rank_proc.close()
@@ -363,7 +341,7 @@ class RankProcess:
         except FileNotFoundError:
             os.makedirs(self.spool, exist_ok=True)    # the node's first rank: no jobs directory yet
         except FileExistsError:
-            for name in (STATUS_FILE, _PROCESS_FILE):
+            for name in (STATUS_FILE, PROCESS_FILE):
                 _unlink(os.path.join(self.spool, name))
 
     def _open_readers(self) -> None:
@@ -525,7 +503,7 @@ class RankProcess:
     def forget(self) -> None:
         """The rank's end is on its way to the master: close, and let no later agent take the rank over."""
         self.close()
-        _unlink(os.path.join(self.spool, _PROCESS_FILE))
+        _unlink(os.path.join(self.spool, PROCESS_FILE))
 
 
 def declared_memory(ranks) -> dict[int, int]:

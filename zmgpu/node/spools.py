@@ -1,0 +1,86 @@
+"""The node's spool directories as a whole: what a restarted agent takes over, reports, and removes.
+
+Each rank's spool (see runner.py) outlives the rank: a restarted agent takes
+over the ranks its predecessor left unreported, a REGISTER lists the ranks that
+ended lately (for a master that missed their JOB_ENDED), and spools reported
+long ago are removed so that the node's disk does not fill.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+
+from ..protocol import Stream
+from .keeper_link import STATUS_FILE
+from .runner import PROCESS_FILE, RankKey, RankProcess, file_size, load_status, spool_keys
+
+
+def adopt_leftovers(state_dir: str, kept: dict[str, int], log: logging.Logger) -> dict[RankKey, RankProcess]:
+    """The ranks a previous agent started and did not report ended, taken over so that REGISTER reports them.
+
+    ``kept`` is what the keeper runs (spool name -> pid).
+    """
+    ranks = {}
+    for key in spool_keys(state_dir):
+        try:
+            rank_proc = RankProcess.adopt(state_dir, key, kept)
+        except ValueError as exc:
+            log.warning("%s: cannot take it over: %s", key, exc)
+            continue
+        if rank_proc is None:
+            continue
+        ranks[key] = rank_proc
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rank_proc.spawned.spawned_at))
+        if rank_proc.ended:
+            log.info("%s (started %s) %s", key, started, rank_proc.describe_end())
+        else:
+            log.info("%s: taken over from the previous node agent (pid %d, started %s%s)", key,
+                     rank_proc.pid, started, "" if rank_proc.kept else "; its exit status will be unknown")
+    return ranks
+
+
+def recent_ends(state_dir: str, since: float, skip) -> list[dict]:
+    """How the spooled ranks that ended after ``since`` (epoch seconds) ended, as REGISTER "jobs" entries.
+
+    A master that missed a JOB_ENDED (it restarted, or the link dropped it) settles
+    the rank from these; ranks in ``skip`` (the agent still holds them) are left out.
+    """
+    entries = []
+    for key in spool_keys(state_dir):
+        if key in skip:
+            continue
+        spool = key.spool(state_dir)
+        try:
+            if os.stat(os.path.join(spool, STATUS_FILE)).st_mtime < since:
+                continue
+            status = load_status(spool)
+        except (OSError, ValueError):
+            continue
+        sizes = {stream.value: file_size(os.path.join(spool, stream.value)) for stream in Stream}
+        entries.append({**key.wire(), "ended": True, **status, "sizes": sizes})
+    return entries
+
+
+def prune_spools(state_dir: str, before: float, keep) -> int:
+    """Remove the spools of ranks reported ended before ``before`` (epoch seconds); how many went.
+
+    A spool still holding a spawn record is a rank the master has not heard end, and
+    ranks in ``keep`` are the agent's own: both stay, whatever their age.  The master
+    keeps its own copy of the output, so an old spool only fills the node's disk.
+    """
+    removed = 0
+    for key in spool_keys(state_dir):
+        spool = key.spool(state_dir)
+        if key in keep or os.path.exists(os.path.join(spool, PROCESS_FILE)):
+            continue
+        try:
+            if os.stat(os.path.join(spool, STATUS_FILE)).st_mtime >= before:
+                continue
+            shutil.rmtree(spool)
+        except OSError:
+            continue    # no end recorded yet, or it could not be removed: left for the next round
+        removed += 1
+    return removed
