@@ -113,7 +113,9 @@ def _walk_through(args: argparse.Namespace, workdir: str, daemons: list) -> None
     _start(daemons, "zmgpu-master", workdir, [
         "zmgpu.master", "--host", "127.0.0.1", "--port", "0", "--pub-port", "0",
         "--port-file", port_file, "--state-dir", os.path.join(workdir, "master"),
-        "--heartbeat-interval", HEARTBEAT_INTERVAL])
+        "--heartbeat-interval", HEARTBEAT_INTERVAL,
+        # The demo's jobs run as whoever runs it, root included (a fresh container): loopback, one user.
+        "--allow-root-jobs"])
     ports = _wait_for(lambda: _read_ports(port_file), daemons, "the master to bind its ports")
     print(f"master: requests on tcp://127.0.0.1:{ports['port']}, "
           f"output published on tcp://127.0.0.1:{ports['pub_port']}")

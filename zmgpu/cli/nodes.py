@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from collections import Counter
 
 from ..model import NodeStatus
@@ -16,7 +17,8 @@ DESCRIPTION = (
     "Show one line per node: its name, STATUS (idle, mixed: some GPUs busy, allocated: all busy, "
     "drained: an admin stopped new jobs there, down: not heard from), its GPUs free for new jobs out of "
     "its total, and the reason it was drained.  Under it, one line per GPU: index, model, memory, "
-    "'simulated' for a simulated GPU, and the job holding it ('-' when free).")
+    "'simulated' for a simulated GPU, and the job holding it ('-' when free).  A master that accepts "
+    "anyone on the network without keys (--insecure) earns a warning line on stderr.")
 
 NODE_HEADERS = ("NODE", "STATUS", "FREE/TOTAL", "REASON")
 #: Statuses in which a node takes new jobs, so its unheld GPUs count as free.
@@ -31,14 +33,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_connection_timeout(parser)
 
 
+#: Printed (on stderr) when the master accepts anyone on the network without keys.
+INSECURE_WARNING = ("zmgpu: WARNING: this master runs --insecure: anyone who can reach it can run any "
+                    "command on every node, as any user (see README, 'Secure setup')")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Print the nodes."""
+    """Print the nodes (and a warning about a master that runs without keys for the whole network)."""
     with make_client(client_config(args)) as client:
-        nodes = client.nodes()
+        cluster = client.cluster()
+    if cluster["insecure"]:
+        print(INSECURE_WARNING, file=sys.stderr)
     if args.json:
-        print(json.dumps({"nodes": nodes}, indent=2))
+        print(json.dumps(cluster, indent=2))
     else:
-        print(format_nodes(nodes, shutil.get_terminal_size().columns))
+        print(format_nodes(cluster["nodes"], shutil.get_terminal_size().columns))
     return 0
 
 
