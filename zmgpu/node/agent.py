@@ -45,10 +45,12 @@ from ..config import NodeConfig
 from ..daemon import SignalPipe
 from ..model import GpuInfo
 from ..protocol import MsgType, Stream
-from .identity import new_instance, read_instance, write_instance
+from ..auth import CurveClient
+from .identity import new_instance, read_instance, route_address, routing_id, write_instance
 from .keeper_link import Exited, KeeperLink, KeeperLost, Spawned
 from .runner import RankKey, RankProcess, is_count, recent_ends, spool_keys, valid_job_id
 from .sweep import JobProcesses
+from .users import UserPolicy
 
 #: Poll timeout while ranks run or have output to send: right after output moved, and at most when idle.
 TICK_MIN_MS = 10
@@ -82,25 +84,17 @@ class PendingKill:
     deadline: float             # monotonic
 
 
-def route_address(host: str, port: int) -> str:
-    """This host's IP address on the route to ``host`` (a UDP connect sends nothing); 127.0.0.1 if unknown."""
-    try:
-        family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.connect(sockaddr)
-            return probe.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
-
-
 class Agent:
     """The node agent: talks to the master and runs the job ranks it dispatches here."""
 
-    def __init__(self, config: NodeConfig, node_id: str, gpus: list[GpuInfo], log: logging.Logger):
+    def __init__(self, config: NodeConfig, node_id: str, gpus: list[GpuInfo], log: logging.Logger,
+                 curve: CurveClient | None = None):
         self.config = config
         self.node_id = node_id
         self.gpus = gpus
         self.log = log
+        self.curve = curve          # this node's keys and the master's, when the master has keys
+        self.users = UserPolicy.here(node_id, config.single_user)
         host = config.master_host
         self.ipv6 = ":" in host
         self.endpoint = f"tcp://[{host}]:{config.master_port}" if self.ipv6 else f"tcp://{host}:{config.master_port}"
@@ -270,7 +264,7 @@ class Agent:
         spawn = functools.partial(
             RankProcess.spawn, state_dir=self.config.state_dir, node_id=self.node_id, key=key,
             command=body["command"], cwd=body["cwd"], env=body["env"], gpu_indices=indices,
-            kill_grace=body["kill_grace"])
+            kill_grace=body["kill_grace"], run_as=self.users.run_as(body.get("user"), body.get("allow_root") is True))
         for _ in range(2):      # the keeper reached again after a broken link gets one more try
             if self.keeper is None:
                 break
@@ -320,10 +314,13 @@ class Agent:
     def _connect(self, now: float) -> None:
         """A fresh DEALER socket to the master, and a REGISTER on it."""
         sock = self.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, self.node_id.encode())
+        sock.setsockopt(zmq.IDENTITY, routing_id(self.node_id, self.curve is not None))
         sock.setsockopt(zmq.LINGER, LINGER_MS)
         sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         sock.setsockopt(zmq.IPV6, int(self.ipv6))
+        sock.setsockopt(zmq.MAXMSGSIZE, protocol.PEER_MAX_MESSAGE)
+        if self.curve is not None:
+            self.curve.apply(sock)
         try:
             sock.connect(self.endpoint)
         except zmq.ZMQError as exc:
