@@ -321,7 +321,8 @@ class Cluster:
         """A :class:`zmgpu.Client` for this cluster's master (the caller closes it)."""
         from zmgpu import Client
 
-        return Client(host="127.0.0.1", port=self.port, pub_port=self.pub_port, **kw)
+        # Keys only when a test names them: the tester's own (~/.config/zmgpu) are not this cluster's.
+        return Client(host="127.0.0.1", port=self.port, pub_port=self.pub_port, default_keys=False, **kw)
 
     def output_size(self, job_id: str, stream: str = "stdout", rank: int = 0) -> int:
         """Bytes of one stream of a job that the master holds (0 before any)."""

@@ -69,6 +69,7 @@ class Client:
         ``None``: ``~/.config/zmgpu/user.key_secret`` if it exists.
     :param master_public_key_file: the master's public key; ``None``: ``~/.config/zmgpu/master.key`` if it
         exists.  Without either key file the client talks to a master without keys.
+    :param default_keys: False: look for no key file that is not named (for a master known to have no keys).
 
     Use it as a context manager (or call :meth:`close`) to release its sockets.
     A Client is not thread-safe: use one per thread.  A key file that cannot be used raises
@@ -77,7 +78,7 @@ class Client:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, pub_port: Optional[int] = None,
                  timeout: float = 30.0, user: Optional[str] = None, *, secret_key_file: Optional[str] = None,
-                 master_public_key_file: Optional[str] = None):
+                 master_public_key_file: Optional[str] = None, default_keys: bool = True):
         from .auth import CurveClient
 
         self.host = host
@@ -85,7 +86,7 @@ class Client:
         self.pub_port = pub_port
         self.timeout = timeout
         self.user = user or _default_user()
-        self.curve = CurveClient.load(secret_key_file, master_public_key_file, defaults=True)
+        self.curve = CurveClient.load(secret_key_file, master_public_key_file, defaults=default_keys)
         self._req = 0
         self._ctx = None
         self._dealer = None

@@ -128,7 +128,8 @@ def _walk_through(args: argparse.Namespace, workdir: str, daemons: list) -> None
         "--heartbeat-interval", HEARTBEAT_INTERVAL]
         + ([] if simulate is None else ["--simulate-gpus", str(simulate)]))
 
-    with Client(port=ports["port"], pub_port=ports["pub_port"], timeout=10.0) as client:
+    # The demo's master has no keys: the user's own (for a real cluster) would only keep it from answering.
+    with Client(port=ports["port"], pub_port=ports["pub_port"], timeout=10.0, default_keys=False) as client:
         node = _wait_for(lambda: _registered(client), daemons, f"node {NODE_ID} to register")
         gpu_count = len(node["gpus"])
         print(f"node {NODE_ID} registered; GPUs: "
