@@ -347,7 +347,8 @@ class Cluster:
         self.master = self._spawn("master", [
             sys.executable, *profiler, "-m", "zmgpu.master", "--port", "0", "--pub-port", "0",
             "--port-file", port_file, "--state-dir", os.path.join(self.dir, "master"), "--kill-grace", "1",
-])
+            # Benchmarks may run as root (CI, containers); their jobs run as the agents' own user.
+            "--allow-root-jobs"])
         deadline = time.monotonic() + START_TIMEOUT
         while not os.path.exists(port_file):
             self._check_alive(self.master, "master")
@@ -361,7 +362,7 @@ class Cluster:
     def _start_node(self, node_id: str) -> None:
         self.agents.append(self._spawn(node_id, [
             sys.executable, "-m", "zmgpu.node", "--node-id", node_id, "--master-port", str(self.port),
-            "--simulate-gpus", str(self.gpus), "--state-dir", os.path.join(self.dir, node_id)]))
+            "--simulate-gpus", str(self.gpus), "--state-dir", os.path.join(self.dir, node_id), "--single-user"]))
 
     def _check_alive(self, proc: subprocess.Popen, who: str) -> None:
         if proc.poll() is not None:

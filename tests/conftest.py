@@ -146,6 +146,8 @@ class Cluster:
     nodes: dict[str, Daemon] = field(default_factory=dict)
     port: int = 0
     pub_port: int = 0
+    curve: object = None        # a zmgpu.auth.CurveClient for a master with keys: direct requests use it
+    user: str = "tester"        # the name direct requests carry (with keys: the name listed for curve's key)
     _stopped: list[Daemon] = field(default_factory=list)
     _req: int = 0
 
@@ -165,14 +167,17 @@ class Cluster:
                                      cwd=self.root, env=self.env, start_new_session=True)
         return Daemon(name, argv, popen, log)
 
-    def start_master(self, port: int = 0, pub_port: int = 0, *extra: str) -> Daemon:
-        """Start the master (port 0: a free port) and wait until it reports its ports."""
+    def start_master(self, port: int = 0, pub_port: int = 0, *extra: str, root_jobs: bool = True) -> Daemon:
+        """Start the master (port 0: a free port) and wait until it reports its ports.
+
+        ``root_jobs``: the suite runs as root (in CI), and its jobs run as the agents' own user.
+        """
         port_file = self.root / "master.ports"
         port_file.unlink(missing_ok=True)
         argv = [sys.executable, "-m", "zmgpu.master", "--port", str(port), "--pub-port", str(pub_port),
                 "--port-file", str(port_file), "--state-dir", str(self.root / "master-state"),
                 "--heartbeat-interval", str(HEARTBEAT), "--node-timeout", str(NODE_TIMEOUT), "--node-dead-timeout", str(NODE_TIMEOUT),
-                "--kill-grace", str(KILL_GRACE), *extra]
+                "--kill-grace", str(KILL_GRACE), *(["--allow-root-jobs"] if root_jobs else []), *extra]
         self.master = self._spawn("master", argv)
 
         def ports():
@@ -188,13 +193,17 @@ class Cluster:
         assert info["pid"] == self.master.popen.pid
         return self.master
 
-    def start_node(self, node_id: str, gpus: int | str | None = 4, *extra: str) -> Daemon:
+    def start_node(self, node_id: str, gpus: int | str | None = 4, *extra: str, single_user: bool = True) -> Daemon:
         """Start a node agent with ``gpus`` simulated GPUs (a count, or a simulated-GPU file; None: this
-        machine's real GPUs through NVML); does not wait for registration."""
+        machine's real GPUs through NVML); does not wait for registration.
+
+        ``single_user``: every job runs as the agent's user, so tests may submit as made-up users.
+        """
         simulate = [] if gpus is None else ["--simulate-gpus", str(gpus)]
         argv = [sys.executable, "-m", "zmgpu.node", "--node-id", node_id, "--master-port", str(self.port),
                 "--state-dir", str(self.root / f"node-{node_id}"), *simulate,
-                "--heartbeat-interval", str(HEARTBEAT), "--master-timeout", str(NODE_TIMEOUT), *extra]
+                "--heartbeat-interval", str(HEARTBEAT), "--master-timeout", str(NODE_TIMEOUT),
+                *(["--single-user"] if single_user else []), *extra]
         self.nodes[node_id] = self._spawn(f"node-{node_id}", argv)
         return self.nodes[node_id]
 
@@ -258,9 +267,11 @@ class Cluster:
         self._req += 1
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            self.curve.apply(sock)
         try:
             sock.connect(f"tcp://127.0.0.1:{self.port}")
-            sock.send_multipart(encode(msg_type, {"user": "tester", "req": self._req, **body}))
+            sock.send_multipart(encode(msg_type, {"user": self.user, "req": self._req, **body}))
             if not sock.poll(int(timeout * 1000)):
                 return None
             return decode(sock.recv_multipart()).body
@@ -301,17 +312,19 @@ class Cluster:
 
     def cancel_leftovers(self) -> list[str]:
         """Cancel every job not yet ended (what a failed test left), and wait until they have; their ids."""
-        job_ids = [job["job_id"] for job in self.queue_json(all_jobs=False)["jobs"]]
-        if job_ids:
-            self.request(MsgType.CANCEL, job_ids=job_ids)
-            self.wait_jobs_ended(job_ids, timeout=KILL_GRACE + 8)
+        jobs = self.queue_json(all_jobs=False)["jobs"]
+        for owner in {job["user"] for job in jobs}:   # only a job's owner (or an admin) may cancel it
+            self.request(MsgType.CANCEL, user=owner, job_ids=[job["job_id"] for job in jobs if job["user"] == owner])
+        job_ids = [job["job_id"] for job in jobs]
+        self.wait_jobs_ended(job_ids, timeout=KILL_GRACE + 8)
         return job_ids
 
     def client(self, **kw):
         """A :class:`zmgpu.Client` for this cluster's master (the caller closes it)."""
         from zmgpu import Client
 
-        return Client(host="127.0.0.1", port=self.port, pub_port=self.pub_port, **kw)
+        # Keys only when a test names them: the tester's own (~/.config/zmgpu) are not this cluster's.
+        return Client(host="127.0.0.1", port=self.port, pub_port=self.pub_port, default_keys=False, **kw)
 
     def output_size(self, job_id: str, stream: str = "stdout", rank: int = 0) -> int:
         """Bytes of one stream of a job that the master holds (0 before any)."""

@@ -244,7 +244,8 @@ def test_master_flags_beat_its_file(bare_cluster, tmp_path):
 
 
 def test_master_uses_its_file(run_program, tmp_path):
-    path = _write(tmp_path, "host: 192.0.2.1\nport: 0\npub_port: 0\n")
+    # insecure: without keys a master refuses any address beyond loopback before it tries to listen.
+    path = _write(tmp_path, "host: 192.0.2.1\nport: 0\npub_port: 0\ninsecure: true\n")
     proc = run_program([*MASTER, "--config", str(path), "--state-dir", str(tmp_path / "s")])
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "192.0.2.1" in proc.stderr.strip().splitlines()[-1]

@@ -366,7 +366,9 @@ def fake_master(tmp_path):
         master.wait_for(MsgType.REGISTER)
         master.send(encode(MsgType.DISPATCH, {
             "job_id": HELD_JOB, "rank": 0, "attempt": 0, "cwd": str(workdir), "env": cluster.env,
-            "command": f"echo hello; {wait_for_file_sh('go')}; echo bye", "gpu_indices": [0], "kill_grace": 1}))
+            "command": f"echo hello; {wait_for_file_sh('go')}; echo bye", "gpu_indices": [0], "kill_grace": 1,
+            # As the test cluster's master says: the agent (single-user) may run it as root.
+            "user": "tester", "allow_root": True}))
         master.wait_for(MsgType.JOB_STARTED)
         master.serve_until(lambda: bytes(master.stdout) == b"hello\n", "the held job's first line")
         yield cluster, master, workdir

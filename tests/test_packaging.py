@@ -87,13 +87,23 @@ def _unit(name: str) -> dict[str, dict[str, str]]:
 
 
 @pytest.mark.parametrize("name", UNITS)
-def test_unit_runs_unprivileged_from_its_yaml(name):
+def test_unit_runs_from_its_yaml(name):
     role, service = UNITS[name], _unit(name)["Service"]
-    assert service.get("User", "root") not in ("root", "0"), "a unit without User= runs as root"
-    assert service.get("Group", "root") not in ("root", "0")
     assert service["ExecStart"].split()[1:] == ["--config", f"/etc/zmgpu/{role}.yaml"]
     assert service["StateDirectory"] == f"zmgpu/{role}"
     assert service["Restart"] == "on-failure"
+
+
+def test_master_unit_runs_unprivileged_and_reloads_keys_on_sighup():
+    service = _unit("zmgpu-master.service")["Service"]
+    assert service.get("User", "root") not in ("root", "0"), "a unit without User= runs as root"
+    assert service.get("Group", "root") not in ("root", "0")
+    assert "-HUP" in service["ExecReload"]
+
+
+def test_node_unit_runs_as_root_to_start_jobs_as_their_users():
+    # A root agent is the only kind that can start each job as its submitter (see zmgpu.node.users).
+    assert "User" not in _unit("zmgpu-node.service")["Service"]
 
 
 def test_master_unit_binds_loopback_unless_its_yaml_says_otherwise():

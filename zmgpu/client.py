@@ -63,19 +63,30 @@ class Client:
     :param pub_port: the master's publish (PUB) port for interactive output; ``None``: ask the master
         (its PING reply names it) the first time output or events are followed.
     :param timeout: seconds to wait for the master to answer any request.
-    :param user: the name sent with every request; ``None`` means the login name.
+    :param user: the name sent with every request; ``None`` means the login name.  A master with keys
+        accepts only the name its list gives to this client's key.
+    :param secret_key_file: this user's CURVE secret key (``zmgpu keygen user``), for a master with keys;
+        ``None``: ``~/.config/zmgpu/user.key_secret`` if it exists.
+    :param master_public_key_file: the master's public key; ``None``: ``~/.config/zmgpu/master.key`` if it
+        exists.  Without either key file the client talks to a master without keys.
+    :param default_keys: False: look for no key file that is not named (for a master known to have no keys).
 
     Use it as a context manager (or call :meth:`close`) to release its sockets.
-    A Client is not thread-safe: use one per thread.
+    A Client is not thread-safe: use one per thread.  A key file that cannot be used raises
+    :class:`zmgpu.auth.KeyFileError` here (a :class:`zmgpu.config.ConfigError`).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, pub_port: Optional[int] = None,
-                 timeout: float = 30.0, user: Optional[str] = None):
+                 timeout: float = 30.0, user: Optional[str] = None, *, secret_key_file: Optional[str] = None,
+                 master_public_key_file: Optional[str] = None, default_keys: bool = True):
+        from .auth import CurveClient
+
         self.host = host
         self.port = port
         self.pub_port = pub_port
         self.timeout = timeout
         self.user = user or _default_user()
+        self.curve = CurveClient.load(secret_key_file, master_public_key_file, defaults=default_keys)
         self._req = 0
         self._ctx = None
         self._dealer = None
@@ -112,8 +123,11 @@ class Client:
             self._ctx = zmq.Context()
         sock = self._ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, protocol.PEER_MAX_MESSAGE)
         if ":" in self.host:
             sock.setsockopt(zmq.IPV6, 1)
+        if self.curve is not None:
+            self.curve.apply(sock)
         return sock
 
     def _connect(self, sock, port: int):
@@ -170,9 +184,8 @@ class Client:
                 # A fresh socket next time: the old one may still hold this request,
                 # which a master coming back would otherwise answer late.
                 self._drop_dealer()
-                raise MasterUnreachable(
-                    f"no answer from the zmgpu master at {self.address} within {timeout:g} s "
-                    f"(is zmgpu-master running? check --host/--port or ZMGPU_MASTER)")
+                raise MasterUnreachable(f"no answer from the zmgpu master at {self.address} within {timeout:g} s "
+                                        f"({self._unreachable_hint()})")
             if not self._dealer.poll(max(1, math.ceil(remaining * 1000))):
                 continue   # a signal (Ctrl-C, trapped) can end a poll early: only the deadline decides
             try:
@@ -186,6 +199,13 @@ class Client:
             raise ClientError(str(reply.body.get("error", protocol.ErrorCode.INTERNAL.value)),
                               str(reply.body.get("message", "the master refused the request")))
         return reply
+
+    def _unreachable_hint(self) -> str:
+        """What to check when the master does not answer: with keys, the keys too (a refused key gets silence)."""
+        hint = "is zmgpu-master running? check --host/--port or ZMGPU_MASTER"
+        if self.curve is None:
+            return hint + "; a master with keys answers only clients with keys (see zmgpu keygen)"
+        return hint + "; and that the master lists this user's public key and master_public_key_file is its key"
 
     # -- requests -------------------------------------------------------------------
 
@@ -277,7 +297,13 @@ class Client:
 
     def nodes(self) -> list:
         """Every node's dict: liveness, ``status`` (a :class:`zmgpu.model.NodeStatus` value), GPUs and holders."""
-        return self._request(MsgType.NODES).body["nodes"]
+        return self.cluster()["nodes"]
+
+    def cluster(self) -> dict:
+        """``{"nodes": [node dict], "insecure": bool}``: insecure when the master accepts anyone on the
+        network without keys (``zmgpu-master --insecure``)."""
+        body = self._request(MsgType.NODES).body
+        return {"nodes": body["nodes"], "insecure": bool(body.get("insecure"))}
 
     def drain(self, node_id: str, reason: str) -> None:
         """Place no new jobs on a node (running ones finish); admins only (``PERMISSION_DENIED``)."""

@@ -65,6 +65,15 @@ class MasterConfig:
     max_requeue: int = _at_least(3, 0)
     user_gpu_limit: typing.Optional[int] = _at_least(None, 1)   # None: no per-user cap
     finished_retention: float = _at_least(86400.0, 0)
+    secret_key_file: typing.Optional[str] = None      # None: no CURVE keys (loopback, or --insecure)
+    authorized_nodes: typing.Optional[str] = None     # None: authorized_nodes beside secret_key_file
+    authorized_users: typing.Optional[str] = None     # None: authorized_users beside secret_key_file
+    insecure: bool = False
+    allow_root_jobs: bool = False
+    max_message_bytes: int = _at_least(8 << 20, 1 << 20)
+    max_command_bytes: int = _at_least(128 << 10, 1)
+    max_env_bytes: int = _at_least(1 << 20, 0)
+    max_pending_per_user: int = _at_least(10000, 1)
     verbose: bool = False
 
 
@@ -87,6 +96,9 @@ class NodeConfig:
     spool_retention: float = _at_least(86400.0, 3600)  # seconds a reported rank's output stays on the node
     heartbeat_interval: float = _positive(1.0)
     master_timeout: float = _positive(5.0)
+    secret_key_file: typing.Optional[str] = None          # None: no CURVE keys (a master without keys)
+    master_public_key_file: typing.Optional[str] = None
+    single_user: bool = False
     verbose: bool = False
 
 
@@ -101,6 +113,8 @@ class ClientConfig:
     session_timeout: float = _positive(7200.0)
     max_wait_time: float = _positive(300.0)
     max_consecutive_timeouts: int = _at_least(30, 1)
+    secret_key_file: typing.Optional[str] = None          # None: ~/.config/zmgpu/user.key_secret if it exists
+    master_public_key_file: typing.Optional[str] = None   # None: ~/.config/zmgpu/master.key if it exists
 
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}

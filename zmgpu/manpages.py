@@ -50,21 +50,70 @@ def _file_entry(path: str, text: str) -> str:
     return f".TP\n.I {_roff(path)}\n{text}"
 
 
+def _steps(*steps: str) -> str:
+    """A numbered list of plain-text steps."""
+    return "\n".join(f".IP {number}. 4\n{_roff(step)}" for number, step in enumerate(steps, 1))
+
+
 _READ_BY_UNIT = "Settings read by the systemd unit (see \\fB\\-\\-config\\fR); command\\-line options beat the file."
+
+#: The secure set-up of a lab (a master gpu-master, nodes node001-node003, users with the same accounts
+#: everywhere), as each program's page tells its part of it; README.md has the whole story.
+_LAB = "For a lab of one master (gpu-master) and three nodes (node001 to node003), as root unless said otherwise:"
+_MASTER_STEPS = _steps(
+    "zmgpu keygen master --dir /etc/zmgpu; chown zmgpu:zmgpu /etc/zmgpu/master.key_secret (the unit runs the "
+    "master as zmgpu). Give /etc/zmgpu/master.key, the public half, to the nodes and the users.",
+    "On each node: zmgpu keygen node001 --dir /etc/zmgpu (see zmgpu-node(8)); each user: zmgpu keygen user "
+    "(see zmgpu(1)). Each prints its public key.",
+    "List them on the master, one 'NAME PUBLIC_KEY' line each: the node ids in /etc/zmgpu/authorized_nodes, "
+    "the user names in /etc/zmgpu/authorized_users.",
+    "In /etc/zmgpu/master.yaml: host: 0.0.0.0, secret_key_file: /etc/zmgpu/master.key_secret, and admins: "
+    "[the admins' user names].",
+    "systemctl enable --now zmgpu-master. After editing a list: systemctl reload zmgpu-master (SIGHUP).")
+_NODE_STEPS = _steps(
+    "zmgpu keygen node001 --dir /etc/zmgpu, under the node's id; its public key goes into the master's "
+    "/etc/zmgpu/authorized_nodes as 'node001 PUBLIC_KEY'.",
+    "Copy the master's public key to /etc/zmgpu/master.key.",
+    "In /etc/zmgpu/node.yaml: master_host: gpu-master, secret_key_file: /etc/zmgpu/node001.key_secret, "
+    "master_public_key_file: /etc/zmgpu/master.key.",
+    "systemctl enable --now zmgpu-node: the unit runs the agent as root, which starts each job as the user "
+    "who submitted it (uid, gid and groups from this node's user database); a user unknown here ends the job "
+    "FAILED. Jobs never run as root unless the master's allow_root_jobs says so.")
+_USER_STEPS = _steps(
+    "zmgpu keygen user: writes ~/.config/zmgpu/user.key and user.key_secret (mode 0600).",
+    "Copy the master's public key (/etc/zmgpu/master.key on the master) to ~/.config/zmgpu/master.key.",
+    "Give the public key zmgpu keygen printed to the admin, who lists it under your user name in the "
+    "master's authorized_users. From then on every zmgpu command uses both files by itself.")
 
 PAGES = (
     PageSpec(
         "zmgpu", 1, "zmgpu.cli.main", "submit, watch and cancel GPU jobs on a zmgpu cluster",
-        (("files", _file_entry("~/.config/zmgpu/client.yaml",
-                               "Client settings, read when neither \\fB\\-\\-config\\fR nor \\fBZMGPU_CONFIG\\fR "
-                               "names another file (keys as in conf/client.yaml).")),)),
+        (("secure setup", f"A master with keys answers only users whose key it lists. {_LAB}\n{_USER_STEPS}"),
+         ("files", "\n".join([
+             _file_entry("~/.config/zmgpu/client.yaml",
+                         "Client settings, read when neither \\fB\\-\\-config\\fR nor \\fBZMGPU_CONFIG\\fR "
+                         "names another file (keys as in conf/client.yaml)."),
+             _file_entry("~/.config/zmgpu/user.key_secret", "Your CURVE secret key, for a master with keys."),
+             _file_entry("~/.config/zmgpu/master.key", "The master's public key.")])))),
     PageSpec(
         "zmgpu-master", 8, "zmgpu.master.app", "the zmgpu scheduler daemon",
-        (("files", _file_entry("/etc/zmgpu/master.yaml", _READ_BY_UNIT)),
-         ("signals", "SIGTERM and SIGINT stop the master cleanly (exit status 0)."))),
+        (("secure setup", f"Beyond loopback the master needs keys (or \\fB\\-\\-insecure\\fR). {_LAB}\n"
+                          f"{_MASTER_STEPS}"),
+         ("files", "\n".join([
+             _file_entry("/etc/zmgpu/master.yaml", _READ_BY_UNIT),
+             _file_entry("/etc/zmgpu/master.key_secret", "The master's CURVE secret key (secret_key_file)."),
+             _file_entry("/etc/zmgpu/authorized_nodes", "The node keys let in: 'NODE_ID PUBLIC_KEY' lines."),
+             _file_entry("/etc/zmgpu/authorized_users", "The user keys let in: 'USER PUBLIC_KEY' lines.")])),
+         ("signals", "SIGTERM and SIGINT stop the master cleanly (exit status 0). SIGHUP re\\-reads "
+                     "authorized_nodes and authorized_users; a key taken off them stops working at once."))),
     PageSpec(
         "zmgpu-node", 8, "zmgpu.node.app", "the zmgpu node agent that runs jobs on a machine's GPUs",
-        (("files", _file_entry("/etc/zmgpu/node.yaml", _READ_BY_UNIT)),
+        (("secure setup", f"With a master that has keys, each node has a key pair of its own. {_LAB}\n"
+                          f"{_NODE_STEPS}"),
+         ("files", "\n".join([
+             _file_entry("/etc/zmgpu/node.yaml", _READ_BY_UNIT),
+             _file_entry("/etc/zmgpu/NODE_ID.key_secret", "This node's CURVE secret key (secret_key_file)."),
+             _file_entry("/etc/zmgpu/master.key", "The master's public key (master_public_key_file).")])),
          ("signals", "SIGTERM and SIGINT stop the agent cleanly (exit status 0) without stopping its "
                      "jobs; a restarted agent adopts them again."))),
 )

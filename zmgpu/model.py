@@ -141,6 +141,10 @@ def format_size(mib: int | None) -> str:
 
 #: A job id: 8 hex characters, or an array task ``ARRAYID_INDEX`` (Slurm's form).
 JOB_ID_PATTERN = r"[0-9a-f]{8}(?:_[0-9]{1,7})?"
+#: A node id: it appears in --node-gpu-ids specs ("node001:0,1;node002:0") and in spool paths.
+NODE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+#: A user name as useradd accepts it (a trailing $ for machine accounts included).
+USER_NAME_PATTERN = r"[A-Za-z_][A-Za-z0-9._-]*\$?"
 
 
 class NodeStatus(str, enum.Enum):

@@ -81,7 +81,9 @@ class ErrorCode(str, enum.Enum):
     BAD_REQUEST = "BAD_REQUEST"      # missing field or wrong field type
     UNKNOWN_JOB = "UNKNOWN_JOB"      # no job with that id
     UNKNOWN_NODE = "UNKNOWN_NODE"    # no node with that id
-    PERMISSION_DENIED = "PERMISSION_DENIED"  # only admins (or the owner) may do that
+    PERMISSION_DENIED = "PERMISSION_DENIED"  # only admins (or the owner) may do that; or a key that lies
+    TOO_LARGE = "TOO_LARGE"          # a command or environment over the master's size limit
+    QUEUE_LIMIT = "QUEUE_LIMIT"      # the user already has the most pending jobs the master allows
     IMPOSSIBLE = "IMPOSSIBLE"        # the request can never be satisfied
     STORE_FAILED = "STORE_FAILED"    # the master could not write its state directory
     INTERNAL = "INTERNAL"            # a handler failed; the master goes on
@@ -129,6 +131,14 @@ REQUIRED: dict[MsgType, dict[str, type | tuple]] = {
     MsgType.JOB_STATE: {"job_id": str, "state": str},
     MsgType.NODE_STATE: {"node_id": str, "state": str},
 }
+
+#: What node agents send; every other type the master accepts is a client request (it carries ``user``).
+FROM_NODES = frozenset({MsgType.REGISTER, MsgType.HEARTBEAT, MsgType.JOB_STARTED, MsgType.OUTPUT,
+                        MsgType.JOB_ENDED})
+
+#: Largest message a client or node agent accepts from the master (ZMQ_MAXMSGSIZE): far above any
+#: honest reply, so only a broken or hostile peer is cut off.
+PEER_MAX_MESSAGE = 256 << 20
 
 #: Message types that carry exactly one payload frame.
 WITH_PAYLOAD = frozenset({MsgType.OUTPUT})

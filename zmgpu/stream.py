@@ -287,7 +287,8 @@ class Follower:
 
     def _check(self) -> None:
         """Ask the master for the job: the snapshot at the start, then whenever nothing came for a while."""
-        self._absorb(self._ask(MsgType.JOB, job_id=self.job_id).body["job"])
+        # read_output: the master answers only the job's owner or an admin, as for its output.
+        self._absorb(self._ask(MsgType.JOB, job_id=self.job_id, read_output=True).body["job"])
 
     def _fetch(self, track: Track) -> None:
         """FETCH the track's next bytes; when the master has none yet, try again a little later."""

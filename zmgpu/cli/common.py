@@ -131,4 +131,5 @@ def make_client(config: ClientConfig):
     from ..client import Client
 
     return Client(host=config.host, port=config.port, pub_port=config.pub_port,
-                  timeout=config.connection_timeout)
+                  timeout=config.connection_timeout, secret_key_file=config.secret_key_file,
+                  master_public_key_file=config.master_public_key_file)

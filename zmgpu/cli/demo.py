@@ -113,7 +113,9 @@ def _walk_through(args: argparse.Namespace, workdir: str, daemons: list) -> None
     _start(daemons, "zmgpu-master", workdir, [
         "zmgpu.master", "--host", "127.0.0.1", "--port", "0", "--pub-port", "0",
         "--port-file", port_file, "--state-dir", os.path.join(workdir, "master"),
-        "--heartbeat-interval", HEARTBEAT_INTERVAL])
+        "--heartbeat-interval", HEARTBEAT_INTERVAL,
+        # The demo's jobs run as whoever runs it, root included (a fresh container): loopback, one user.
+        "--allow-root-jobs"])
     ports = _wait_for(lambda: _read_ports(port_file), daemons, "the master to bind its ports")
     print(f"master: requests on tcp://127.0.0.1:{ports['port']}, "
           f"output published on tcp://127.0.0.1:{ports['pub_port']}")
@@ -126,7 +128,8 @@ def _walk_through(args: argparse.Namespace, workdir: str, daemons: list) -> None
         "--heartbeat-interval", HEARTBEAT_INTERVAL]
         + ([] if simulate is None else ["--simulate-gpus", str(simulate)]))
 
-    with Client(port=ports["port"], pub_port=ports["pub_port"], timeout=10.0) as client:
+    # The demo's master has no keys: the user's own (for a real cluster) would only keep it from answering.
+    with Client(port=ports["port"], pub_port=ports["pub_port"], timeout=10.0, default_keys=False) as client:
         node = _wait_for(lambda: _registered(client), daemons, f"node {NODE_ID} to register")
         gpu_count = len(node["gpus"])
         print(f"node {NODE_ID} registered; GPUs: "

@@ -15,12 +15,12 @@ import sys
 from .. import __version__
 from ..config import ConfigError
 from ..errors import BadAddress, ClientError
-from . import attach, cancel, demo, drain, logs, nodes, queue, resume, show, submit, wait
+from . import attach, cancel, demo, drain, keygen, logs, nodes, queue, resume, show, submit, wait
 from .common import DEFAULT_CONFIG, UsageError, port_number, silence_stdout
 
 #: Sub-command name -> module with HELP, DESCRIPTION, add_arguments(parser) and run(args) -> int.
 COMMANDS = {"submit": submit, "queue": queue, "show": show, "logs": logs, "attach": attach, "wait": wait,
-            "cancel": cancel, "nodes": nodes, "drain": drain, "resume": resume, "demo": demo}
+            "cancel": cancel, "nodes": nodes, "drain": drain, "resume": resume, "keygen": keygen, "demo": demo}
 
 #: Expected failures -> exit status (the first class that matches); each is printed as one line,
 #: never a traceback.
@@ -28,7 +28,7 @@ EXIT_STATUS = {ConfigError: 2, UsageError: 2, BadAddress: 2, ClientError: 1}
 
 DESCRIPTION = (
     "Submit jobs to a zmgpu master, watch them, follow or re-attach to their output, wait for them and "
-    "cancel them; list and drain nodes.  "
+    "cancel them; list and drain nodes; write CURVE keys.  "
     "The master is found from --host and --port, else ZMGPU_MASTER=host:port, else the client config "
     "file, else 127.0.0.1:8080.")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from collections import Counter
 
 from ..model import NodeStatus, format_size
@@ -19,7 +20,8 @@ DESCRIPTION = (
     "of its total, utilization and temperature as the node last reported them, 'simulated' for a "
     "simulated GPU, and who has it: the job holding it, the --gpu-mem jobs sharing it and the room left, "
     "'others: pid ...' for processes zmgpu did not start, 'drained: ...' when NVML reports it unhealthy, "
-    "'dirty: ...' while processes of an ended job still hold it, or '-' when free.")
+    "'dirty: ...' while processes of an ended job still hold it, or '-' when free.  A master that accepts "
+    "anyone on the network without keys (--insecure) earns a warning line on stderr.")
 
 NODE_HEADERS = ("NODE", "STATUS", "FREE/TOTAL", "REASON")
 #: Statuses in which a node takes new jobs, so its unheld GPUs count as free.
@@ -34,14 +36,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_connection_timeout(parser)
 
 
+#: Printed (on stderr) when the master accepts anyone on the network without keys.
+INSECURE_WARNING = ("zmgpu: WARNING: this master runs --insecure: anyone who can reach it can run any "
+                    "command on every node, as any user (see README, 'Secure setup')")
+
+
 def run(args: argparse.Namespace) -> int:
-    """Print the nodes."""
+    """Print the nodes (and a warning about a master that runs without keys for the whole network)."""
     with make_client(client_config(args)) as client:
-        nodes = client.nodes()
+        cluster = client.cluster()
+    if cluster["insecure"]:
+        print(INSECURE_WARNING, file=sys.stderr)
     if args.json:
-        print(json.dumps({"nodes": nodes}, indent=2))
+        print(json.dumps(cluster, indent=2))
     else:
-        print(format_nodes(nodes, shutil.get_terminal_size().columns))
+        print(format_nodes(cluster["nodes"], shutil.get_terminal_size().columns))
     return 0
 
 

@@ -24,7 +24,8 @@ class JobService:
     """Job state transitions, the scheduling pass, and the job messages of node agents."""
 
     def __init__(self, state: ClusterState, reactor: Reactor, spool: OutputSpool, store: Store, kill_grace: float,
-                 max_requeue: int, user_gpu_limit: int | None, retention: float, log: logging.Logger):
+                 max_requeue: int, user_gpu_limit: int | None, retention: float, log: logging.Logger,
+                 allow_root_jobs: bool = False):
         self.state = state
         self.reactor = reactor
         self.spool = spool
@@ -33,6 +34,7 @@ class JobService:
         self.max_requeue = max_requeue
         self.user_gpu_limit = user_gpu_limit
         self.retention = retention
+        self.allow_root_jobs = allow_root_jobs
         self.log = log
         self.dirty = False   # something changed that may let a pending job start
         # Ranks started this turn, as (job, attempt, rank numbers): their DISPATCH goes out after the commit.
@@ -242,7 +244,9 @@ class JobService:
         body = {"job_id": job.job_id, "rank": rank, "attempt": job.attempt, "command": job.command,
                 "cwd": job.cwd, "env": env, "gpu_indices": part.gpu_indices, "kill_grace": self.kill_grace,
                 "gpu_mem_mb": job.gpu_mem_mb, "launch": self._launch_env(job, rank)}
-        return self.reactor.send(part.node_id.encode(), MsgType.DISPATCH, body)
+        # Whose account the rank runs under is the node's business; whether that may be root, the master's.
+        body.update(user=job.user, allow_root=self.allow_root_jobs)
+        return self.reactor.send(self.state.route(part.node_id), MsgType.DISPATCH, body)
 
     def _launch_env(self, job: JobRecord, rank: int) -> dict[str, str]:
         """The torchrun variables of one rank; MASTER_PORT is left to the job's first node to pick.
@@ -276,7 +280,7 @@ class JobService:
                 part.ended, part.reason = True, f"not started: {reason}"
                 self._release(job, rank)
         for node_id in {r.node_id for _, r in job.live_ranks()}:
-            self.reactor.send(node_id.encode(), MsgType.KILL, body)
+            self.reactor.send(self.state.route(node_id), MsgType.KILL, body)
 
     # -- timers --------------------------------------------------------------------------------
 
@@ -328,7 +332,7 @@ class JobService:
             self.log.debug("node %s reported stale attempt %s of job %s; ignored",
                            identity.decode(errors="replace"), body.get("attempt"), job.job_id)
             return None
-        if job is None or not 0 <= rank < len(job.ranks) or job.ranks[rank].node_id.encode() != identity:
+        if job is None or not 0 <= rank < len(job.ranks) or self.state.route(job.ranks[rank].node_id) != identity:
             self.log.warning("node %s reported unknown job %s rank %s; ignored",
                              identity.decode(errors="replace"), body["job_id"], rank)
             return None

@@ -6,6 +6,15 @@ type; a bad message gets a typed error reply (clients) or a log line (nodes),
 and a failing handler is logged, so one bad message never stops the loop.
 Timers come from the poll timeout.  After each turn the ``after_turn`` hook
 runs once, however many messages arrived: the scheduler pass lives there.
+
+With keys (:class:`zmgpu.auth.ServerKeys`) both sockets are CURVE servers.
+The ZAP handler that admits handshakes is one more socket on the same poller;
+each message is then read with its User-Id (the sender's public key) and
+passes the ``admit`` check before its handler runs, and each subscription
+passes ``may_subscribe`` (the XPUB socket is in manual mode).  Without keys
+messages are read as plain bytes, as fast as before.  Either way a peer that
+sends a frame over ``max_message_bytes`` is disconnected by ZeroMQ before the
+master holds it.
 """
 
 from __future__ import annotations
@@ -18,12 +27,18 @@ from typing import Callable
 
 import zmq
 
+from ..auth import ServerKeys, ZapHandler
 from ..protocol import ErrorCode, Message, MsgType, ProtocolError, decode, encode, error_reply
 
 Handler = Callable[[bytes, Message], None]
+#: ``admit(routing id, sender's key, message)``: None to go on, else why the message is refused.
+Admit = Callable[[bytes, bytes, Message], "str | None"]
 
 #: Most messages handled in one turn before timers and the scheduler get a go.
 BATCH = 512
+
+#: A subscription is a topic prefix of a few dozen bytes; a bigger frame is no subscription of ours.
+MAX_SUBSCRIPTION_BYTES = 4096
 
 #: Messages whose loss is expected and harmless (the peer asks again, or is declared dead): logged at debug.
 _ROUTINE = frozenset({MsgType.HEARTBEAT, MsgType.REPLY, MsgType.REREGISTER})
@@ -45,30 +60,46 @@ class BindError(Exception):
 class Reactor:
     """Sockets, dispatch and timers for the master."""
 
-    def __init__(self, host: str, port: int, pub_port: int | None, log: logging.Logger):
+    def __init__(self, host: str, port: int, pub_port: int | None, log: logging.Logger,
+                 max_message_bytes: int = 8 << 20, keys: ServerKeys | None = None):
         self.log = log
+        self.keys = keys
         self.ctx = zmq.Context()
+        self.poller = zmq.Poller()
+        # Bound first: libzmq asks whatever handler exists when a handshake starts.
+        self.zap = ZapHandler(self.ctx, keys, log) if keys is not None else None
         self.router = self.ctx.socket(zmq.ROUTER)
         # An unknown peer must be an error we see, not a silent drop.
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # A restarted node agent takes its routing id (its node id) back.
-        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        # Without keys a restarted node agent takes its routing id (its node id) back.  With keys nobody
+        # may take over a connected peer's routing id (a guessed one would receive that peer's messages):
+        # node agents use a fresh, secret routing id per connection instead.
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, int(keys is None))
         self.router.setsockopt(zmq.LINGER, 0)
         # A bounded queue per peer: a client or node that stops reading cannot grow the master's memory.
         self.router.setsockopt(zmq.SNDHWM, 10_000)
+        self.router.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         # XPUB rather than PUB: the master sees what clients subscribe to, and builds no event nobody reads.
         self.pub = self.ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         # A slow subscriber costs at most this many queued messages; it re-fetches the rest by offset.
         self.pub.setsockopt(zmq.SNDHWM, 2000)
+        self.pub.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
+        if keys is not None:
+            keys.serve(self.router)
+            keys.serve(self.pub)
+            # Each subscription is granted (or not) by may_subscribe, subscriber by subscriber.
+            self.pub.setsockopt(zmq.XPUB_MANUAL, 1)
+            self.poller.register(self.zap.sock, zmq.POLLIN)
         self.port = self._bind(self.router, host, port)
         if pub_port is None:
             pub_port = self.port + 1 if port else 0
         self.pub_port = self._bind(self.pub, host, pub_port)
-        self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         self.poller.register(self.pub, zmq.POLLIN)
         self.subscriptions: set[bytes] = set()   # topic prefixes at least one client subscribed to
+        self.admit: Admit = lambda identity, key, msg: None
+        self.may_subscribe: Callable[[bytes, bytes], bool] = lambda key, topic: True
         self.handlers: dict[MsgType, Handler] = {}
         # Called with each sender before dispatch: refreshes node liveness, True for a node.
         self.peer_seen: Callable[[bytes], bool] = lambda identity: False
@@ -117,8 +148,11 @@ class Reactor:
         return False
 
     def wants(self, topic: bytes) -> bool:
-        """Whether any client subscribed to a prefix of ``topic`` (so it is worth building the message)."""
-        return any(topic.startswith(prefix) for prefix in self.subscriptions)
+        """Whether any client subscribed to a prefix of ``topic`` (so it is worth building the message).
+
+        Always True with keys: in manual mode the master cannot tell which grants are still in force.
+        """
+        return self.keys is not None or any(topic.startswith(prefix) for prefix in self.subscriptions)
 
     def publish(self, topic: bytes, msg_type: MsgType, make_body: Callable[[], dict], *payload: bytes) -> None:
         """Fan out to subscribers; the body is built only if someone subscribed.  Drops at the high-water
@@ -127,16 +161,35 @@ class Reactor:
             self.pub.send_multipart([topic, *encode(msg_type, make_body(), *payload)], zmq.NOBLOCK)
 
     def _read_subscriptions(self) -> None:
-        # XPUB passes each prefix's first subscribe and last unsubscribe on: a set mirrors it exactly.
+        """Take each (un)subscription: without keys mirror them; with keys grant or refuse each one."""
         while True:
             try:
-                frame = self.pub.recv(zmq.NOBLOCK)
+                frame = self.pub.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            if frame[:1] == b"\x01":
-                self.subscriptions.add(frame[1:])
-            elif frame[:1] == b"\x00":
-                self.subscriptions.discard(frame[1:])
+            kind, topic = frame.bytes[:1], frame.bytes[1:]
+            if self.keys is not None:
+                self._grant(kind, topic, frame)
+            elif kind == b"\x01":
+                # XPUB passes each prefix's first subscribe and last unsubscribe on: a set mirrors it exactly.
+                self.subscriptions.add(topic)
+            elif kind == b"\x00":
+                self.subscriptions.discard(topic)
+
+    def _grant(self, kind: bytes, topic: bytes, frame: zmq.Frame) -> None:
+        """Manual mode: every (un)subscription of every subscriber comes here, with the subscriber's key."""
+        if kind == b"\x00":
+            self.pub.setsockopt(zmq.UNSUBSCRIBE, topic)
+            return
+        if kind != b"\x01":
+            return
+        key = _sender_key(frame)
+        if self.may_subscribe(key, topic):
+            # Applies to the subscriber whose message was read last, and only to it.
+            self.pub.setsockopt(zmq.SUBSCRIBE, topic)
+        else:
+            self.log.warning("refused a subscription to %r: key %s may not read it",
+                             topic.decode(errors="replace"), key.decode(errors="replace"))
 
     # -- loop ----------------------------------------------------------------------------------
 
@@ -145,6 +198,8 @@ class Reactor:
         self.running = True
         while self.running:
             events = dict(self.poller.poll(self._timeout_ms()))
+            if self.zap is not None and events.get(self.zap.sock):
+                self.zap.answer()
             if events.get(self.pub):
                 self._read_subscriptions()
             if events.get(self.router):
@@ -161,6 +216,8 @@ class Reactor:
     def close(self) -> None:
         self.router.close(0)
         self.pub.close(0)
+        if self.zap is not None:
+            self.zap.close()
         self.ctx.term()
 
     def _timeout_ms(self) -> int:
@@ -177,14 +234,20 @@ class Reactor:
                 self._guard(timer.callback)
 
     def _drain_router(self) -> None:
+        with_keys = self.keys is not None
         for _ in range(BATCH):
             try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=True)
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=not with_keys)
             except zmq.Again:
                 return
-            self._dispatch(frames)
+            if with_keys:
+                # With the sender's key, the User-Id the ZAP handler set (the last frame came from the peer;
+                # the routing id frame is the ROUTER's own).
+                self._dispatch([frame.bytes for frame in frames], _sender_key(frames[-1]))
+            else:
+                self._dispatch(frames)
 
-    def _dispatch(self, frames: list[bytes]) -> None:
+    def _dispatch(self, frames: list[bytes], key: bytes = b"") -> None:
         """Decode one message and call its handler; refuse what cannot be handled, never raise."""
         identity, rest = frames[0], frames[1:]
         from_node = self.peer_seen(identity)
@@ -194,6 +257,10 @@ class Reactor:
             if handler is None:
                 raise ProtocolError(ErrorCode.UNKNOWN_TYPE,
                                     f"the master does not accept {msg.type.name} messages")
+            refusal = self.admit(identity, key, msg)
+            if refusal is not None:
+                self.log.warning("refused %s from key %s: %s", msg.type.name, key.decode(errors="replace"), refusal)
+                raise ProtocolError(ErrorCode.PERMISSION_DENIED, f"permission denied: {refusal}")
         except ProtocolError as exc:
             self._refuse(identity, from_node, rest, exc.code, exc.message)
             return
@@ -218,6 +285,15 @@ class Reactor:
             callback()
         except Exception:
             self.log.exception("%s failed", getattr(callback, "__name__", callback))
+
+
+def _sender_key(frame: zmq.Frame) -> bytes:
+    """The key the ZAP handler gave the sender's connection; b"" (no one's) for a message without one,
+    such as the unsubscriptions XPUB makes up itself when a subscriber leaves."""
+    try:
+        return frame.get("User-Id").encode()
+    except zmq.ZMQError:
+        return b""
 
 
 def _req_of(frames: list[bytes]) -> int | None:

@@ -84,13 +84,14 @@ class NodeRegistry:
         """A node known before a master restart: suspect until it registers, dead if it never does."""
         node.state, node.suspect, node.heard, node.registered = NodeState.UP, True, time.monotonic(), False
         self.state.nodes[node.node_id] = node
-        self.by_identity[node.node_id.encode()] = node
+        self.by_identity[node.route] = node
 
     def on_register(self, identity: bytes, msg: Message) -> None:
         """A node agent (re)joins: record its GPUs, reconcile its jobs, welcome it."""
         body = msg.body
         node_id = body["node_id"]
-        if identity != node_id.encode():
+        # With keys the routing id is "NODE_ID/SECRET" (see zmgpu.node.identity.routing_id).
+        if identity.partition(b"/")[0] != node_id.encode():
             self.log.warning("refused registration: routing id %r does not match node id %r", identity, node_id)
             return
         try:
@@ -109,9 +110,11 @@ class NodeRegistry:
             return
         if node is None:
             node = self.state.nodes[node_id] = NodeRecord(node_id, body["hostname"], body["address"], gpus)
-            self.by_identity[identity] = node
         else:
             node.hostname, node.address, node.gpus = body["hostname"], body["address"], gpus
+            self.by_identity.pop(node.route, None)
+        node.route = identity
+        self.by_identity[identity] = node
         node.telemetry = {}
         policy = body.get("gpu_policy")
         reserve = policy.get("gpu_mem_reserve_mb") if isinstance(policy, dict) else None
@@ -159,7 +162,7 @@ class NodeRegistry:
             current = job is not None and key in node.ranks and entry.get("attempt", 0) == job.attempt
             if entry.get("ended"):
                 if current:
-                    self.jobs.settle_rank(node.node_id.encode(), job, entry["rank"], entry)
+                    self.jobs.settle_rank(node.route, job, entry["rank"], entry)
             elif current:
                 still_running.add(key)
                 self._ask_for_missing_output(node, job, entry["rank"])
@@ -168,7 +171,7 @@ class NodeRegistry:
             else:
                 self.log.info("node %s still runs job %s, which the master ended; stopping it",
                               node.node_id, entry["job_id"])
-                self.reactor.send(node.node_id.encode(), MsgType.KILL,
+                self.reactor.send(node.route, MsgType.KILL,
                                   {"job_id": entry["job_id"], "attempt": entry.get("attempt", 0),
                                    "reason": "the master no longer runs this job here"})
         for job_id, rank in sorted(node.ranks - still_running):
@@ -186,7 +189,7 @@ class NodeRegistry:
         """A returning node resends each stream from what the master holds (chunks sent into a dead link)."""
         for stream in STREAMS:
             offset = self.jobs.spool.size((job.job_id, rank, stream))
-            self.reactor.send(node.node_id.encode(), MsgType.RESEND,
+            self.reactor.send(node.route, MsgType.RESEND,
                               {"job_id": job.job_id, "rank": rank, "stream": stream, "offset": offset})
 
     def on_heartbeat(self, identity: bytes, msg: Message) -> None:
@@ -232,7 +235,7 @@ class NodeRegistry:
         for node in self.state.nodes.values():
             if node.up:
                 # A failed send means its connection is gone: place nothing there until it speaks again.
-                node.reachable = self.reactor.send(node.node_id.encode(), MsgType.HEARTBEAT, {})
+                node.reachable = self.reactor.send(node.route, MsgType.HEARTBEAT, {})
 
     def check_expiry(self) -> None:
         """Mark silent nodes suspect, then dead; a dead node's job ranks are lost."""

@@ -3,7 +3,10 @@
 Handlers validate what the client asked, act through the job service or the
 node records, and answer ``{"ok": true, ...}`` or a typed error whose message
 the CLI prints as it is.  Who may do what is decided here: admins (the
-master's ``admins`` list) may raise priorities and drain or resume nodes.
+master's ``admins`` list) may raise priorities and drain or resume nodes; a
+job's owner or an admin may cancel it and read its output (access.py); a
+submit must keep within the master's limits (:class:`SubmitLimits`), so no
+client can fill the master's memory with one huge job or a flood of them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from .. import protocol
 from ..model import JOB_ID_PATTERN, format_duration, parse_array_spec, parse_node_gpu_ids
 from ..protocol import CHUNK_BYTES, ErrorCode, Message, MsgType, error_reply, ok_reply
 from . import allocator
+from .access import Access
 from .jobs import JobService
 from .output import STREAMS
 from .state import ClusterState, JobRecord, NodeRecord
@@ -46,17 +50,29 @@ class Outgoing:
     new_jobs: list[str] = field(default_factory=list)   # jobs this reply acknowledges
 
 
+@dataclass(frozen=True)
+class SubmitLimits:
+    """What one submit may ask for (the master's YAML)."""
+
+    max_command_bytes: int = 128 << 10
+    max_env_bytes: int = 1 << 20
+    max_pending_per_user: int = 10000
+    allow_root_jobs: bool = False
+    default_time_limit: int | None = None
+    max_time_limit: int | None = None
+
+
 class ClientRequests:
     """Handlers for everything a ``zmgpu`` client may ask."""
 
-    def __init__(self, state: ClusterState, jobs: JobService, registry: NodeRegistry, admins: list[str],
-                 default_time_limit: int | None, max_time_limit: int | None):
+    def __init__(self, state: ClusterState, jobs: JobService, registry: NodeRegistry, access: Access,
+                 limits: SubmitLimits, exposed: bool = False):
         self.state = state
         self.jobs = jobs
         self.registry = registry
-        self.admins = set(admins)
-        self.default_time_limit = default_time_limit
-        self.max_time_limit = max_time_limit
+        self.access = access
+        self.limits = limits
+        self.exposed = exposed   # listening beyond loopback without keys (--insecure): every NODES reply says so
         self.outbox: list[Outgoing] = []
         self._new_jobs: list[str] = []   # jobs created by the request being served
 
@@ -128,9 +144,15 @@ class ClientRequests:
         return node
 
     def _admin(self, user: str, what: str) -> None:
-        if user not in self.admins:
+        if not self.access.is_admin(user):
             raise RequestError(ErrorCode.PERMISSION_DENIED,
                                f"permission denied: only admins may {what} (see 'admins' in the master's YAML)")
+
+    def _readable(self, job: JobRecord, user: str) -> JobRecord:
+        """``job``, if ``user`` may read its output: its owner or an admin."""
+        if not self.access.may_read(user, job):
+            raise RequestError(ErrorCode.PERMISSION_DENIED, _not_yours(job.job_id, job.user, "read its output"))
+        return job
 
     # -- handlers --------------------------------------------------------------------------------
 
@@ -141,6 +163,11 @@ class ClientRequests:
     def on_submit(self, body: dict) -> tuple:
         """Validate a job (or an array of them), queue it, and answer with its id."""
         user, spec = body["user"], body["job"]
+        if user == "root" and not self.limits.allow_root_jobs:
+            raise RequestError(ErrorCode.PERMISSION_DENIED,
+                               "permission denied: jobs do not run as root on this cluster; submit as an "
+                               "ordinary user (or set allow_root_jobs: true in the master's YAML)")
+        self._check_sizes(spec)
         try:
             template = self._template(user, spec)
             array = spec.get("array")
@@ -157,6 +184,7 @@ class ClientRequests:
             problem = f"the job asks for {template.gpus} GPUs, but one user may hold at most {cap} at once"
         if problem:
             raise RequestError(ErrorCode.IMPOSSIBLE, problem)
+        self._check_pending(user, len(indices) if indices is not None else 1)
         base_id = self._new_id()
         if indices is None:
             self._new_jobs.append(base_id)
@@ -169,6 +197,27 @@ class ClientRequests:
             self.jobs.enqueue(self._record(template, task_id, array_job_id=base_id, array_task_id=index,
                                            array_limit=limit))
         return ({"job_id": base_id, "tasks": tasks},)
+
+    def _check_sizes(self, spec: dict) -> None:
+        """Refuse a command or an environment over the limits (as the kernel counts them for exec)."""
+        command, env = spec.get("command"), spec.get("env")
+        if isinstance(command, str) and len(command.encode()) > self.limits.max_command_bytes:
+            raise RequestError(ErrorCode.TOO_LARGE, f"the command is {len(command.encode())} bytes; this master "
+                                                    f"takes at most {self.limits.max_command_bytes} "
+                                                    f"(max_command_bytes)")
+        if isinstance(env, dict):
+            size = sum(len(str(k).encode()) + len(str(v).encode()) + 2 for k, v in env.items())
+            if size > self.limits.max_env_bytes:
+                raise RequestError(ErrorCode.TOO_LARGE, f"the environment is {size} bytes; this master takes "
+                                                        f"at most {self.limits.max_env_bytes} (max_env_bytes): "
+                                                        f"submit with a smaller environment")
+
+    def _check_pending(self, user: str, adding: int) -> None:
+        waiting, most = self.state.pending.count(user), self.limits.max_pending_per_user
+        if waiting + adding > most:
+            raise RequestError(ErrorCode.QUEUE_LIMIT,
+                               f"user {user} has {waiting} pending job(s) and may have at most {most} "
+                               f"(max_pending_per_user); wait for some to start, or cancel some")
 
     def _template(self, user: str, spec: dict) -> JobRecord:
         """A job record from a SUBMIT body, checked field by field; ValueError names what is wrong."""
@@ -216,13 +265,14 @@ class ClientRequests:
                          requeue=bool(spec.get("requeue")), after=deps, after_any=bool(spec.get("after_any")))
 
     def _time_limit(self, asked) -> int | None:
+        most = self.limits.max_time_limit
         if asked is None:
-            return self.default_time_limit
+            return self.limits.default_time_limit
         if not _whole(asked) or asked <= 0:
             raise ValueError("--time must be a positive number of seconds")
-        if self.max_time_limit is not None and asked > self.max_time_limit:
+        if most is not None and asked > most:
             raise RequestError(ErrorCode.IMPOSSIBLE, f"--time {format_duration(asked)} exceeds this cluster's "
-                                                     f"maximum of {format_duration(self.max_time_limit)}")
+                                                     f"maximum of {format_duration(most)}")
         return asked
 
     def _new_id(self) -> str:
@@ -257,16 +307,19 @@ class ClientRequests:
         return ({"jobs": jobs, "nodes": [n.to_dict() for n in self.state.nodes.values()]},)
 
     def on_job(self, body: dict) -> tuple:
-        """One job's dict."""
-        return ({"job": self.jobs.job_dict(self._job(body["job_id"]))},)
+        """One job's dict; with ``read_output`` (attach, logs), only for its owner or an admin."""
+        job = self._job(body["job_id"])
+        if body.get("read_output"):
+            self._readable(job, body["user"])
+        return ({"job": self.jobs.job_dict(job)},)
 
     def on_nodes(self, body: dict) -> tuple:
-        """Every registered node with its GPUs."""
-        return ({"nodes": [n.to_dict() for n in self.state.nodes.values()]},)
+        """Every registered node with its GPUs, and whether anyone on the network may use this master."""
+        return ({"nodes": [n.to_dict() for n in self.state.nodes.values()], "insecure": self.exposed},)
 
     def on_fetch(self, body: dict) -> tuple:
         """Output bytes the master holds, from an offset (the snapshot half of the Clone pattern)."""
-        job = self._job(body["job_id"])
+        job = self._readable(self._job(body["job_id"]), body["user"])
         if body["stream"] not in STREAMS or not 0 <= body["rank"] < max(len(job.ranks), 1):
             raise RequestError(ErrorCode.BAD_REQUEST, "no such rank or stream for this job")
         key = (job.job_id, body["rank"], body["stream"])
@@ -282,6 +335,9 @@ class ClientRequests:
 
     def _cancel_one(self, job_id: str, user: str) -> dict:
         tasks = self.state.arrays.get(job_id)
+        owner = self.access.owner(job_id)
+        if owner is not None and owner != user and not self.access.is_admin(user):
+            return {"job_id": job_id, "ok": False, "message": _not_yours(job_id, owner, "cancel it")}
         if tasks is not None:
             live = [self.state.jobs[t] for t in tasks if not self.state.jobs[t].state.finished]
             for job in live:
@@ -310,6 +366,10 @@ class ClientRequests:
         node = self._node(body["node_id"])
         self.registry.set_drain(node, None, body["user"])
         return ({"message": f"node {node.node_id} resumed"},)
+
+
+def _not_yours(job_id: str, owner: str, what: str) -> str:
+    return f"permission denied: job {job_id} belongs to {owner}; only its owner or an admin may {what}"
 
 
 def _whole(value) -> bool:

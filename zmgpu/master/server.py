@@ -1,5 +1,8 @@
 """The assembled master: store, reactor, job service, client requests and node registry, wired once.
 
+With keys (:class:`zmgpu.auth.ServerKeys`) the reactor checks every message and
+subscription against them through :class:`Access`; SIGHUP re-reads the lists.
+
 Start-up restores what the store holds: pending jobs queue again, running jobs
 keep their GPUs, and the nodes they ran on are suspect until their agents
 register again (and report the jobs they still hold) or are declared dead.
@@ -10,13 +13,15 @@ from __future__ import annotations
 
 import logging
 
-from ..config import MasterConfig
+from ..auth import Role, ServerKeys
+from ..config import ConfigError, MasterConfig
 from ..model import JobState
+from .access import Access
 from .jobs import JobService
 from .output import OutputSpool
 from .reactor import Reactor
 from .registry import NodeRegistry
-from .requests import ClientRequests
+from .requests import ClientRequests, SubmitLimits
 from .state import ClusterState
 from .store import Store, StoreError
 
@@ -24,17 +29,26 @@ from .store import Store, StoreError
 class Master:
     """Every part of the master, ready to run."""
 
-    def __init__(self, config: MasterConfig, time_limits: tuple[int | None, int | None], log: logging.Logger):
+    def __init__(self, config: MasterConfig, time_limits: tuple[int | None, int | None], log: logging.Logger,
+                 keys: ServerKeys | None = None, exposed: bool = False):
         self.log = log
+        self.keys = keys
         self.store = Store(config.state_dir)                      # StoreError: caller reports it
-        self.reactor = Reactor(config.host, config.port, config.pub_port, log)   # BindError likewise
+        self.reactor = Reactor(config.host, config.port, config.pub_port, log,    # BindError likewise
+                               config.max_message_bytes, keys)
         self.state = ClusterState()
         self.jobs = JobService(self.state, self.reactor, OutputSpool(config.state_dir), self.store,
                                config.kill_grace, config.max_requeue, config.user_gpu_limit,
-                               config.finished_retention, log)
+                               config.finished_retention, log, config.allow_root_jobs)
         self.registry = NodeRegistry(self.state, self.reactor, self.jobs, config.heartbeat_interval,
                                      config.node_timeout, config.node_dead_timeout, log)
-        self.requests = ClientRequests(self.state, self.jobs, self.registry, config.admins, *time_limits)
+        access = Access(self.state, config.admins, keys,
+                        lambda route: node.node_id if (node := self.registry.by_identity.get(route)) else None)
+        limits = SubmitLimits(config.max_command_bytes, config.max_env_bytes, config.max_pending_per_user,
+                              config.allow_root_jobs, *time_limits)
+        self.requests = ClientRequests(self.state, self.jobs, self.registry, access, limits, exposed)
+        if keys is not None:
+            self.reactor.admit, self.reactor.may_subscribe = access.admit, access.may_subscribe
         self.reactor.handlers = {**self.requests.handlers(), **self.jobs.handlers(), **self.registry.handlers()}
         self.reactor.peer_seen = self.registry.seen
         self.reactor.after_turn = self._end_of_turn
@@ -92,6 +106,19 @@ class Master:
             return   # dispatches wait until their jobs are stored as running
         self.store_failing = False
         self.jobs.send_dispatches()
+
+    def reload_keys(self) -> None:
+        """SIGHUP: read the lists of node and user keys again; a bad list leaves the old keys in force."""
+        if self.keys is None:
+            self.log.info("SIGHUP: this master has no keys to reload")
+            return
+        try:
+            self.keys.reload()
+        except ConfigError as exc:
+            self.log.error("SIGHUP: %s; the keys read before stay in force", exc)
+            return
+        self.log.info("SIGHUP: %d node key(s) and %d user key(s) in force", self.keys.ring.count(Role.NODE),
+                      self.keys.ring.count(Role.USER))
 
     def run(self) -> None:
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections import Counter
 from typing import Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ class NodeRecord:
     reachable: bool = True          # False after a send to it failed, until it is heard from again
     drain_reason: str | None = None  # set by an admin: no new jobs here
     instance: str | None = None     # the registered agent process, to tell a duplicate from a restart
+    route: bytes = b""              # its ROUTER routing id: the node id, or with keys a secret per connection
     heard: float = 0.0              # monotonic time of the last sign of life
     suspect: bool = False           # silent past the node timeout: no new placements, jobs go on
     registered: bool = True         # False for a node restored from the store until its agent registers
@@ -36,6 +38,10 @@ class NodeRecord:
     ranks: set[tuple[str, int]] = field(default_factory=set)  # live (job id, rank) here
     telemetry: dict[int, dict] = field(default_factory=dict)  # GPU index -> its state as the node reports it
     reserve_mb: int = 0             # the node keeps this much free on a GPU shared by --gpu-mem jobs
+
+    def __post_init__(self):
+        if not self.route:
+            self.route = self.node_id.encode()   # until its agent registers (and says otherwise)
 
     @property
     def up(self) -> bool:
@@ -213,20 +219,29 @@ class JobRecord:
 
 
 class PendingQueue:
-    """Pending job ids kept sorted by :attr:`JobRecord.queue_key`, so a pass never sorts."""
+    """Pending job ids kept sorted by :attr:`JobRecord.queue_key`, so a pass never sorts; counted per user."""
 
     def __init__(self):
         self._keys: list[tuple[int, int, str]] = []
-        self._by_id: dict[str, tuple[int, int, str]] = {}
+        self._by_id: dict[str, tuple[tuple[int, int, str], str]] = {}   # job id -> (queue key, user)
+        self._per_user: Counter[str] = Counter()
 
     def add(self, job: JobRecord) -> None:
         key = job.queue_key
         bisect.insort(self._keys, key)
-        self._by_id[job.job_id] = key
+        self._by_id[job.job_id] = (key, job.user)
+        self._per_user[job.user] += 1
 
     def remove(self, job_id: str) -> None:
-        key = self._by_id.pop(job_id)
+        key, user = self._by_id.pop(job_id)
         del self._keys[bisect.bisect_left(self._keys, key)]
+        self._per_user[user] -= 1
+        if not self._per_user[user]:
+            del self._per_user[user]
+
+    def count(self, user: str) -> int:
+        """How many jobs of ``user`` wait."""
+        return self._per_user[user]
 
     def __contains__(self, job_id: str) -> bool:
         return job_id in self._by_id
@@ -250,6 +265,11 @@ class ClusterState:
     arrays: dict[str, list[str]] = field(default_factory=dict)  # array id -> its task ids
     dependents: dict[str, set[str]] = field(default_factory=dict)  # job id -> pending jobs --after it
     next_seq: int = 0
+
+    def route(self, node_id: str) -> bytes:
+        """The routing id that reaches a node's agent."""
+        node = self.nodes.get(node_id)
+        return node.route if node is not None else node_id.encode()
 
     def expand(self, job_id: str) -> list[str]:
         """An array id stands for all its tasks; any other id for itself."""

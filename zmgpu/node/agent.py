@@ -45,13 +45,15 @@ from ..config import NodeConfig
 from ..daemon import SignalPipe
 from ..model import format_duration
 from ..protocol import MsgType, Stream
-from .identity import new_instance, read_instance, route_address, write_instance
+from ..auth import CurveClient
+from .identity import new_instance, read_instance, route_address, routing_id, write_instance
 from .keeper_link import Exited, KeeperLink, KeeperLost, Spawned
 from .pump import pump
 from .runner import RankKey, RankProcess, declared_memory, free_port, is_count, spool_keys, valid_job_id
 from .spools import adopt_leftovers, prune_spools, recent_ends
 from .sweep import JobProcesses
 from .telemetry import Telemetry
+from .users import UserPolicy
 
 #: Poll timeout while ranks run or have output to send: right after output moved, and at most when idle.
 TICK_MIN_MS = 10
@@ -90,7 +92,8 @@ class PendingKill:
 class Agent:
     """The node agent: talks to the master and runs the job ranks it dispatches here."""
 
-    def __init__(self, config: NodeConfig, node_id: str, telemetry: Telemetry, log: logging.Logger):
+    def __init__(self, config: NodeConfig, node_id: str, telemetry: Telemetry, log: logging.Logger,
+                 curve: CurveClient | None = None):
         self.config = config
         self.node_id = node_id
         self.telemetry = telemetry
@@ -98,6 +101,8 @@ class Agent:
         self.next_dirty_check = 0.0
         self.next_prune = 0.0
         self.log = log
+        self.curve = curve          # this node's keys and the master's, when the master has keys
+        self.users = UserPolicy.here(node_id, config.single_user)
         host = config.master_host
         self.ipv6 = ":" in host
         self.endpoint = f"tcp://[{host}]:{config.master_port}" if self.ipv6 else f"tcp://{host}:{config.master_port}"
@@ -259,7 +264,7 @@ class Agent:
         spawn = functools.partial(
             RankProcess.spawn, state_dir=self.config.state_dir, node_id=self.node_id, key=key,
             command=body["command"], cwd=body["cwd"], env=body["env"], gpu_indices=indices,
-            kill_grace=body["kill_grace"])
+            kill_grace=body["kill_grace"], run_as=self.users.run_as(body.get("user"), body.get("allow_root") is True))
         for _ in range(2):      # the keeper reached again after a broken link gets one more try
             if self.keeper is None:
                 break
@@ -311,10 +316,13 @@ class Agent:
     def _connect(self, now: float) -> None:
         """A fresh DEALER socket to the master, and a REGISTER on it."""
         sock = self.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, self.node_id.encode())
+        sock.setsockopt(zmq.IDENTITY, routing_id(self.node_id, self.curve is not None))
         sock.setsockopt(zmq.LINGER, LINGER_MS)
         sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         sock.setsockopt(zmq.IPV6, int(self.ipv6))
+        sock.setsockopt(zmq.MAXMSGSIZE, protocol.PEER_MAX_MESSAGE)
+        if self.curve is not None:
+            self.curve.apply(sock)
         try:
             sock.connect(self.endpoint)
         except zmq.ZMQError as exc:

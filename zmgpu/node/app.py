@@ -8,13 +8,14 @@ import re
 import socket
 import sys
 
-from ..config import NodeConfig
+from ..auth import CurveClient
+from ..config import ConfigError, NodeConfig
+from ..model import NODE_ID_PATTERN
 from ..daemon import StateDirBusy, describe_state_dir_error, load_or_exit, lock_state_dir, setup_logging
 
 PROG = "zmgpu-node"
 
-# Node ids appear in --node-gpu-ids specs ("node001:0,1;node002:0") and in spool paths.
-_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_NODE_ID = re.compile(NODE_ID_PATTERN)
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -55,6 +56,17 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--master-timeout", metavar="S", type=float, default=None,
                         help="seconds without any word from the master before reconnecting, with a "
                              "backoff of 1 s doubling to 32 s between tries (default: 5)")
+    parser.add_argument("--secret-key-file", metavar="FILE", default=None,
+                        help="this node's CURVE secret key (zmgpu keygen NODE_ID), for a master with keys; its "
+                             "public key must be listed under this node id in the master's authorized_nodes "
+                             "(default: none, for a master without keys)")
+    parser.add_argument("--master-public-key-file", metavar="FILE", default=None,
+                        help="the master's public key (its master.key), needed with --secret-key-file "
+                             "(default: none)")
+    parser.add_argument("--single-user", action="store_true", default=None,
+                        help="run every job as this agent's own user, whoever submitted it, as on a personal "
+                             "machine (default: an agent running as root runs each job as its submitter; "
+                             "one running as an ordinary user refuses other users' jobs)")
     parser.add_argument("--verbose", action="store_true", default=None,
                         help="log debug details too (default: off)")
     return parser
@@ -79,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     if config.node_id is None:
         config.node_id = socket.gethostname()
     problem = _problem(config)
+    try:
+        curve = None if problem else CurveClient.load(config.secret_key_file, config.master_public_key_file)
+    except ConfigError as exc:
+        problem = str(exc)
     if problem:
         print(f"{PROG}: {problem}", file=sys.stderr)
         return 2
@@ -111,7 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     if not gpus:
         log.info("no GPUs offered: only CPU jobs (--gpus 0) will run on this node")
     try:
-        return Agent(config, config.node_id, telemetry, log).run()
+        agent = Agent(config, config.node_id, telemetry, log, curve)
+        log.info("%s; %s", agent.users.describe(),
+                 "CURVE keys: talking to the master encrypted" if curve else "no keys: the master must have none")
+        if curve is None and agent.users.uid == 0 and not config.single_user:
+            log.warning("running as root without keys: a master without keys trusts the user name a client gives, "
+                        "so whoever reaches it can run jobs here as any user (see README, 'Secure setup')")
+        return agent.run()
     finally:
         source.close()
         lock.close()

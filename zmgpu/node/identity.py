@@ -1,4 +1,5 @@
-"""Who this node agent is: its claim on its node id (an instance id the master checks), and its address.
+"""Who this node agent is: its claim on its node id (an instance id the master checks), its address, and
+how it addresses the master.
 
 (Its claim on the state directory is the lock of zmgpu.daemon.lock_state_dir:
 two agents sharing one would adopt the same ranks and report them twice.)
@@ -12,13 +13,19 @@ predecessor, which an agent restarted on the same state directory can do and
 an impostor cannot.  The file keeps the last *accepted* instance rather than the
 last started one, so that an agent that died before registering does not lock
 its successor out.
+
+With keys, the agent's ROUTER routing id also carries a secret drawn for each
+connection (:func:`routing_id`): the master then lets no connection take over
+another's routing id, and no other key's holder can guess this one to wait
+under it, so what the master sends to a node reaches only that node.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import re
+import secrets
+import socket
 import uuid
 
 from ..daemon import atomic_write
@@ -45,6 +52,11 @@ def read_instance(state_dir: str) -> str | None:
 def write_instance(state_dir: str, instance: str) -> None:
     """Record an accepted instance atomically; raises OSError."""
     atomic_write(os.path.join(state_dir, INSTANCE_FILE), instance + "\n")
+
+
+def routing_id(node_id: str, with_keys: bool) -> bytes:
+    """The routing id of one connection to the master: the node id, with keys followed by "/SECRET"."""
+    return f"{node_id}/{secrets.token_hex(8)}".encode() if with_keys else node_id.encode()
 
 
 def route_address(host: str, port: int) -> str:

@@ -8,7 +8,7 @@ none answering, in a session of its own so that it outlives that agent.
 
 The keeper only spawns, reaps and records.  For a SPAWN it starts the rank as
 the runner would (``/bin/sh -c``, a new session, output to files in the spool
-directory the agent made) and answers with its pid; when a rank ends it writes
+directory the agent made, as the account the agent names) and answers with its pid; when a rank ends it writes
 the exit status there (``status``, atomically) and tells the connected agents.
 Signals, kills and output stay with the agent, which signals process groups
 itself.  A restarted agent connects to the keeper still there (HELLO is
@@ -38,6 +38,7 @@ from ..daemon import SignalPipe, StateDirBusy, lock_state_dir, setup_logging
 from ..protocol import Stream
 from .keeper_link import Op, encode, on_short_path, socket_path, take_messages, write_status
 from .sweep import JobProcesses, proc_stat
+from .users import Account, popen_options, start_error
 
 LOCK_FILE = "keeper.lock"
 #: Seconds without ranks or agents before the keeper exits.
@@ -201,17 +202,20 @@ class Keeper:
             self._spawned(peer, name, error=f"{name!r} cannot name a spool directory")
             return
         outputs = {}
+        account = None
         try:
+            account = Account.from_wire(msg.get("run_as"))
             for stream in Stream:
                 # Emptied: a re-dispatched rank starts over (the agent reads the same files).
                 path = os.path.join(self.jobs_dir, name, stream.value)
                 outputs[stream] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            popen = subprocess.Popen(["/bin/sh", "-c", msg["command"]], cwd=msg["cwd"], env=msg["env"],
-                                     stdin=self.devnull, stdout=outputs[Stream.STDOUT],
-                                     stderr=outputs[Stream.STDERR], start_new_session=True, close_fds=True)
-        except (OSError, ValueError, TypeError) as exc:
+            # This loop is the keeper's only thread, so the chdir that popen_options runs before exec is safe.
+            popen = subprocess.Popen(["/bin/sh", "-c", msg["command"]], env=msg["env"], stdin=self.devnull,
+                                     stdout=outputs[Stream.STDOUT], stderr=outputs[Stream.STDERR],
+                                     start_new_session=True, close_fds=True, **popen_options(account, msg["cwd"]))
+        except (OSError, ValueError, TypeError, subprocess.SubprocessError) as exc:
             # ValueError, TypeError: an environment the kernel cannot take (NUL, '=', not text).
-            self._spawned(peer, name, error=exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))
+            self._spawned(peer, name, error=start_error(exc, account, msg["cwd"]))
             return
         finally:
             for fd in outputs.values():

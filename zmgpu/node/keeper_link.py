@@ -4,7 +4,8 @@ One JSON object per line, both ways, on ``<state_dir>/keeper.sock`` (a Unix
 stream socket).  A line that is not a valid message is logged and dropped::
 
     agent -> keeper   {"op": "hello"}
-                      {"op": "spawn", "spool": NAME, "command", "cwd", "env": {str: str}, "deadline"}
+                      {"op": "spawn", "spool": NAME, "command", "cwd", "env": {str: str}, "deadline",
+                       "run_as": null or {"name", "uid", "gid", "groups"}}
     keeper -> agent   {"op": "ranks", "pid": int, "ranks": {NAME: pid}}       (the answer to hello)
                       {"op": "spawned", "spool": NAME, "pid", "start_time", "error": null or a reason}
                       {"op": "exited", "spool": NAME, "pid", "exit_code", "signal"}
@@ -194,15 +195,17 @@ class KeeperLink:
         """Tell the keeper how long its ranks may run with no agent before the master has given up on them."""
         self._send(encode(Op.LEASE, seconds=seconds), time.monotonic() + REPLY_TIMEOUT)
 
-    def spawn(self, spool: str, command: str, cwd: str, env: dict[str, str]) -> None:
-        """Ask for a rank whose spool directory is named ``spool``; the answer comes from events() as Spawned.
+    def spawn(self, spool: str, command: str, cwd: str, env: dict[str, str], run_as: dict | None = None) -> None:
+        """Ask for a rank whose spool directory is named ``spool`` (as the account ``run_as``, if given);
+        the answer comes from events() as Spawned.
 
         Not waiting for it spares the agent a round trip per rank.  KeeperLost when
         the link broke (the rank may then have started: its processes are the
         caller's to stop).
         """
         deadline = time.monotonic() + REPLY_TIMEOUT
-        self._send(encode(Op.SPAWN, spool=spool, command=command, cwd=cwd, env=env, deadline=deadline), deadline)
+        self._send(encode(Op.SPAWN, spool=spool, command=command, cwd=cwd, env=env, deadline=deadline,
+                          run_as=run_as), deadline)
         self.unanswered[spool] = deadline
 
     def events(self) -> list[Spawned | Exited]:

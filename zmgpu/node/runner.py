@@ -39,6 +39,7 @@ from ..model import JOB_ID_PATTERN
 from ..protocol import CHUNK_BYTES, Stream
 from .keeper_link import STATUS_FILE, KeeperLink, write_status
 from .sweep import ATTEMPT_VAR, JOB_ID_VAR, proc_stat
+from .users import Account, Refusal, RunAs, missing_directory, popen_options, start_error
 
 _JOB_ID = re.compile(JOB_ID_PATTERN)
 _SPOOL_NAME = re.compile(rf"({JOB_ID_PATTERN})\.([0-9]+)\.([0-9]+)")
@@ -214,8 +215,10 @@ class RankProcess:
 
     @classmethod
     def spawn(cls, *, state_dir: str, node_id: str, key: RankKey, command: str, cwd: str, env: dict,
-              gpu_indices: list[int], kill_grace: float, keeper: KeeperLink | None) -> "RankProcess":
-        """Start one rank, through the keeper if there is one; a rank that cannot start comes back ended.
+              gpu_indices: list[int], kill_grace: float, keeper: KeeperLink | None,
+              run_as: RunAs = None) -> "RankProcess":
+        """Start one rank (as ``run_as``: see users.py), through the keeper if there is one; a rank that
+        cannot start comes back ended.
 
         A rank asked of the keeper comes back :attr:`pending` until its answer is
         passed to :meth:`started`.  Raises keeper_link.KeeperLost when the link to the keeper
@@ -228,19 +231,22 @@ class RankProcess:
             rank_proc._fail(f"cannot create the output spool {rank_proc.spool} on node {node_id}: "
                             f"{exc.strerror or exc}")
             return rank_proc
-        if not os.path.isdir(cwd):
+        if isinstance(run_as, Refusal):
+            rank_proc._fail(run_as.reason)
+            return rank_proc
+        if missing_directory(cwd):
             rank_proc._fail(f"working directory {cwd} does not exist on node {node_id}")
             return rank_proc
         env = {**{str(k): str(v) for k, v in env.items()}, **_job_marks(key, gpu_indices, node_id)}
         if keeper is not None:
-            keeper.spawn(key.name, command, cwd, env)
+            keeper.spawn(key.name, command, cwd, env, run_as.wire() if run_as else None)
             rank_proc.kept = True
             return rank_proc
         try:
-            pid = rank_proc._spawn_child(command, cwd, env)
-        except (OSError, ValueError) as exc:
+            pid = rank_proc._spawn_child(command, cwd, env, run_as)
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
             # ValueError: an environment name or value the kernel cannot take (NUL, '=').
-            rank_proc._fail_start(exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))
+            rank_proc._fail_start(start_error(exc, run_as, cwd))
             return rank_proc
         rank_proc._begin(pid, None)
         return rank_proc
@@ -255,12 +261,15 @@ class RankProcess:
         if self.killed:
             self._terminate()   # a KILL came while the keeper was starting it
 
-    def _spawn_child(self, command: str, cwd: str, env: dict[str, str]) -> int:
+    def _spawn_child(self, command: str, cwd: str, env: dict[str, str], run_as: Account | None) -> int:
         """Start the rank as this agent's own child, as the keeper would; its pid."""
         with open(os.path.join(self.spool, Stream.STDOUT.value), "wb") as stdout, \
                 open(os.path.join(self.spool, Stream.STDERR.value), "wb") as stderr:
-            self.proc = subprocess.Popen(["/bin/sh", "-c", command], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                         stdout=stdout, stderr=stderr, start_new_session=True, close_fds=True)
+            # Another user's rank enters its directory in a preexec chdir: only a plain system call between
+            # fork and exec, which the agent's other (ZeroMQ) threads cannot upset.
+            self.proc = subprocess.Popen(["/bin/sh", "-c", command], env=env, stdin=subprocess.DEVNULL,
+                                         stdout=stdout, stderr=stderr, start_new_session=True, close_fds=True,
+                                         **popen_options(run_as, cwd))
         return self.proc.pid
 
     @classmethod
