@@ -48,8 +48,8 @@ from ..protocol import MsgType, Stream
 from ..auth import CurveClient
 from .identity import new_instance, read_instance, route_address, routing_id, write_instance
 from .keeper_link import Exited, KeeperLink, KeeperLost, Spawned
-from .pump import pump
-from .runner import RankKey, RankProcess, declared_memory, free_port, is_count, spool_keys, valid_job_id
+from .pump import pump, rewind
+from .runner import RankKey, RankProcess, declared_memory, free_port, is_count, valid_job_id
 from .spools import adopt_leftovers, prune_spools, recent_ends
 from .sweep import JobProcesses
 from .telemetry import Telemetry
@@ -578,29 +578,8 @@ class Agent:
 
     def _on_resend(self, body: dict) -> None:
         """The master's copy of a stream has a gap: send again from that offset (of the newest attempt here)."""
-        job_id, rank, offset = body["job_id"], body["rank"], body["offset"]
-        stream = Stream(body["stream"])
-        if not RankKey(job_id, rank, 0).valid():
+        if not RankKey(body["job_id"], body["rank"], 0).valid():
             self.log.warning("dropped a RESEND with a bad job id or rank: %r", body)
             return
-        attempt = self._current_attempt(job_id, rank)
-        if attempt is None:
-            self.log.warning("cannot resend %s of job %s rank %d: nothing spooled here", stream.value, job_id, rank)
-            return
-        key = RankKey(job_id, rank, attempt)
-        rank_proc = self.ranks.get(key)
-        if rank_proc is None:
-            # Already reported and forgotten: the spool still has the bytes and the exit status.
-            rank_proc = RankProcess.revive(self.config.state_dir, key)
-            if rank_proc is None:
-                self.log.warning("cannot resend %s of %s: its spool is unreadable", stream.value, key)
-                return
-            self.ranks[key] = rank_proc
-        if rank_proc.rewind(stream, offset):
-            self.log.debug("resending %s of %s from byte %d", stream.value, key, offset)
-
-    def _current_attempt(self, job_id: str, rank: int) -> int | None:
-        """The highest attempt of a job's rank that this node holds or has spooled; None if none."""
-        attempts = [key.attempt for key in (*self.ranks, *spool_keys(self.config.state_dir))
-                    if (key.job_id, key.rank) == (job_id, rank)]
-        return max(attempts, default=None)
+        rewind(self.ranks, self.config.state_dir, body["job_id"], body["rank"], Stream(body["stream"]),
+               body["offset"], self.log)

@@ -3,15 +3,17 @@
 The spool files are the buffer: a send that would block stops the pump until
 the agent's next turn, the per-stream offsets say what went out, and nothing is
 lost while the master is slow or away.  A budget per turn keeps heartbeats and
-the master's messages flowing while a job floods its output.
+the master's messages flowing while a job floods its output.  A RESEND from
+the master (its copy has a gap) only moves a stream's offset back.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 from ..protocol import MsgType, Stream
-from .runner import RankKey, RankProcess
+from .runner import RankKey, RankProcess, spool_keys
 
 #: Output bytes sent per loop turn.
 PUMP_BUDGET = 4 * 1024 * 1024
@@ -57,3 +59,26 @@ def pump(ranks: dict[RankKey, RankProcess], send: Send) -> tuple[bool, list[Rank
             del ranks[key]
             reported.append(key)
     return sent, reported
+
+
+def rewind(ranks: dict[RankKey, RankProcess], state_dir: str, job_id: str, rank: int, stream: Stream,
+           offset: int, log: logging.Logger) -> None:
+    """Send ``stream`` of a job's rank again from ``offset``, from the newest attempt spooled here.
+
+    A rank already reported and forgotten is revived from its spool (the bytes and the exit status are
+    still there), and its end is reported again after the output.
+    """
+    attempts = [key.attempt for key in (*ranks, *spool_keys(state_dir)) if (key.job_id, key.rank) == (job_id, rank)]
+    if not attempts:
+        log.warning("cannot resend %s of job %s rank %d: nothing spooled here", stream.value, job_id, rank)
+        return
+    key = RankKey(job_id, rank, max(attempts))
+    rank_proc = ranks.get(key)
+    if rank_proc is None:
+        rank_proc = RankProcess.revive(state_dir, key)
+        if rank_proc is None:
+            log.warning("cannot resend %s of %s: its spool is unreadable", stream.value, key)
+            return
+        ranks[key] = rank_proc
+    if rank_proc.rewind(stream, offset):
+        log.debug("resending %s of %s from byte %d", stream.value, key, offset)
