@@ -344,9 +344,14 @@ class Cluster:
     def _start_master(self) -> None:
         port_file = os.path.join(self.dir, "master.port")
         profiler = ["-m", "cProfile", "-o", self._profile_path] if self._profile_path else []
+        config = os.path.join(self.dir, "master.yaml")
+        with open(config, "w") as fh:
+            # The scale benchmark queues 100,000 jobs of one user, ten times a user's default limit.
+            fh.write("max_pending_per_user: 1000000\n")
         self.master = self._spawn("master", [
             sys.executable, *profiler, "-m", "zmgpu.master", "--port", "0", "--pub-port", "0",
             "--port-file", port_file, "--state-dir", os.path.join(self.dir, "master"), "--kill-grace", "1",
+            "--config", config,
             # Benchmarks may run as root (CI, containers); their jobs run as the agents' own user.
             "--allow-root-jobs"])
         deadline = time.monotonic() + START_TIMEOUT

@@ -146,7 +146,7 @@ class Cluster:
     nodes: dict[str, Daemon] = field(default_factory=dict)
     port: int = 0
     pub_port: int = 0
-    curve: object = None        # a zmgpu.auth.CurveClient for a master with keys: direct requests use it
+    curve: object = None        # a zmgpu.keys.CurveClient for a master with keys: direct requests use it
     user: str = "tester"        # the name direct requests carry (with keys: the name listed for curve's key)
     _stopped: list[Daemon] = field(default_factory=list)
     _req: int = 0

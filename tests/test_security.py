@@ -25,7 +25,7 @@ import zmq
 
 from conftest import Cluster, as_user, one_line_error, poll
 from helpers import hold_sh, release
-from zmgpu.auth import CurveClient, KeyPair, load_key_pair, load_public_key, write_key_pair
+from zmgpu.keys import CurveClient, KeyPair, load_key_pair, load_public_key, write_key_pair
 from zmgpu.node.users import Account, Refusal, UserPolicy
 from zmgpu.protocol import MAGIC, MsgType, decode, encode, job_prefix
 

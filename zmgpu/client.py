@@ -73,13 +73,13 @@ class Client:
 
     Use it as a context manager (or call :meth:`close`) to release its sockets.
     A Client is not thread-safe: use one per thread.  A key file that cannot be used raises
-    :class:`zmgpu.auth.KeyFileError` here (a :class:`zmgpu.config.ConfigError`).
+    :class:`zmgpu.keys.KeyFileError` here (a :class:`zmgpu.config.ConfigError`).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, pub_port: Optional[int] = None,
                  timeout: float = 30.0, user: Optional[str] = None, *, secret_key_file: Optional[str] = None,
                  master_public_key_file: Optional[str] = None, default_keys: bool = True):
-        from .auth import CurveClient
+        from .keys import CurveClient
 
         self.host = host
         self.port = port

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..auth import CONFIG_DIR, PUBLIC_SUFFIX, SECRET_SUFFIX, load_public_key, write_key_pair
+from ..keys import CONFIG_DIR, PUBLIC_SUFFIX, SECRET_SUFFIX, load_public_key, write_key_pair
 
 HELP = "write a CURVE key pair for a master, a node or a user"
 DESCRIPTION = (

@@ -45,7 +45,7 @@ from ..config import NodeConfig
 from ..daemon import SignalPipe
 from ..model import format_duration
 from ..protocol import MsgType, Stream
-from ..auth import CurveClient
+from ..keys import CurveClient
 from .identity import new_instance, read_instance, route_address, routing_id, write_instance
 from .keeper_link import Exited, KeeperLink, KeeperLost, Spawned
 from .pump import pump, rewind

@@ -8,7 +8,7 @@ import re
 import socket
 import sys
 
-from ..auth import CurveClient
+from ..keys import CurveClient
 from ..config import ConfigError, NodeConfig
 from ..model import NODE_ID_PATTERN
 from ..daemon import StateDirBusy, describe_state_dir_error, load_or_exit, lock_state_dir, setup_logging
