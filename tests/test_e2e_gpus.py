@@ -235,3 +235,19 @@ def test_master_drops_telemetry_of_the_wrong_shape_and_keeps_scheduling(sim_clus
                                       ["COMPLETED"])
     finally:
         sock.close()
+
+
+def test_refused_gpu_mem_start_is_not_tried_again_on_a_stale_view(bare_cluster, tmp_path, colleague):
+    """Foreign use that grew less than the report's dead band: the node refuses the start once, tells the
+    master the whole state of the GPU, and the job waits instead of being placed there again and again."""
+    sim = SimGpus(tmp_path / "gpus.yaml")
+    bare_cluster.start_master()
+    bare_cluster.start_node("n1", str(sim.path))
+    bare_cluster.wait_nodes_up(1)
+    sim.set(0, foreign_pids=[colleague], used_mb=40)     # 40 MiB: under the 64 MiB dead band
+    wait_gpu(bare_cluster, lambda g: g.get("busy"), "the foreign process reported")
+    # 16384 - 512 reserve = 15872 MiB of room as the master knows it; 15832 as the node sees it.
+    job_id = bare_cluster.submit("true", "--gpus", "1", "--gpu-mem", "15850M")
+    job = wait_reason(bare_cluster, job_id, "Resources")
+    assert job["attempt"] <= 1, job
+    assert gpu(bare_cluster)["foreign_mb"] == 40

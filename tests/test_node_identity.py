@@ -21,7 +21,7 @@ DEAD_TIMEOUT = 60
 def agent_argv(cluster, node_id: str, state_dir) -> list[str]:
     return [sys.executable, "-m", "zmgpu.node", "--node-id", node_id, "--master-port", str(cluster.port),
             "--state-dir", str(state_dir), "--simulate-gpus", "2", "--heartbeat-interval", str(HEARTBEAT),
-            "--master-timeout", str(NODE_TIMEOUT)]
+            "--master-timeout", str(NODE_TIMEOUT), "--single-user"]
 
 
 def test_second_agent_with_a_node_id_in_use_is_refused(bare_cluster, workdir, run_program, tmp_path):

@@ -422,3 +422,14 @@ def test_a_root_agent_runs_each_job_as_its_submitter(bare_cluster, test_user, tm
         assert "jobs do not run as root" in line
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_root_agent_without_keys_refuses_to_start(bare_cluster, run_program):
+    """Without keys the master takes any claimed name, so a root agent would run jobs as anyone."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    proc = run_program([sys.executable, "-m", "zmgpu.node", "--node-id", "n1", "--simulate-gpus", "1",
+                        "--state-dir", str(bare_cluster.root / "node")])
+    assert proc.returncode == 2
+    assert "without keys the master takes any name" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

@@ -105,8 +105,10 @@ def test_release_check_marks_dirty_until_the_process_is_gone(gpus_file, processe
     pid = processes("0badcafe")
     t = telemetry(gpus_file({"processes": [{"pid": pid, "used_mb": 500}]}))
     t.snapshot()
-    assert t.release_check("0badcafe", 0, [0]) == [0]
+    assert t.release_check("0badcafe", [0]) == [0]
     assert t.current[0]["dirty"] == "0badcafe" and t.dirty == {0: "0badcafe"}
+    assert t.dirty_for("0badcafe", [0, 1]) == [0]
+    t.delivered({"0": {"dirty": "0badcafe"}})     # as the agent does once the rank's JOB_ENDED went out
     # The leftover was killed again; the file (NVML) still lists it, so the GPU stays dirty.
     assert t.recheck_dirty() == []
     gpus_file({})
@@ -118,7 +120,7 @@ def test_release_check_marks_dirty_until_the_process_is_gone(gpus_file, processe
 def test_release_check_ignores_other_jobs_and_foreign_processes(gpus_file, processes):
     t = telemetry(gpus_file({"processes": [{"pid": processes("11111111"), "used_mb": 500}],
                              "foreign_pids": [processes()]}))
-    assert t.release_check("0badcafe", 0, [0]) == []
+    assert t.release_check("0badcafe", [0]) == []
 
 
 @pytest.mark.parametrize("text, problem", [

@@ -247,7 +247,7 @@ class Follower:
     def _absorb(self, job: dict) -> None:
         """Take a job dict as the latest word: its ranks, their sizes, and whether it has ended."""
         first, was_finished = self.job is None, _finished(self.job)
-        if not first and job.get("requeue_count") != self.job.get("requeue_count"):
+        if not first and job.get("attempt") != self.job.get("attempt"):
             # A requeued job starts its output over: follow the new attempt from its first byte.
             for track in self.tracks.values():
                 track.have = track.known = 0

@@ -125,7 +125,7 @@ def _walk_through(args: argparse.Namespace, workdir: str, daemons: list) -> None
     _start(daemons, "zmgpu-node", workdir, [
         "zmgpu.node", "--node-id", NODE_ID, "--master-host", "127.0.0.1",
         "--master-port", str(ports["port"]), "--state-dir", os.path.join(workdir, "node"),
-        "--heartbeat-interval", HEARTBEAT_INTERVAL]
+        "--heartbeat-interval", HEARTBEAT_INTERVAL, "--single-user"]   # the demo's jobs run as its own user
         + ([] if simulate is None else ["--simulate-gpus", str(simulate)]))
 
     # The demo's master has no keys: the user's own (for a real cluster) would only keep it from answering.

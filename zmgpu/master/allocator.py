@@ -278,6 +278,8 @@ def _backfill(req: Request, free: GpuMap, load: dict[str, int], reservation: Res
         return place(req, free, load, room)
     # It would outlast the reservation: only GPUs the reserved job will not need are fair game.
     spare = {n: [i for i in idx if (n, i) not in reservation.gpus] for n, idx in free.items()}
+    if req.gpu_mem is None:
+        return place(req, spare, load)
     spare_room = {n: {i: mb for i, mb in gpus.items() if (n, i) not in reservation.gpus} for n, gpus in room.items()}
     return place(req, spare, load, spare_room)
 
@@ -309,8 +311,9 @@ def _reserve(req: Request, free: GpuMap, view: View) -> Reservation:
 
 
 def _why_not(req: Request, reservation: Reservation | None, free: GpuMap, others: GpuMap) -> WaitReason:
-    if others and req.gpu_mem is None and req.gpus:
-        # Would the GPUs that only others' processes keep busy let it start?
+    if others and reservation is None and req.gpu_mem is None and req.gpus:
+        # Would the GPUs that only others' processes keep busy let the first blocked job start?  (Asked of
+        # that one only: a placement over every node for each job behind it would make a long queue slow.)
         widened = {n: free.get(n, []) + others.get(n, []) for n in free.keys() | others.keys()}
         if place(req, widened, {}) is not None:
             return WaitReason.GPUS_IN_USE_BY_OTHERS

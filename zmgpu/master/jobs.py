@@ -226,12 +226,23 @@ class JobService:
                     break
 
     def undo_start(self, job: JobRecord, why: str) -> None:
-        """Back to the queue as if never started (a new attempt number makes any sent rank stale)."""
+        """Back to the queue as if never started (a new attempt number makes any sent rank stale).
+
+        A job being cancelled or timed out is not started again: its ranks that never
+        started end here, and the job ends once the others report.
+        """
+        if job.cancel_by or job.timed_out:
+            for rank, part in job.live_ranks():
+                if part.pid is None and job.state is JobState.RUNNING:
+                    self.end_rank(job, rank, reason=f"not started: {why}")
+            return
         self.kill_ranks(job, why)
         for rank in range(len(job.ranks)):
             self._release(job, rank)
         self.state.running.discard(job.job_id)
         self.log.info("job %s goes back to the queue: %s", job.job_id, why)
+        # Ranks of this attempt may have written output already: the next one starts its own.
+        self.spool.set_aside(job.job_id, len(job.ranks), job.attempt)
         job.attempt += 1
         job.ranks, job.state, job.start_time = [], JobState.PENDING, None
         self.enqueue(job)
@@ -263,13 +274,26 @@ class JobService:
         else:
             sizes = [max(len(r.gpu_indices), 1) for r in job.ranks]
             world, global_rank, local_rank, local_world = sum(sizes), sum(sizes[:rank]), 0, sizes[rank]
-        first = self.state.nodes.get(nodes[0])
-        env = {"MASTER_ADDR": first.address if len(nodes) > 1 and first is not None else "127.0.0.1",
+        env = {"MASTER_ADDR": self._rendezvous_host(nodes),
                "WORLD_SIZE": world, "RANK": global_rank, "LOCAL_RANK": local_rank, "LOCAL_WORLD_SIZE": local_world,
                "NODE_RANK": nodes.index(part.node_id), "NNODES": len(nodes)}
         if job.master_port is not None:
             env["MASTER_PORT"] = job.master_port
         return {name: str(value) for name, value in env.items()}
+
+    def _rendezvous_host(self, nodes: list[str]) -> str:
+        """An address of the job's first node that its other nodes can reach.
+
+        A first node beside the master may know itself only as 127.0.0.1 (its route to
+        the master is loopback): the others then reach it by the name they use for the master.
+        """
+        first = self.state.nodes.get(nodes[0])
+        if len(nodes) == 1 or first is None:
+            return "127.0.0.1"
+        if not first.address.startswith("127.") and first.address != "::1":
+            return first.address
+        others = [self.state.nodes[n].master_host for n in nodes[1:] if n in self.state.nodes]
+        return next((h for h in others if h and h not in ("127.0.0.1", "localhost", "::1")), first.address)
 
     def kill_ranks(self, job: JobRecord, reason: str) -> None:
         """Ask every node holding a live rank of ``job`` to stop it; ranks never dispatched just end."""
@@ -281,6 +305,7 @@ class JobService:
                 self._release(job, rank)
         for node_id in {r.node_id for _, r in job.live_ranks()}:
             self.reactor.send(self.state.route(node_id), MsgType.KILL, body)
+        self._end_if_done(job)
 
     # -- timers --------------------------------------------------------------------------------
 
@@ -448,12 +473,17 @@ class JobService:
         if part.failed and job.live_ranks() and job.cancel_by is None:
             # One rank failing dooms a gang job: stop the others rather than let them hang.
             self.kill_ranks(job, f"rank {rank} on {part.node_id} failed")
-        if not job.live_ranks():
-            self.state.running.discard(job.job_id)
-            if self._should_requeue(job):
-                self._requeue(job)
-            else:
-                self._finish(job, *self._verdict(job))
+        self._end_if_done(job)
+
+    def _end_if_done(self, job: JobRecord) -> None:
+        """Once no rank of a running job is left, it ends (or goes back to the queue); once only."""
+        if job.state is not JobState.RUNNING or job.live_ranks():
+            return
+        self.state.running.discard(job.job_id)
+        if self._should_requeue(job):
+            self._requeue(job)
+        else:
+            self._finish(job, *self._verdict(job))
 
     def _should_requeue(self, job: JobRecord) -> bool:
         lost = any(r.lost for r in job.ranks)

@@ -103,6 +103,7 @@ class Reactor:
         self.handlers: dict[MsgType, Handler] = {}
         # Called with each sender before dispatch: refreshes node liveness, True for a node.
         self.peer_seen: Callable[[bytes], bool] = lambda identity: False
+        self.peer_known: Callable[[bytes], bool] = lambda identity: False   # the same, without the refresh
         self.timers: list[Timer] = []
         self.fds: dict[int, Callable[[], None]] = {}
         self.after_turn: Callable[[], None] = lambda: None
@@ -250,7 +251,9 @@ class Reactor:
     def _dispatch(self, frames: list[bytes], key: bytes = b"") -> None:
         """Decode one message and call its handler; refuse what cannot be handled, never raise."""
         identity, rest = frames[0], frames[1:]
-        from_node = self.peer_seen(identity)
+        # With keys only an admitted message is a sign of life: a node whose key was taken off the list
+        # must go quiet, then down, however often its open connection still speaks.
+        from_node = self.peer_seen(identity) if self.keys is None else self.peer_known(identity)
         try:
             msg = decode(rest)
             handler = self.handlers.get(msg.type)
@@ -264,6 +267,8 @@ class Reactor:
         except ProtocolError as exc:
             self._refuse(identity, from_node, rest, exc.code, exc.message)
             return
+        if self.keys is not None:
+            self.peer_seen(identity)
         try:
             handler(identity, msg)
         except Exception:  # one bad message must never stop the loop

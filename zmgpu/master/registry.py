@@ -116,6 +116,7 @@ class NodeRegistry:
         node.route = identity
         self.by_identity[identity] = node
         node.telemetry = {}
+        node.master_host = body["master_host"] if isinstance(body.get("master_host"), str) else ""
         policy = body.get("gpu_policy")
         reserve = policy.get("gpu_mem_reserve_mb") if isinstance(policy, dict) else None
         node.reserve_mb = reserve if _whole(reserve) and reserve >= 0 else 0
@@ -176,8 +177,8 @@ class NodeRegistry:
                                    "reason": "the master no longer runs this job here"})
         for job_id, rank in sorted(node.ranks - still_running):
             job = self.state.jobs[job_id]
-            if job.state is not JobState.RUNNING or job.ranks[rank].ended:
-                continue   # settled by an earlier entry of this loop
+            if job.state is not JobState.RUNNING or job.ranks[rank].ended or job.ranks[rank].held_back:
+                continue   # settled by an earlier entry of this loop, or waiting for its first node's port
             if job.ranks[rank].pid is None:
                 # Never confirmed started (its DISPATCH died with a master or a connection): run it again.
                 self.jobs.undo_start(job, f"node {node.node_id} never started it")

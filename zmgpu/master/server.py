@@ -51,6 +51,7 @@ class Master:
             self.reactor.admit, self.reactor.may_subscribe = access.admit, access.may_subscribe
         self.reactor.handlers = {**self.requests.handlers(), **self.jobs.handlers(), **self.registry.handlers()}
         self.reactor.peer_seen = self.registry.seen
+        self.reactor.peer_known = self.registry.by_identity.__contains__
         self.reactor.after_turn = self._end_of_turn
         self.reactor.add_timer(config.heartbeat_interval, self.registry.send_heartbeats)
         # Checking twice per interval keeps detection within half an interval of each threshold.

@@ -38,6 +38,7 @@ class NodeRecord:
     ranks: set[tuple[str, int]] = field(default_factory=set)  # live (job id, rank) here
     telemetry: dict[int, dict] = field(default_factory=dict)  # GPU index -> its state as the node reports it
     reserve_mb: int = 0             # the node keeps this much free on a GPU shared by --gpu-mem jobs
+    master_host: str = ""           # how the node reaches the master's host (its --master-host)
 
     def __post_init__(self):
         if not self.route:

@@ -112,7 +112,7 @@ class Agent:
         self.keeper: KeeperLink | None = None   # None: ranks are spawned as the agent's own children
         self.keeper_retry_at = 0.0
         # What the keeper was asked to start and has not answered: redone if the request is lost.
-        self.unanswered: dict[RankKey, tuple[dict, list[int]]] = {}
+        self.unanswered: dict[RankKey, tuple[dict, list[int], int | None]] = {}
         self.instance = new_instance()
         self.previous_instance = read_instance(config.state_dir)
         self.instance_saved = False
@@ -174,7 +174,7 @@ class Agent:
                 self.log.info("%s %s", rank.key, rank.describe_end())
                 if rank.killed:
                     self._kill_leftovers(JobProcesses(rank.key.job_id, rank.key.attempt), "its leader ended")
-                rank.dirty_gpus = self.telemetry.release_check(rank.key.job_id, rank.key.attempt, rank.gpu_indices)
+                self.telemetry.release_check(rank.key.job_id, rank.gpu_indices)
             if rank.escalate(now):
                 self.log.warning("%s outlived its %g s grace period: SIGKILL", rank.key, rank.kill_grace)
         for key, pending in list(self.kills.items()):
@@ -186,9 +186,16 @@ class Agent:
             if self.telemetry.recheck_dirty():
                 self._send_heartbeat(now)
         if self.registered:
+            for rank in self.ranks.values():
+                if rank.ended:
+                    # As things are when its end goes out: a GPU cleaned meanwhile is no news to the master.
+                    rank.dirty_gpus = self.telemetry.dirty_for(rank.key.job_id, rank.gpu_indices)
             moved, reported = pump(self.ranks, self._send)
             busy |= moved
-            for key in reported:
+            for rank in reported:
+                key = rank.key
+                # The master now holds these GPUs dirty: their cleaning will be news.
+                self.telemetry.delivered({str(i): {"dirty": key.job_id} for i in rank.dirty_gpus})
                 if not any((k.job_id, k.attempt) == (key.job_id, key.attempt) for k in self.ranks):
                     self.ports.pop((key.job_id, key.attempt), None)
         self._keep_alive(now)
@@ -218,7 +225,7 @@ class Agent:
         self.keeper = None
         kept = self._open_keeper(time.monotonic())
         unanswered, self.unanswered = self.unanswered, {}
-        for key, (body, indices) in unanswered.items():
+        for key, (body, indices, port) in unanswered.items():
             rank = self.ranks[key]
             if key.name in kept:
                 rank.started(kept[key.name], None, None)
@@ -226,7 +233,7 @@ class Agent:
                 # The request was lost, or its rank orphaned by a keeper that died: it must not run twice.
                 JobProcesses(key.job_id, key.attempt).kill()
                 killed = rank.killed
-                rank = self.ranks[key] = self._spawn(key, body, indices)
+                rank = self.ranks[key] = self._spawn(key, body, indices, port)
                 if killed:
                     rank.kill(time.monotonic())
             self._log_start(rank)
@@ -254,7 +261,7 @@ class Agent:
             elif isinstance(event, Exited) and rank.pid == event.pid:
                 rank.exited(event.exit_code, event.signal)
 
-    def _spawn(self, key: RankKey, body: dict, indices: list[int]) -> RankProcess:
+    def _spawn(self, key: RankKey, body: dict, indices: list[int], port: int | None = None) -> RankProcess:
         """Start a rank through the keeper (reached again if need be), or as the agent's own child.
 
         A rank asked of the keeper comes back pending: see :meth:`_take_keeper_events`.
@@ -264,7 +271,8 @@ class Agent:
         spawn = functools.partial(
             RankProcess.spawn, state_dir=self.config.state_dir, node_id=self.node_id, key=key,
             command=body["command"], cwd=body["cwd"], env=body["env"], gpu_indices=indices,
-            kill_grace=body["kill_grace"], run_as=self.users.run_as(body.get("user"), body.get("allow_root") is True))
+            kill_grace=body["kill_grace"], master_port=port,
+            run_as=self.users.run_as(body.get("user"), body.get("allow_root") is True))
         for _ in range(2):      # the keeper reached again after a broken link gets one more try
             if self.keeper is None:
                 break
@@ -276,7 +284,7 @@ class Agent:
                 JobProcesses(key.job_id, key.attempt).kill()
                 continue
             if rank_proc.pending:
-                self.unanswered[key] = (body, indices)
+                self.unanswered[key] = (body, indices, port)
             return rank_proc
         return spawn(keeper=None)
 
@@ -394,6 +402,8 @@ class Agent:
             "node_id": self.node_id,
             "hostname": socket.gethostname(),
             "address": route_address(self.config.master_host, self.config.master_port),
+            # How this node reaches the master's host: a job's other nodes reach a node beside the master so.
+            "master_host": self.config.master_host,
             "gpus": [gpu.to_dict() for gpu in self.gpus],
             "telemetry": self.telemetry.snapshot(),
             "gpu_policy": self.telemetry.policy.to_dict(),
@@ -453,6 +463,9 @@ class Agent:
                                  self.config.master_timeout)
         self.registered = True
         self.backoff = BACKOFF_FIRST
+        for rank in self.ranks.values():
+            # A JOB_STARTED still queued on the last connection died with it; the master takes it twice.
+            rank.start_reported = rank.start_reported and (rank.pid is None or rank.ended)
         if self.keeper is not None and isinstance(body.get("dead_timeout"), (int, float)):
             try:
                 self.keeper.lease(body["dead_timeout"])
@@ -515,26 +528,31 @@ class Agent:
         self._spare_from_kills(key)
         refused = self.telemetry.refuse_start(indices, gpu_mem, declared_memory(self.ranks.values()))
         if refused is not None:
-            self._refuse(key, refused)
+            self._refuse(key, indices, refused)
             return
         launch = dict(launch)
         port = None
-        if launch and "MASTER_PORT" not in launch:
+        if launch.get("NODE_RANK") == "0" and "MASTER_PORT" not in launch:
             # This node hosts the job's rendezvous: its other nodes learn the port from JOB_STARTED.
             if (key.job_id, key.attempt) not in self.ports:
                 self.ports[(key.job_id, key.attempt)] = free_port()
             port = self.ports[(key.job_id, key.attempt)]
             launch["MASTER_PORT"] = str(port)
-        rank_proc = self.ranks[key] = self._spawn(key, {**body, "env": {**body["env"], **launch}}, indices)
-        rank_proc.gpu_mem_mb, rank_proc.master_port = gpu_mem, port
+        rank_proc = self.ranks[key] = self._spawn(key, {**body, "env": {**body["env"], **launch}}, indices, port)
+        rank_proc.gpu_mem_mb = gpu_mem
         self._log_start(rank_proc)
 
-    def _refuse(self, key: RankKey, why: str) -> None:
-        """Its GPUs were taken meanwhile: the master hears the GPUs' state, then puts the job back in line."""
+    def _refuse(self, key: RankKey, indices: list[int], why: str) -> None:
+        """Its GPUs were taken meanwhile: the master hears the GPUs' state, then puts the job back in line.
+
+        The GPUs' whole state goes out, not only what moved past the dead band: the master must not
+        place the job there again on a view a few MiB off.  The refusal is a rank that ended without
+        starting, so the pump delivers it however busy the link is.
+        """
         self.log.warning("%s not started: %s; the master puts it back in the queue", key, why)
+        self.telemetry.report_in_full(indices)
         self._send_heartbeat(time.monotonic())
-        self._send(MsgType.JOB_ENDED, {**key.wire(), "exit_code": None, "signal": None, "reason": why,
-                                       "sizes": {}, "refused": why})
+        self.ranks[key] = RankProcess.refused(self.config.state_dir, key, why)
 
     def _log_start(self, rank_proc: RankProcess) -> None:
         """Say how the start of a rank went, once it is known."""

@@ -84,13 +84,23 @@ def _problem(config: NodeConfig) -> str | None:
     return None
 
 
+def _unsafe(config: NodeConfig) -> str | None:
+    """Why a root agent must not start: it would run jobs as whatever user a client claims to be."""
+    if os.geteuid() != 0 or config.single_user or config.secret_key_file:
+        return None
+    return ("a node agent running as root starts each job as the user who submitted it, and without keys the "
+            "master takes any name a client gives: set up keys (secret_key_file and master_public_key_file; "
+            "see the README's 'Secure setup'), or run the agent as an ordinary user, or with --single-user "
+            "to run every job as the agent's own user")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the node agent until SIGTERM or SIGINT; the exit status."""
     args = get_parser().parse_args(argv)
     config = load_or_exit(NodeConfig, args, PROG)
     if config.node_id is None:
         config.node_id = socket.gethostname()
-    problem = _problem(config)
+    problem = _problem(config) or _unsafe(config)
     try:
         curve = None if problem else CurveClient.load(config.secret_key_file, config.master_public_key_file)
     except ConfigError as exc:
@@ -130,9 +140,6 @@ def main(argv: list[str] | None = None) -> int:
         agent = Agent(config, config.node_id, telemetry, log, curve)
         log.info("%s; %s", agent.users.describe(),
                  "CURVE keys: talking to the master encrypted" if curve else "no keys: the master must have none")
-        if curve is None and agent.users.uid == 0 and not config.single_user:
-            log.warning("running as root without keys: a master without keys trusts the user name a client gives, "
-                        "so whoever reaches it can run jobs here as any user (see README, 'Secure setup')")
         return agent.run()
     finally:
         source.close()

@@ -21,14 +21,14 @@ PUMP_BUDGET = 4 * 1024 * 1024
 Send = Callable[..., bool]   # send(type, body, *payload) -> False when it would block
 
 
-def pump(ranks: dict[RankKey, RankProcess], send: Send) -> tuple[bool, list[RankKey]]:
+def pump(ranks: dict[RankKey, RankProcess], send: Send) -> tuple[bool, list[RankProcess]]:
     """Send what each rank owes the master; (anything went out, ranks whose end was sent and are forgotten).
 
     Ranks whose end went out are removed from ``ranks``.
     """
     budget = PUMP_BUDGET
     sent = False
-    reported: list[RankKey] = []
+    reported: list[RankProcess] = []
     for key, rank in list(ranks.items()):
         if rank.pending:
             continue    # JOB_STARTED waits for the keeper's answer
@@ -57,7 +57,7 @@ def pump(ranks: dict[RankKey, RankProcess], send: Send) -> tuple[bool, list[Rank
             sent = True
             rank.forget()
             del ranks[key]
-            reported.append(key)
+            reported.append(rank)
     return sent, reported
 
 

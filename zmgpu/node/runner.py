@@ -131,14 +131,16 @@ class SpawnRecord:
     start_time: int | None      # /proc start time: tells the process from a later one given its pid
     kill_grace: float
     spawned_at: float           # wall-clock time of the spawn
+    master_port: int | None = None   # the rendezvous port picked here, which a restarted agent reports again
 
     @classmethod
-    def of(cls, pid: int, kill_grace: float, start_time: int | None = None) -> "SpawnRecord":
+    def of(cls, pid: int, kill_grace: float, start_time: int | None = None,
+           master_port: int | None = None) -> "SpawnRecord":
         """The record of a process just spawned in a session of its own (start time from /proc if not given)."""
         if start_time is None:
             stat = proc_stat(pid)
             start_time = stat[1] if stat else None
-        return cls(pid, pid, start_time, kill_grace, time.time())
+        return cls(pid, pid, start_time, kill_grace, time.time(), master_port)
 
     @classmethod
     def load(cls, spool: str) -> "SpawnRecord":
@@ -208,6 +210,7 @@ class RankProcess:
     master_port: int | None = None         # the rendezvous port this node picked for the job
     peak_gpu_mem_mb: int | None = None     # the most GPU memory its processes were seen using on one GPU
     dirty_gpus: list[int] = field(default_factory=list)   # its GPUs that still listed its processes at the end
+    refusal: str | None = None             # never started: its GPUs were found taken (the job goes back in line)
     sent: dict[Stream, int] = field(default_factory=lambda: dict.fromkeys(Stream, 0))
     _readers: dict[Stream, int] = field(default_factory=dict, repr=False)
 
@@ -216,7 +219,7 @@ class RankProcess:
     @classmethod
     def spawn(cls, *, state_dir: str, node_id: str, key: RankKey, command: str, cwd: str, env: dict,
               gpu_indices: list[int], kill_grace: float, keeper: KeeperLink | None,
-              run_as: RunAs = None) -> "RankProcess":
+              run_as: RunAs = None, master_port: int | None = None) -> "RankProcess":
         """Start one rank (as ``run_as``: see users.py), through the keeper if there is one; a rank that
         cannot start comes back ended.
 
@@ -224,7 +227,7 @@ class RankProcess:
         passed to :meth:`started`.  Raises keeper_link.KeeperLost when the link to the keeper
         broke: the rank may have started.
         """
-        rank_proc = cls(key, key.spool(state_dir), node_id, list(gpu_indices), kill_grace)
+        rank_proc = cls(key, key.spool(state_dir), node_id, list(gpu_indices), kill_grace, master_port=master_port)
         try:
             rank_proc._create_spool()
         except OSError as exc:
@@ -285,7 +288,7 @@ class RankProcess:
         rank_proc = cls(key, spool, kept=True)
         try:
             rank_proc.spawned = SpawnRecord.load(spool)
-            rank_proc.kill_grace = rank_proc.spawned.kill_grace
+            rank_proc.kill_grace, rank_proc.master_port = rank_proc.spawned.kill_grace, rank_proc.spawned.master_port
         except (FileNotFoundError, json.JSONDecodeError):
             # No record, or one torn by a system crash (it is written in one go).
             if key.name not in kept:
@@ -324,6 +327,13 @@ class RankProcess:
             self.exit_code, self.signal, self.reaped = exit_code, signum, True
 
     @classmethod
+    def refused(cls, state_dir: str, key: RankKey, why: str) -> "RankProcess":
+        """A rank this node would not start (its GPUs were taken meanwhile): ended, to be reported as such."""
+        rank_proc = cls(key, key.spool(state_dir), refusal=why)
+        rank_proc.reason, rank_proc.start_reported, rank_proc.ended = why, True, True
+        return rank_proc
+
+    @classmethod
     def revive(cls, state_dir: str, key: RankKey) -> "RankProcess | None":
         """An already reported, ended rank rebuilt from its spool, to serve a late RESEND."""
         rank_proc = cls(key, key.spool(state_dir), start_reported=True, ended=True)
@@ -358,7 +368,7 @@ class RankProcess:
             self._readers[stream] = os.open(os.path.join(self.spool, stream.value), os.O_RDONLY)
 
     def _record_spawn(self, pid: int, start_time: int | None) -> None:
-        self.spawned = SpawnRecord.of(pid, self.kill_grace, start_time)
+        self.spawned = SpawnRecord.of(pid, self.kill_grace, start_time, self.master_port)
         try:
             self.spawned.save(self.spool)
         except OSError:
@@ -501,7 +511,8 @@ class RankProcess:
         return {**self.key.wire(), "exit_code": self.exit_code,
                 "signal": self.signal, "reason": self.reason,
                 "sizes": {stream.value: self.sent[stream] for stream in Stream},
-                "peak_gpu_mem_mb": self.peak_gpu_mem_mb, "dirty_gpus": self.dirty_gpus}
+                "peak_gpu_mem_mb": self.peak_gpu_mem_mb, "dirty_gpus": self.dirty_gpus,
+                **({"refused": self.refusal} if self.refusal else {})}
 
     def close(self) -> None:
         """Release the spool readers; the files stay on disk."""

@@ -20,13 +20,18 @@ it to no one) and is killed again, until NVML lists none of them.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from dataclasses import dataclass
 
 from .gpus import GpuSample, GpuSource
-from .sweep import JobProcesses, proc_stat, read_job_mark
+from .sweep import proc_stat, read_job_mark
 
 #: Changes smaller than these are not worth a message (MiB, percent, degrees C).
 DEAD_BAND = {"used_mb": 64, "foreign_mb": 64, "utilization": 5, "temperature": 2}
+#: Every this many samples the master hears every field again, whatever it heard before: a change lost
+#: on the way (a dropped heartbeat, a reconnect) cannot stay wrong for long.
+FULL_REPORT_EVERY = 60
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class Telemetry:
         self.dirty: dict[int, str] = {}        # GPU index -> job id whose processes still hold it
         self.current: dict[int, dict] = {}     # GPU index -> its state as of the last sample
         self.sent: dict[int, dict] = {}        # GPU index -> its state as the master last heard it
+        self.samples = 0
         self.sample()
 
     # -- sampling -----------------------------------------------------------------------
@@ -70,6 +76,9 @@ class Telemetry:
         samples = self.source.sample()
         self.current = {s.index: self._state(s) for s in samples if s.index in self.memory}
         self._forget_owners({p["pid"] for state in self.current.values() for p in state["processes"]})
+        self.samples += 1
+        if self.samples % FULL_REPORT_EVERY == 0:
+            self.sent.clear()
         return self.current
 
     def _look(self, indices: list[int]) -> None:
@@ -144,6 +153,15 @@ class Telemetry:
         for key, delta in changes.items():
             self.sent.setdefault(int(key), {}).update(delta)
 
+    def report_in_full(self, indices: list[int]) -> None:
+        """The master's view of these GPUs may be off by the dead band: the next changes carry all of it."""
+        for index in indices:
+            self.sent.pop(index, None)
+
+    def dirty_for(self, job_id: str, indices: list[int]) -> list[int]:
+        """Which of ``indices`` are dirty with ``job_id``'s processes now."""
+        return [i for i in indices if self.dirty.get(i) == job_id]
+
     # -- around a job ------------------------------------------------------------------------
 
     def refuse_start(self, indices: list[int], gpu_mem_mb: int | None, declared: dict[int, int]) -> str | None:
@@ -170,7 +188,7 @@ class Telemetry:
                         f"(others use {state['foreign_mb']} MiB)")
         return None
 
-    def release_check(self, job_id: str, attempt: int, indices: list[int]) -> list[int]:
+    def release_check(self, job_id: str, indices: list[int]) -> list[int]:
         """After a rank of ``job_id`` ended: the GPUs its processes still hold (now dirty); those are killed again."""
         if not indices:
             return []
@@ -179,9 +197,8 @@ class Telemetry:
         if held:
             self.dirty.update(dict.fromkeys(held, job_id))
             for index in held:
-                # The master hears of it with the rank's end (JOB_ENDED): only its cleaning is news later.
-                self.current[index]["dirty"] = self.sent.setdefault(index, {})["dirty"] = job_id
-            killed = JobProcesses(job_id, attempt).kill()
+                self.current[index]["dirty"] = job_id
+            killed = self._kill_leftovers(job_id, held)
             self.log.warning("job %s ended but GPU(s) %s still list its processes: marked dirty (not given to any "
                              "job until clean); SIGKILL to %d process(es) of it", job_id,
                              ",".join(map(str, held)), killed)
@@ -195,16 +212,32 @@ class Telemetry:
         clean = []
         for index, job_id in list(self.dirty.items()):
             state = self.current.get(index, {})
-            left = [p["pid"] for p in state.get("processes", ()) if p["job_id"] == job_id]
-            if left:
-                if any(proc_stat(pid) for pid in left):
-                    JobProcesses(job_id).kill()   # only while one lives: a dead one is the driver's to clear
+            if any(p["job_id"] == job_id for p in state.get("processes", ())):
+                self._kill_leftovers(job_id, [index])
                 continue
             del self.dirty[index]
             state["dirty"] = None
             clean.append(index)
             self.log.info("GPU %d is clean again: no process of job %s is left on it", index, job_id)
         return clean
+
+
+    def _kill_leftovers(self, job_id: str, indices: list[int]) -> int:
+        """SIGKILL the processes of ``job_id`` listed on ``indices``, and only those: the job's other ranks
+        (--per-gpu) or a later attempt on other GPUs of this node run on.  How many were signalled."""
+        killed = 0
+        for index in indices:
+            for proc in self.current.get(index, {}).get("processes", ()):
+                stat = proc_stat(proc["pid"])
+                known = self.owners.get(proc["pid"])
+                # Still the very process that was seen with the job's mark (not a new one given its pid).
+                if proc["job_id"] == job_id and stat and known and known[0] == stat[1]:
+                    try:
+                        os.kill(proc["pid"], signal.SIGKILL)
+                        killed += 1
+                    except (ProcessLookupError, PermissionError):
+                        pass
+        return killed
 
 
 def _moved(key: str, before, after) -> bool:
