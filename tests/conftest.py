@@ -9,11 +9,14 @@ own sessions or outlived a killed node agent.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -36,10 +39,17 @@ CLI_TIMEOUT = 60
 FINISHED = tuple(state.value for state in JobState if state.finished)
 
 
+#: A home directory with nothing in it, for every daemon and command the tests start.
+EMPTY_HOME = tempfile.mkdtemp(prefix="zmgpu-tests-home-")
+atexit.register(shutil.rmtree, EMPTY_HOME, True)
+
+
 def base_env(token: str) -> dict:
     """The test process's environment, running this checkout and marked with ``token``."""
     # The caller's own choice of master or client file must not leak into the tests.
     env = {k: v for k, v in os.environ.items() if k not in ("ZMGPU_MASTER", "ZMGPU_CONFIG")}
+    # Nor their own client file and keys under ~/.config/zmgpu: the test clusters have none.
+    env["HOME"] = EMPTY_HOME
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     env[MARKER] = token
