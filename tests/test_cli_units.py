@@ -319,12 +319,12 @@ def test_nodes_listing():
     assert all(len(line) <= 80 for line in lines), "\n".join(lines)
     assert lines[0].split() == ["NODE", "STATUS", "FREE/TOTAL", "REASON"]
     assert lines[1].split() == ["node1", "mixed", "1/2"]
-    assert lines[2].split() == ["GPU", "0", "NVIDIA", "H200", "140.4", "GiB", "0123abcd"]
-    assert lines[3].split() == ["GPU", "1", "NVIDIA", "H200", "140.4", "GiB", "-"]
+    assert lines[2].split() == ["GPU", "0", "NVIDIA", "H200", "140.4G", "0123abcd"]
+    assert lines[3].split() == ["GPU", "1", "NVIDIA", "H200", "140.4G", "-"]
     # A drained node lends no GPU, its reason is cut to the width; simulated GPUs say so.
     assert lines[4].split()[:4] == ["node2", "drained", "0/2", "fan"] and lines[4].endswith("+")
-    assert lines[5].split() == ["GPU", "0", "Simulated", "GPU", "16", "GiB", "simulated", "-"]
-    assert lines[6].split() == ["GPU", "1", "Simulated", "GPU", "512", "MiB", "simulated", "4567cdef_3"]
+    assert lines[5].split() == ["GPU", "0", "Simulated", "GPU", "16G", "simulated", "-"]
+    assert lines[6].split() == ["GPU", "1", "Simulated", "GPU", "512M", "simulated", "4567cdef_3"]
     assert lines[7].split() == ["node3", "down", "0/1"]
     assert lines[9].split() == ["cpu1", "idle", "0/0"] and len(lines) == 10
     assert all(line.startswith("  GPU") for line in (lines[2], lines[3], lines[5], lines[6], lines[8]))

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 class JobState(str, enum.Enum):
@@ -66,7 +66,9 @@ class GpuInfo:
     simulated: bool = False
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # By hand, not asdict(): every node listing builds one per GPU of the cluster.
+        return {"index": self.index, "name": self.name, "uuid": self.uuid, "memory_mb": self.memory_mb,
+                "simulated": self.simulated}
 
     @classmethod
     def from_dict(cls, data: dict) -> "GpuInfo":

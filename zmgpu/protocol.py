@@ -132,6 +132,14 @@ REQUIRED: dict[MsgType, dict[str, type | tuple]] = {
     MsgType.NODE_STATE: {"node_id": str, "state": str},
 }
 
+#: A node's report on one GPU (REGISTER "telemetry", HEARTBEAT "gpus": GPU index -> the fields that changed).
+GPU_REPORT: dict[str, type | tuple] = {
+    "used_mb": int, "foreign_mb": int, "utilization": _OPT_INT, "temperature": _OPT_INT, "busy": bool,
+    "healthy": bool, "health": _OPT_STR, "dirty": _OPT_STR, "processes": list,
+}
+#: One of its "processes": job_id is None for a process zmgpu did not start.
+GPU_PROCESS: dict[str, type | tuple] = {"pid": int, "used_mb": int, "job_id": _OPT_STR}
+
 #: What node agents send; every other type the master accepts is a client request (it carries ``user``).
 FROM_NODES = frozenset({MsgType.REGISTER, MsgType.HEARTBEAT, MsgType.JOB_STARTED, MsgType.OUTPUT,
                         MsgType.JOB_ENDED})
@@ -144,6 +152,23 @@ PEER_MAX_MESSAGE = 256 << 20
 WITH_PAYLOAD = frozenset({MsgType.OUTPUT})
 
 _TYPES = {t.value: t for t in MsgType}
+
+
+def has_type(value, kind: type | tuple) -> bool:
+    """``isinstance``, except that a bool is never an int: a flag is never a valid count or offset."""
+    return isinstance(value, kind) and (not isinstance(value, bool) or kind is bool
+                                        or (isinstance(kind, tuple) and bool in kind))
+
+
+def valid_gpu_fields(fields: dict) -> dict:
+    """The fields of a GPU report that are known and of their type (the others are dropped)."""
+    good = {k: v for k, v in fields.items() if k in GPU_REPORT and has_type(v, GPU_REPORT[k])}
+    processes = good.get("processes")
+    if processes is not None and not all(isinstance(p, dict) and all(has_type(p.get(k), kind)
+                                                                    for k, kind in GPU_PROCESS.items())
+                                         for p in processes):
+        del good["processes"]
+    return good
 
 
 class ProtocolError(Exception):
@@ -190,8 +215,7 @@ def decode(frames: list[bytes]) -> Message:
         if value is _MISSING:
             raise ProtocolError(ErrorCode.BAD_REQUEST,
                                 f"{msg_type.name} message lacks field '{name}'")
-        # bool is an int subclass; a flag is never a valid count or offset.
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        if not has_type(value, kind):
             raise ProtocolError(ErrorCode.BAD_REQUEST,
                                 f"{msg_type.name} field '{name}' has the wrong type")
     payload = [bytes(f) for f in frames[3:]]

@@ -93,7 +93,8 @@ def gpu_free(gpu: dict) -> bool:
 def gpu_row(gpu: dict) -> tuple:
     """``GPU 0``, model, memory used/total, utilization, temperature, ``simulated`` or nothing, who has it."""
     used = gpu.get("used_mb")
-    usage = f"{format_size(used)}/{format_size(gpu['memory_mb'])}" if used is not None else memory(gpu["memory_mb"])
+    total = format_size(gpu["memory_mb"])
+    usage = f"{format_size(used)}/{total}" if used is not None else total
     util = f"{gpu['utilization']}%" if gpu.get("utilization") is not None else ""
     temp = f"{gpu['temperature']}C" if gpu.get("temperature") is not None else ""
     return (f"GPU {gpu['index']}", gpu["name"], usage, util, temp,
@@ -107,7 +108,7 @@ def gpu_user(gpu: dict) -> str:
     if gpu.get("job_id"):
         who = gpu["job_id"]
     elif gpu.get("shared_by"):
-        who = f"shared: {','.join(gpu['shared_by'])} ({memory(max(gpu.get('room_mb') or 0, 0))} left)"
+        who = f"shared: {','.join(gpu['shared_by'])} ({format_size(max(gpu.get('room_mb') or 0, 0))} left)"
     else:
         who = "-"
     foreign = foreign_use(gpu)
@@ -120,15 +121,7 @@ def foreign_use(gpu: dict) -> str:
     if not pids and not gpu.get("busy"):
         return ""
     shown = ",".join(pids[:3]) + ("..." if len(pids) > 3 else "")
-    return f"others: {'pid ' + shown if pids else 'no listed process'} ({memory(gpu.get('foreign_mb') or 0)})"
-
-
-def memory(mib: int) -> str:
-    """``512 MiB``, ``80 GiB``, ``140.4 GiB``."""
-    if mib < 1024:
-        return f"{mib} MiB"
-    gib = mib / 1024
-    return f"{gib:.0f} GiB" if gib == int(gib) else f"{gib:.1f} GiB"
+    return f"others: {'pid ' + shown if pids else 'no listed process'} ({format_size(gpu.get('foreign_mb') or 0)})"
 
 
 def gpu_models(gpus: list) -> str:

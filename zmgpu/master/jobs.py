@@ -139,16 +139,16 @@ class JobService:
             self.publish_job(job, store=False)
 
     def _view(self) -> allocator.View:
-        nodes = self.state.nodes.values()
-        usable = [n for n in nodes if n.usable]
+        places = {n.node_id: n.placement() for n in self.state.nodes.values() if n.usable}
+        nodes = self.state.nodes
         running = [self._running_view(self.state.jobs[job_id]) for job_id in self.state.running]
         return allocator.View(
-            free={n.node_id: n.free_gpus() for n in usable},
-            capacity={n.node_id: [g.index for g in n.gpus] for n in usable},
-            load={n.node_id: len(n.ranks) for n in usable},
+            free={node_id: p.free for node_id, p in places.items()},
+            capacity={node_id: [g.index for g in nodes[node_id].gpus] for node_id in places},
+            load={node_id: len(nodes[node_id].ranks) for node_id in places},
             running=running, now=time.time(), user_gpu_limit=self.user_gpu_limit,
-            room={n.node_id: n.room() for n in usable},
-            others={n.node_id: others for n in usable if (others := n.others_gpus())})
+            room={node_id: p.room for node_id, p in places.items()},
+            others={node_id: p.others for node_id, p in places.items() if p.others})
 
     def track_dependencies(self, job: JobRecord) -> None:
         """Index ``job`` under each job it waits for, so their end settles it wherever it is in the queue."""

@@ -16,35 +16,16 @@ import logging
 import time
 
 from ..model import GpuInfo, JobState, NodeState
-from ..protocol import Message, MsgType, node_topic
+from ..protocol import Message, MsgType, has_type, node_topic, valid_gpu_fields
 from .jobs import JobService
 from .output import STREAMS
 from .reactor import Reactor
 from .state import ClusterState, NodeRecord
 
 
-def _whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _optional(check):
-    return lambda value: value is None or check(value)
-
-
-def _process(entry) -> bool:
-    return (isinstance(entry, dict) and _whole(entry.get("pid")) and _whole(entry.get("used_mb"))
-            and _optional(lambda j: isinstance(j, str))(entry.get("job_id")))
-
-
-#: The GPU fields a node reports, with the check each value must pass.
-_TELEMETRY = {
-    "used_mb": _whole, "foreign_mb": _whole, "utilization": _optional(_whole), "temperature": _optional(_whole),
-    "processes": lambda v: isinstance(v, list) and all(map(_process, v)),
-    "busy": lambda v: isinstance(v, bool), "healthy": lambda v: isinstance(v, bool),
-    "health": _optional(lambda v: isinstance(v, str)), "dirty": _optional(lambda v: isinstance(v, str)),
-}
 #: The fields that decide whether a GPU can take a job.
 _PLACEMENT_FIELDS = ("busy", "healthy", "dirty", "foreign_mb")
+_UNSET = object()
 
 
 class NodeRegistry:
@@ -119,7 +100,7 @@ class NodeRegistry:
         node.master_host = body["master_host"] if isinstance(body.get("master_host"), str) else ""
         policy = body.get("gpu_policy")
         reserve = policy.get("gpu_mem_reserve_mb") if isinstance(policy, dict) else None
-        node.reserve_mb = reserve if _whole(reserve) and reserve >= 0 else 0
+        node.reserve_mb = reserve if has_type(reserve, int) and reserve >= 0 else 0
         self._apply_telemetry(node, body.get("telemetry"))
         node.state, node.instance, node.suspect, node.registered = NodeState.UP, instance, False, True
         node.heard, node.last_seen, node.reachable = time.monotonic(), time.time(), True
@@ -216,10 +197,13 @@ class NodeRegistry:
             if index not in known or not isinstance(fields, dict):
                 continue
             state = node.telemetry.setdefault(index, {})
-            before = {k: state.get(k) for k in _PLACEMENT_FIELDS}
-            state.update((k, v) for k, v in fields.items() if k in _TELEMETRY and _TELEMETRY[k](v))
+            news = {k: v for k, v in valid_gpu_fields(fields).items() if state.get(k, _UNSET) != v}
+            if not news:
+                continue
             changed = True
-            if state.get("healthy", True) != (before["healthy"] is not False):
+            before = {k: state.get(k) for k in _PLACEMENT_FIELDS}
+            state.update(news)
+            if (before["healthy"] is False) != (state.get("healthy") is False):
                 self._log_health(node, index, state)
             if any(state.get(k) != before[k] for k in _PLACEMENT_FIELDS):
                 self.jobs.dirty = True   # a GPU came free (or was taken) outside the scheduler

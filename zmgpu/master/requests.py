@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from .. import protocol
 from ..model import JOB_ID_PATTERN, format_duration, parse_array_spec, parse_node_gpu_ids
-from ..protocol import CHUNK_BYTES, ErrorCode, Message, MsgType, error_reply, ok_reply
+from ..protocol import CHUNK_BYTES, ErrorCode, Message, MsgType, error_reply, has_type, ok_reply
 from . import allocator
 from .access import Access
 from .jobs import JobService
@@ -230,9 +230,9 @@ class ClientRequests:
         if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                 for k, v in env.items()):
             raise ValueError("the job's environment must map names to strings")
-        if not _whole(gpus) or gpus < 0:
+        if not has_type(gpus, int) or gpus < 0:
             raise ValueError("--gpus must be a whole number >= 0")
-        if not _whole(priority):
+        if not has_type(priority, int):
             raise ValueError("--priority must be a whole number")
         if priority > 0:
             self._admin(user, "raise a job's priority above 0")
@@ -254,7 +254,7 @@ class ClientRequests:
         if name is not None and not isinstance(name, str):
             raise ValueError("--name must be a string")
         gpu_mem = spec.get("gpu_mem_mb")
-        if gpu_mem is not None and (not _whole(gpu_mem) or gpu_mem <= 0):
+        if gpu_mem is not None and (not has_type(gpu_mem, int) or gpu_mem <= 0):
             raise ValueError("--gpu-mem must be a positive size, such as 800M or 12G")
         if gpu_mem is not None and not gpus:
             raise ValueError("--gpu-mem needs --gpus 1 or more: it is the memory the job needs on each of its GPUs")
@@ -268,7 +268,7 @@ class ClientRequests:
         most = self.limits.max_time_limit
         if asked is None:
             return self.limits.default_time_limit
-        if not _whole(asked) or asked <= 0:
+        if not has_type(asked, int) or asked <= 0:
             raise ValueError("--time must be a positive number of seconds")
         if most is not None and asked > most:
             raise RequestError(ErrorCode.IMPOSSIBLE, f"--time {format_duration(asked)} exceeds this cluster's "
@@ -370,8 +370,4 @@ class ClientRequests:
 
 def _not_yours(job_id: str, owner: str, what: str) -> str:
     return f"permission denied: job {job_id} belongs to {owner}; only its owner or an admin may {what}"
-
-
-def _whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 

@@ -50,36 +50,24 @@ class NodeRecord:
 
     def unavailable(self, index: int) -> str | None:
         """Why GPU ``index`` can take no new job at all (unhealthy, or dirty); None when it can."""
-        state = self.telemetry.get(index, {})
-        if not state.get("healthy", True):
-            return f"drained: {state.get('health') or 'unhealthy'}"
-        if state.get("dirty"):
-            return f"dirty: job {state['dirty']}"
-        return None
+        return _unavailable(self.telemetry.get(index, _NO_REPORT))
 
-    def in_use_by_others(self, index: int) -> bool:
-        """Not held by a zmgpu job, yet kept from a new exclusive job: foreign use, a leftover, bad health."""
-        return self.unavailable(index) is not None or bool(self.telemetry.get(index, {}).get("busy"))
-
-    def free_gpus(self) -> list[int]:
-        """Indices of GPUs a new exclusive job may take: no job on them, and no one else's use."""
-        return [g.index for g in self.gpus
-                if g.index not in self.holders and not self.shares.get(g.index) and not self.in_use_by_others(g.index)]
-
-    def others_gpus(self) -> list[int]:
-        """Indices of GPUs that only others' use (or bad health) keeps from new exclusive jobs."""
-        return [g.index for g in self.gpus
-                if g.index not in self.holders and not self.shares.get(g.index) and self.in_use_by_others(g.index)]
-
-    def room(self) -> dict[int, int]:
-        """GPU index -> MiB a new --gpu-mem job may still declare there (GPUs held whole have none)."""
-        room = {}
+    def placement(self) -> "GpuPlaces":
+        """Where new jobs may go on this node, in one walk over its GPUs (once per scheduling pass)."""
+        places = GpuPlaces()
         for gpu in self.gpus:
-            if gpu.index in self.holders or self.unavailable(gpu.index):
+            index = gpu.index
+            if index in self.holders:
                 continue
-            foreign = self.telemetry.get(gpu.index, {}).get("foreign_mb") or 0
-            room[gpu.index] = gpu.memory_mb - self.reserve_mb - foreign - sum(self.shares.get(gpu.index, {}).values())
-        return room
+            state = self.telemetry.get(index, _NO_REPORT)
+            blocked = _unavailable(state) is not None
+            shared = self.shares.get(index)
+            if not blocked:
+                places.room[index] = (gpu.memory_mb - self.reserve_mb - (state.get("foreign_mb") or 0)
+                                      - (sum(shared.values()) if shared else 0))
+            if not shared:
+                (places.others if blocked or state.get("busy") else places.free).append(index)
+        return places
 
     @property
     def usable(self) -> bool:
@@ -100,18 +88,38 @@ class NodeRecord:
         return NodeStatus.ALLOCATED if taken == len(self.gpus) else NodeStatus.MIXED
 
     def to_dict(self) -> dict:
+        room = self.placement().room if self.shares else {}
         return {
             "node_id": self.node_id, "hostname": self.hostname, "address": self.address,
             "state": self.state.value, "status": self.status.value, "drain_reason": self.drain_reason,
             "last_seen": self.last_seen,
-            "gpus": [self._gpu_dict(g) for g in self.gpus],
+            "gpus": [{**self.telemetry.get(g.index, _NO_REPORT), **g.to_dict(), "job_id": self.holders.get(g.index),
+                      "shared_by": dict(self.shares.get(g.index, {})), "unavailable": self.unavailable(g.index),
+                      "room_mb": room.get(g.index) if g.index in self.shares else None}
+                     for g in self.gpus],
         }
 
-    def _gpu_dict(self, gpu: GpuInfo) -> dict:
-        shared = self.shares.get(gpu.index, {})
-        return {**self.telemetry.get(gpu.index, {}), **gpu.to_dict(), "job_id": self.holders.get(gpu.index),
-                "shared_by": dict(shared), "unavailable": self.unavailable(gpu.index),
-                "room_mb": self.room().get(gpu.index) if shared else None}
+
+#: The state of a GPU its node has not reported on: healthy, free of others' use.
+_NO_REPORT: dict = {}
+
+
+def _unavailable(state: dict) -> str | None:
+    """Why a GPU in this reported state can take no new job (unhealthy, or dirty); None when it can."""
+    if state.get("healthy") is False:
+        return f"drained: {state.get('health') or 'unhealthy'}"
+    if state.get("dirty"):
+        return f"dirty: job {state['dirty']}"
+    return None
+
+
+@dataclass
+class GpuPlaces:
+    """A node's GPUs as a scheduling pass sees them."""
+
+    free: list[int] = field(default_factory=list)     # for a new exclusive job
+    others: list[int] = field(default_factory=list)   # unheld, but others' processes, ill health or a leftover
+    room: dict[int, int] = field(default_factory=dict)  # MiB a new --gpu-mem job may declare (not held whole)
 
 
 @dataclass

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from ..model import JOB_ID_PATTERN
-from ..protocol import CHUNK_BYTES, Stream
+from ..protocol import CHUNK_BYTES, Stream, has_type
 from .keeper_link import STATUS_FILE, KeeperLink, write_status
 from .sweep import ATTEMPT_VAR, JOB_ID_VAR, proc_stat
 from .users import Account, Refusal, RunAs, missing_directory, popen_options, start_error
@@ -58,8 +58,8 @@ def valid_job_id(job_id) -> bool:
 
 
 def is_count(value) -> bool:
-    """True for an int >= 0 (bool is an int subclass, and never a rank or an attempt)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """True for an int >= 0 (never a bool: a flag is no rank or attempt)."""
+    return has_type(value, int) and value >= 0
 
 
 class RankKey(NamedTuple):
