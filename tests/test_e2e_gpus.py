@@ -13,11 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-import zmq
-from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import Cluster, poll, written
-from zmgpu.protocol import MsgType, decode, encode
 
 GPU_MB = 16384
 
@@ -194,47 +191,6 @@ def test_nodes_json_carries_telemetry_of_idle_simulated_gpus(sim_cluster):
                                                                                                   None, [])
     listing = json.loads(cluster.cli("nodes", "--json").stdout)
     assert listing["nodes"][0]["gpus"][0]["simulated"] is True
-
-
-def test_master_drops_telemetry_of_the_wrong_shape_and_keeps_scheduling(sim_cluster):
-    """A node's GPU report with fields of the wrong type (or for GPUs it does not have) changes nothing the
-    allocator reads, and the master goes on serving."""
-    cluster, _ = sim_cluster
-    sock = cluster.ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IDENTITY, b"n9")
-    sock.connect(f"tcp://127.0.0.1:{cluster.port}")
-
-    def exchange(msg_type, body) -> None:
-        sock.send_multipart(encode(msg_type, body))
-        sock.send_multipart(encode(MsgType.PING, {"user": "t", "req": 1}))
-        poll(lambda: sock.poll(100) and decode(sock.recv_multipart()).type is MsgType.REPLY, 10, "the master's PING reply")
-
-    exchange(MsgType.REGISTER, {"node_id": "n9", "hostname": "h", "address": "127.0.0.1", "jobs": [],
-                                "gpus": [{"index": 0, "name": "x", "uuid": "u", "memory_mb": 1000}]})
-    leaves = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5)
-    value = st.recursive(leaves, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4),
-                                                                                              inner, max_size=3))
-    fields = st.dictionaries(st.sampled_from(["used_mb", "foreign_mb", "busy", "healthy", "dirty", "health",
-                                              "processes", "utilization", "temperature", "other"]), value)
-    reports = st.dictionaries(st.sampled_from(["0", "1", "x", ""]), fields | value, max_size=3) | value
-
-    @settings(max_examples=100, deadline=None, database=None, derandomize=True,
-              suppress_health_check=[HealthCheck.too_slow])
-    @given(reports)
-    def heartbeat(report):
-        exchange(MsgType.HEARTBEAT, {"gpus": report})
-        assert cluster.master.alive()
-
-    try:
-        heartbeat()
-        n9 = cluster.node("n9")["gpus"][0]
-        for key, kind in (("used_mb", int), ("foreign_mb", int), ("busy", bool), ("healthy", bool)):
-            assert key not in n9 or (type(n9[key]) is kind), n9
-        assert cluster.wait_job_state(cluster.submit("true", "--gpus", "1", "--node-gpu-ids", "n1:0"),
-                                      ["COMPLETED"])
-    finally:
-        sock.close()
 
 
 def test_refused_gpu_mem_start_is_not_tried_again_on_a_stale_view(bare_cluster, tmp_path, colleague):

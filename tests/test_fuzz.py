@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 
 from conftest import HEARTBEAT, Cluster, make_cluster, poll
 from helpers import wait_for_file_sh
-from zmgpu.protocol import MAGIC, REQUIRED, ErrorCode, Message, MsgType, ProtocolError, decode, encode
+from zmgpu.protocol import (GPU_REPORT, MAGIC, REQUIRED, ErrorCode, Message, MsgType, ProtocolError, decode, encode,
+                            has_type)
 
 REPLY_TIMEOUT = 10
 ERROR_CODES = {code.value for code in ErrorCode}
@@ -101,6 +102,16 @@ RAW = st.lists(st.binary(max_size=48), min_size=1, max_size=5)
 ALMOST = st.builds(lambda kind, body: [MAGIC, kind, body],
                    st.sampled_from([t.value for t in MsgType]) | st.binary(max_size=12),
                    st.binary(max_size=48) | JSON.map(lambda v: json.dumps(v).encode()))
+
+
+#: The one GPU a fuzzing node registers with, so that its GPU reports are read, not skipped.
+FUZZ_GPU = {"index": 0, "name": "fuzz", "uuid": "fuzz-0", "memory_mb": 1000}
+
+
+def gpu_reports() -> st.SearchStrategy:
+    """HEARTBEAT "gpus": known and unknown GPU indices, each with known fields of any value, or junk."""
+    fields = st.dictionaries(st.sampled_from([*GPU_REPORT, "other"]), JSON | SMALL, min_size=1, max_size=5)
+    return st.dictionaries(st.sampled_from(["0", "0", "1", "x"]), fields | JSON, min_size=1, max_size=3) | JSON
 
 
 def harmless_jobs() -> st.SearchStrategy:
@@ -271,7 +282,7 @@ def test_master_ignores_random_traffic_from_a_node_and_keeps_its_state(seeded, m
     joining = Prober(cluster, node_id.encode())
     try:
         welcome = joining.exchange(encode(MsgType.REGISTER, {"node_id": node_id, "hostname": "fz", "address": "fz",
-                                                             "gpus": [], "jobs": []}))
+                                                             "gpus": [FUZZ_GPU], "jobs": []}))
     finally:
         joining.close()
     assert [m.type for m in welcome] == [MsgType.REGISTERED], welcome
@@ -283,11 +294,19 @@ def test_master_ignores_random_traffic_from_a_node_and_keeps_its_state(seeded, m
                                              "sizes": JSON}) | JSON
     fields = {"job_id": st.sampled_from(job_ids) | st.text(max_size=10), "rank": SMALL | INTS,
               "offset": SMALL | INTS, "stream": st.sampled_from(["stdout", "stderr", "stdin"]) | JSON,
-              "node_id": st.sampled_from([node_id, "n1"]) | st.text(max_size=6), "gpus": st.lists(gpu, max_size=3),
+              "node_id": st.sampled_from([node_id, "n1"]) | st.text(max_size=6),
+              # A REGISTER's GPU list, or a HEARTBEAT's report on them (index -> fields, anything at all).
+              "gpus": gpu_reports() if msg_type is MsgType.HEARTBEAT else st.lists(gpu, max_size=3),
               "jobs": st.lists(report, max_size=3), "sizes": st.dictionaries(
                   st.sampled_from(["stdout", "stderr", "x"]), SMALL | INTS | JSON, max_size=3) | JSON}
     reports = messages((msg_type,), fields)
+    if msg_type is MsgType.HEARTBEAT:
+        # Every heartbeat with a GPU report, most of them about the GPU the node has.
+        reports = reports | st.builds(lambda report: encode(MsgType.HEARTBEAT, {"gpus": report}), gpu_reports())
     fuzz_master(cluster, node_id.encode(), st.one_of(RAW, ALMOST, reports, reports, reports), no_reply, 60)
+    # What the allocator does arithmetic on kept its type, whatever the reports held.
+    for gpu in cluster.node(node_id)["gpus"]:
+        assert all(has_type(gpu[key], kind) for key, kind in GPU_REPORT.items() if key in gpu), gpu
 
 
 # -- a node agent in front of random frames ----------------------------------------------------------
