@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 import yaml
@@ -141,6 +140,20 @@ def answer(sock: zmq.Socket, user: str, timeout: float = SILENCE, **body) -> dic
     return decode(sock.recv_multipart()).body if sock.poll(int(timeout * 1000)) else None
 
 
+def receive_more(sock: zmq.Socket, count: int, what: str) -> None:
+    """Wait until ``count`` more messages reached ``sock`` (the chatty job's output, published to all)."""
+    got = 0
+
+    def enough() -> bool:
+        nonlocal got
+        while sock.poll(0):
+            sock.recv_multipart()
+            got += 1
+        return got >= count
+
+    poll(enough, 10, what)
+
+
 def chatty_job(cluster: Cluster, keys: Keys, user: str, workdir) -> str:
     """A job of ``user`` that prints a line every 0.1 s until ``stop`` exists in ``workdir``."""
     command = "while [ ! -e stop ]; do echo tick; sleep 0.1; done"
@@ -221,8 +234,8 @@ def test_wrong_key_and_no_key_get_nothing_on_either_port(lab, workdir):
     try:
         subs = {name: subscriber(cluster, curve, job_id) for name, curve in strangers.items()}
         own = subscriber(cluster, keys.curve("alice"), job_id)
-        poll(lambda: own.poll(100), 10, "alice's subscription to deliver her job's output")
-        time.sleep(SILENCE)   # the job keeps printing: what the strangers would have got meanwhile
+        # Chunks published after every subscription was made: a stranger let in would have them too.
+        receive_more(own, 5, "alice's subscription to deliver her job's output")
         assert {name: sub.poll(0) for name, sub in subs.items()} == dict.fromkeys(strangers, 0)
     finally:
         end_job(cluster, workdir, job_id)
@@ -247,10 +260,9 @@ def test_a_user_cannot_cancel_or_read_another_users_job(lab, workdir):
             assert f"permission denied: job {job_id} belongs to bob" in line, (command, line)
         assert cluster.job(job_id)["state"] == "RUNNING"
         snooper, owner = (subscriber(cluster, keys.curve(u), job_id) for u in ("alice", "bob"))
-        poll(lambda: owner.poll(100), 10, "bob's subscription to deliver his job's output")
-        time.sleep(SILENCE)
+        poll(lambda: "refused a subscription" in master_log(cluster), 10, "the master to refuse alice's subscription")
+        receive_more(owner, 5, "bob's subscription to deliver his job's output")
         assert not snooper.poll(0), "alice received bob's output"
-        assert "refused a subscription" in master_log(cluster)
         # The owner reads it; an admin (carol) reads and cancels it.
         assert "tick" in cluster.cli("logs", job_id, env=keys.as_key("bob")).stdout
         assert "tick" in cluster.cli("logs", job_id, env=keys.as_key("carol")).stdout
