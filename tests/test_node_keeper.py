@@ -14,6 +14,7 @@ import socket
 from conftest import FINISHED, pid_alive, poll, written
 from helpers import STDERR_MARKER, hold_sh, job_command, pattern_chunks, release
 from zmgpu.node.keeper_link import on_short_path
+from zmgpu.node.runner import RankKey, RankProcess
 
 #: Long enough that the master still counts the jobs as running when the new agent registers.
 NODE_TIMEOUT = 30
@@ -138,3 +139,20 @@ def test_keeper_drops_malformed_messages(bare_cluster, workdir):
     # The keeper still serves the agent.
     job_id = cluster.submit("exit 5", "--gpus", "1", cwd=workdir)
     assert cluster.wait_job_state(job_id, FINISHED)["exit_code"] == 5
+
+
+def test_a_rank_started_without_a_keeper_runs_as_one_the_keeper_starts(tmp_path):
+    """The agent's own spawn (no keeper could be reached) goes through the same start as the keeper's."""
+    key = RankKey("0badcafe", 0, 0)
+    rank = RankProcess.spawn(state_dir=str(tmp_path), node_id="n1", key=key, cwd=str(tmp_path),
+                             command='echo "out $CUDA_VISIBLE_DEVICES $ZMGPU_JOB_ID"; echo err >&2; exit 3',
+                             env={"PATH": os.environ["PATH"]}, gpu_indices=[1], kill_grace=1, keeper=None)
+    poll(rank.poll, 10, "the rank to end")
+    assert (rank.exit_code, rank.signal, rank.ended) == (3, None, True)
+    spool = key.spool(str(tmp_path))
+    assert (open(os.path.join(spool, "stdout")).read(), open(os.path.join(spool, "stderr")).read()) == (
+        "out 1 0badcafe\n", "err\n")
+    failed = RankProcess.spawn(state_dir=str(tmp_path), node_id="n1", key=RankKey("0badcafe", 1, 0),
+                               cwd=str(tmp_path), command="true", env={"BAD=NAME": "x"}, gpu_indices=[],
+                               kill_grace=1, keeper=None)
+    assert failed.ended and failed.pid is None and "cannot start the job on node n1" in failed.reason

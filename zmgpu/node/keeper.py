@@ -35,10 +35,9 @@ import time
 from dataclasses import dataclass, field
 
 from ..daemon import SignalPipe, StateDirBusy, lock_state_dir, setup_logging
-from ..protocol import Stream
 from .keeper_link import Op, encode, on_short_path, socket_path, take_messages, write_status
 from .sweep import JobProcesses, proc_stat
-from .users import Account, popen_options, start_error
+from .users import START_ERRORS, Account, start_error, start_rank
 
 LOCK_FILE = "keeper.lock"
 #: Seconds without ranks or agents before the keeper exits.
@@ -201,25 +200,15 @@ class Keeper:
         if name.startswith(".") or os.sep in name:
             self._spawned(peer, name, error=f"{name!r} cannot name a spool directory")
             return
-        outputs = {}
         account = None
         try:
             account = Account.from_wire(msg.get("run_as"))
-            for stream in Stream:
-                # Emptied: a re-dispatched rank starts over (the agent reads the same files).
-                path = os.path.join(self.jobs_dir, name, stream.value)
-                outputs[stream] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             # This loop is the keeper's only thread, so the chdir that popen_options runs before exec is safe.
-            popen = subprocess.Popen(["/bin/sh", "-c", msg["command"]], env=msg["env"], stdin=self.devnull,
-                                     stdout=outputs[Stream.STDOUT], stderr=outputs[Stream.STDERR],
-                                     start_new_session=True, close_fds=True, **popen_options(account, msg["cwd"]))
-        except (OSError, ValueError, TypeError, subprocess.SubprocessError) as exc:
-            # ValueError, TypeError: an environment the kernel cannot take (NUL, '=', not text).
+            popen = start_rank(os.path.join(self.jobs_dir, name), msg["command"], msg["env"], account, msg["cwd"],
+                               stdin=self.devnull)
+        except START_ERRORS as exc:
             self._spawned(peer, name, error=start_error(exc, account, msg["cwd"]))
             return
-        finally:
-            for fd in outputs.values():
-                os.close(fd)
         self.children[popen.pid] = Child(popen, name)
         # Read now: the child cannot be reaped before this loop turn ends, so its pid is still its own.
         stat = proc_stat(popen.pid)

@@ -39,7 +39,7 @@ from ..model import JOB_ID_PATTERN
 from ..protocol import CHUNK_BYTES, Stream, has_type
 from .keeper_link import STATUS_FILE, KeeperLink, write_status
 from .sweep import ATTEMPT_VAR, JOB_ID_VAR, proc_stat
-from .users import Account, Refusal, RunAs, missing_directory, popen_options, start_error
+from .users import START_ERRORS, Refusal, RunAs, missing_directory, start_error, start_rank
 
 _JOB_ID = re.compile(JOB_ID_PATTERN)
 _SPOOL_NAME = re.compile(rf"({JOB_ID_PATTERN})\.([0-9]+)\.([0-9]+)")
@@ -246,12 +246,13 @@ class RankProcess:
             rank_proc.kept = True
             return rank_proc
         try:
-            pid = rank_proc._spawn_child(command, cwd, env, run_as)
-        except (OSError, ValueError, subprocess.SubprocessError) as exc:
-            # ValueError: an environment name or value the kernel cannot take (NUL, '=').
+            # Another user's rank enters its directory in a preexec chdir: only a plain system call between
+            # fork and exec, which the agent's other (ZeroMQ) threads cannot upset.
+            rank_proc.proc = start_rank(rank_proc.spool, command, env, run_as, cwd)
+        except START_ERRORS as exc:
             rank_proc._fail_start(start_error(exc, run_as, cwd))
             return rank_proc
-        rank_proc._begin(pid, None)
+        rank_proc._begin(rank_proc.proc.pid, None)
         return rank_proc
 
     def started(self, pid: int | None, start_time: int | None, error: str | None) -> None:
@@ -263,17 +264,6 @@ class RankProcess:
         self._begin(pid, start_time)
         if self.killed:
             self._terminate()   # a KILL came while the keeper was starting it
-
-    def _spawn_child(self, command: str, cwd: str, env: dict[str, str], run_as: Account | None) -> int:
-        """Start the rank as this agent's own child, as the keeper would; its pid."""
-        with open(os.path.join(self.spool, Stream.STDOUT.value), "wb") as stdout, \
-                open(os.path.join(self.spool, Stream.STDERR.value), "wb") as stderr:
-            # Another user's rank enters its directory in a preexec chdir: only a plain system call between
-            # fork and exec, which the agent's other (ZeroMQ) threads cannot upset.
-            self.proc = subprocess.Popen(["/bin/sh", "-c", command], env=env, stdin=subprocess.DEVNULL,
-                                         stdout=stdout, stderr=stderr, start_new_session=True, close_fds=True,
-                                         **popen_options(run_as, cwd))
-        return self.proc.pid
 
     @classmethod
     def adopt(cls, state_dir: str, key: RankKey, kept: dict[str, int]) -> "RankProcess | None":

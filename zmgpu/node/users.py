@@ -30,6 +30,8 @@ import subprocess
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from ..protocol import Stream
+
 
 @dataclass(frozen=True)
 class Account:
@@ -121,6 +123,30 @@ class UserPolicy:
             return Refusal(f"the job would run as root ({name}) on node {self.node_id}, and this cluster does "
                            f"not allow root jobs (allow_root_jobs in the master's YAML)")
         return None
+
+
+#: What :func:`start_rank` raises for a start that failed (ValueError, TypeError: an environment the kernel
+#: cannot take, NUL or '=' in a name; SubprocessError: the working directory could not be entered).
+START_ERRORS = (OSError, ValueError, TypeError, subprocess.SubprocessError)
+
+
+def start_rank(spool: str, command: str, env: dict, account: Account | None, cwd: str,
+               stdin=subprocess.DEVNULL) -> subprocess.Popen:
+    """Start a rank: ``/bin/sh -c COMMAND`` in a session of its own, as ``account`` (None: as this process),
+    its stdout and stderr going to the spool's files, emptied first (a re-dispatched rank starts over).
+
+    The one way ranks start, by the keeper or (without one) by the agent itself.
+    """
+    outputs = []
+    try:
+        for stream in Stream:
+            outputs.append(os.open(os.path.join(spool, stream.value), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+        return subprocess.Popen(["/bin/sh", "-c", command], env=env, stdin=stdin, stdout=outputs[0],
+                                stderr=outputs[1], start_new_session=True, close_fds=True,
+                                **popen_options(account, cwd))
+    finally:
+        for fd in outputs:
+            os.close(fd)
 
 
 def popen_options(account: Account | None, cwd: str) -> dict:
