@@ -10,7 +10,7 @@ from collections import Counter
 
 from ..model import NodeStatus, format_size
 from .common import add_connection_timeout, client_config, make_client
-from .queue import GAP, cut
+from .queue import GAP, cut, foreign_use
 
 HELP = "show nodes and their GPUs"
 DESCRIPTION = (
@@ -113,15 +113,6 @@ def gpu_user(gpu: dict) -> str:
         who = "-"
     foreign = foreign_use(gpu)
     return f"{who}; {foreign}" if foreign and who != "-" else foreign or who
-
-
-def foreign_use(gpu: dict) -> str:
-    """``others: pid 4242 (3 GiB)`` for processes zmgpu did not start; empty when there are none."""
-    pids = [str(p["pid"]) for p in gpu.get("processes") or () if p.get("job_id") is None]
-    if not pids and not gpu.get("busy"):
-        return ""
-    shown = ",".join(pids[:3]) + ("..." if len(pids) > 3 else "")
-    return f"others: {'pid ' + shown if pids else 'no listed process'} ({format_size(gpu.get('foreign_mb') or 0)})"
 
 
 def gpu_models(gpus: list) -> str:

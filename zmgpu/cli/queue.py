@@ -8,7 +8,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
-from ..model import JobState, format_duration
+from ..model import JobState, format_duration, format_size
 from .common import add_connection_timeout, client_config, make_client
 
 HELP = "show jobs (pending and running; finished ones with --all)"
@@ -92,10 +92,17 @@ def run(args: argparse.Namespace) -> int:
 
 def others_lines(nodes: list) -> list[str]:
     """One line per GPU that processes zmgpu did not start are using, so waiting jobs make sense."""
-    from .nodes import foreign_use   # lazily: most queues have no foreign use to show
+    return [f"{node['node_id']} GPU {gpu['index']} in use by {use}"
+            for node in nodes for gpu in node["gpus"] if (use := foreign_use(gpu))]
 
-    return [f"{node['node_id']} GPU {gpu['index']} in use by {foreign_use(gpu)}"
-            for node in nodes for gpu in node["gpus"] if foreign_use(gpu)]
+
+def foreign_use(gpu: dict) -> str:
+    """``others: pid 4242 (3 GiB)`` for processes zmgpu did not start; empty when there are none."""
+    pids = [str(p["pid"]) for p in gpu.get("processes") or () if p.get("job_id") is None]
+    if not pids and not gpu.get("busy"):
+        return ""
+    shown = ",".join(pids[:3]) + ("..." if len(pids) > 3 else "")
+    return f"others: {'pid ' + shown if pids else 'no listed process'} ({format_size(gpu.get('foreign_mb') or 0)})"
 
 
 def format_queue(jobs: list, now: float, width: int = 80) -> str:

@@ -38,10 +38,8 @@ class Access:
 
     def owner(self, job_id: str) -> str | None:
         """Who submitted a job, or the tasks of an array; None for an unknown id."""
-        job = self.state.jobs.get(job_id)
-        if job is None:
-            tasks = self.state.arrays.get(job_id)
-            job = self.state.jobs.get(tasks[0]) if tasks else None
+        tasks = self.state.expand(job_id)
+        job = self.state.jobs.get(tasks[0]) if tasks else None
         return job.user if job is not None else None
 
     def may_read(self, user: str, job: JobRecord) -> bool:

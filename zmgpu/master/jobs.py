@@ -409,9 +409,8 @@ class JobService:
         node = self.state.nodes.get(found[1].node_id)
         dirty = body.get("dirty_gpus")
         if node is not None and isinstance(dirty, list):
-            for index in (i for i in dirty if i in found[1].gpu_indices):
-                # Before the GPUs are released, so that no job is placed on a GPU its processes still hold.
-                node.telemetry.setdefault(index, {})["dirty"] = job.job_id
+            # Before the GPUs are released, so that no job is placed on a GPU its processes still hold.
+            node.mark_dirty([i for i in dirty if i in found[1].gpu_indices], job.job_id)
         if isinstance(body.get("peak_gpu_mem_mb"), int):
             found[1].peak_gpu_mem_mb = body["peak_gpu_mem_mb"]
         self.settle_rank(identity, job, body["rank"], body)

@@ -52,6 +52,11 @@ class NodeRecord:
         """Why GPU ``index`` can take no new job at all (unhealthy, or dirty); None when it can."""
         return _unavailable(self.telemetry.get(index, _NO_REPORT))
 
+    def mark_dirty(self, indices: list[int], job_id: str) -> None:
+        """These GPUs still list processes of an ended job: no job may have them until the node says clean."""
+        for index in indices:
+            self.telemetry.setdefault(index, {})["dirty"] = job_id
+
     def placement(self) -> "GpuPlaces":
         """Where new jobs may go on this node, in one walk over its GPUs (once per scheduling pass)."""
         places = GpuPlaces()
