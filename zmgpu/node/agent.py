@@ -186,11 +186,7 @@ class Agent:
             if self.telemetry.recheck_dirty():
                 self._send_heartbeat(now)
         if self.registered:
-            for rank in self.ranks.values():
-                if rank.ended:
-                    # As things are when its end goes out: a GPU cleaned meanwhile is no news to the master.
-                    rank.dirty_gpus = self.telemetry.dirty_for(rank.key.job_id, rank.gpu_indices)
-            moved, reported = pump(self.ranks, self._send)
+            moved, reported = pump(self.ranks, self._send, self.telemetry.dirty_for)
             busy |= moved
             for rank in reported:
                 key = rank.key

@@ -21,10 +21,12 @@ PUMP_BUDGET = 4 * 1024 * 1024
 Send = Callable[..., bool]   # send(type, body, *payload) -> False when it would block
 
 
-def pump(ranks: dict[RankKey, RankProcess], send: Send) -> tuple[bool, list[RankProcess]]:
+def pump(ranks: dict[RankKey, RankProcess], send: Send,
+         dirty_for: Callable[[str, list[int]], list[int]]) -> tuple[bool, list[RankProcess]]:
     """Send what each rank owes the master; (anything went out, ranks whose end was sent and are forgotten).
 
-    Ranks whose end went out are removed from ``ranks``.
+    Ranks whose end went out are removed from ``ranks``.  ``dirty_for(job id, GPU indices)`` says which of
+    a rank's GPUs still hold its job's processes, as things are when its end goes out.
     """
     budget = PUMP_BUDGET
     sent = False
@@ -52,6 +54,7 @@ def pump(ranks: dict[RankKey, RankProcess], send: Send) -> tuple[bool, list[Rank
         if blocked or budget <= 0:
             break
         if rank.ended and not rank.has_unsent():
+            rank.dirty_gpus = dirty_for(key.job_id, rank.gpu_indices)
             if not send(MsgType.JOB_ENDED, rank.ended_body()):
                 break
             sent = True
