@@ -65,7 +65,6 @@ class JobService:
         self.state.pending.add(job)
         self.unreasoned.add(job.job_id)
         self.track_dependencies(job)
-        self.store.seq = self.state.next_seq
         self.dirty = True
         self.publish_job(job)
         self.cancel_if_dependency_failed(job)

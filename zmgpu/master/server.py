@@ -64,10 +64,11 @@ class Master:
 
     def _restore(self) -> None:
         """Rebuild the in-memory indexes from the store."""
-        jobs, nodes, seq = self.store.load()
+        jobs, nodes = self.store.load()
         for node in nodes:
             self.registry.restore(node)
-        self.state.next_seq = seq
+        # Submission order only orders jobs that are still known: it goes on from the newest of them.
+        self.state.next_seq = max((job.seq for job in jobs), default=0)
         for job in sorted(jobs, key=lambda j: j.seq):
             self.state.jobs[job.job_id] = job
             if job.array_job_id is not None:

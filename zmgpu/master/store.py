@@ -25,7 +25,6 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, env_id TEXT NOT NULL, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS envs (env_id TEXT PRIMARY KEY, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS nodes (node_id TEXT PRIMARY KEY, data TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 # Node fields that describe the node itself; liveness and holders are rebuilt at run time.
@@ -79,7 +78,6 @@ class Store:
         self.dirty_jobs: dict[str, JobRecord] = {}
         self.deleted_jobs: set[str] = set()
         self.dirty_nodes: dict[str, NodeRecord] = {}
-        self.seq: int | None = None
 
     # -- marking -----------------------------------------------------------------------------------
 
@@ -96,7 +94,7 @@ class Store:
 
     @property
     def pending_writes(self) -> bool:
-        return bool(self.dirty_jobs or self.deleted_jobs or self.dirty_nodes or self.seq is not None)
+        return bool(self.dirty_jobs or self.deleted_jobs or self.dirty_nodes)
 
     # -- writing and reading -----------------------------------------------------------------------
 
@@ -122,8 +120,6 @@ class Store:
                     kept = {env_id for (env_id,) in self.db.execute("SELECT env_id FROM envs")}
                 self.db.executemany("INSERT OR REPLACE INTO nodes VALUES (?, ?)",
                                     [(n.node_id, json.dumps(self._node_data(n))) for n in self.dirty_nodes.values()])
-                if self.seq is not None:
-                    self.db.execute("INSERT OR REPLACE INTO meta VALUES ('seq', ?)", (str(self.seq),))
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write the job database: {exc}") from None
         if kept is not None:
@@ -132,7 +128,6 @@ class Store:
         self.dirty_jobs.clear()
         self.deleted_jobs.clear()
         self.dirty_nodes.clear()
-        self.seq = None
 
     def forget_unsaved(self, job_ids) -> None:
         """Drop pending writes of jobs that were never acknowledged (their submit failed)."""
@@ -145,8 +140,8 @@ class Store:
         data["gpus"] = [g.to_dict() for g in node.gpus]
         return data
 
-    def load(self) -> tuple[list[JobRecord], list[NodeRecord], int]:
-        """Everything stored: jobs, nodes (down until they register again) and the submission counter."""
+    def load(self) -> tuple[list[JobRecord], list[NodeRecord]]:
+        """Everything stored: jobs, and nodes (down until they register again)."""
         envs = {env_id: json.loads(data) for env_id, data in self.db.execute("SELECT env_id, data FROM envs")}
         self.known_envs.update(envs)
         jobs = [job_from_row(data, key, envs[key]) for key, data in self.db.execute("SELECT env_id, data FROM jobs")]
@@ -155,8 +150,7 @@ class Store:
             fields = json.loads(data)
             gpus = [GpuInfo.from_dict(g) for g in fields.pop("gpus")]
             nodes.append(NodeRecord(gpus=gpus, state=NodeState.DOWN, **fields))
-        row = self.db.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()
-        return jobs, nodes, int(row[0]) if row else 0
+        return jobs, nodes
 
     def close(self) -> None:
         self.db.close()
