@@ -385,12 +385,17 @@ class JobService:
             return
         key = (body["job_id"], body["rank"], body["stream"])
         result = self.spool.append(key, body["offset"], msg.payload[0])
-        rank_key = {"job_id": body["job_id"], "rank": body["rank"], "stream": body["stream"]}
         if result.gap:
-            self.reactor.send(identity, MsgType.RESEND, {**rank_key, "offset": result.offset})
+            self.ask_resend(identity, *key, result.offset)
         elif result.data:
             self.reactor.publish(protocol.job_topic(body["job_id"], "output"), MsgType.OUTPUT,
-                                 lambda: {**rank_key, "offset": result.offset}, result.data)
+                                 lambda: {**_keyed(key), "offset": result.offset}, result.data)
+
+    def ask_resend(self, route: bytes, job_id: str, rank: int, stream: str, offset: int | None = None) -> None:
+        """Ask a node for a stream again from ``offset`` (None: from what the master holds)."""
+        key = (job_id, rank, stream)
+        self.reactor.send(route, MsgType.RESEND, {**_keyed(key), "offset": self.spool.size(key) if offset is None
+                                                  else offset})
 
     def on_job_ended(self, identity: bytes, msg: Message) -> None:
         """A rank's process ended (or never started): record it through the common path.
@@ -422,10 +427,8 @@ class JobService:
             if stream not in STREAMS or not isinstance(size, int):
                 continue
             part.final_sizes[stream] = size
-            held = self.spool.size((job.job_id, rank, stream))
-            if held < size:
-                self.reactor.send(identity, MsgType.RESEND,
-                                  {"job_id": job.job_id, "rank": rank, "stream": stream, "offset": held})
+            if self.spool.size((job.job_id, rank, stream)) < size:
+                self.ask_resend(identity, job.job_id, rank, stream)
         exit_code, signal, reason = report.get("exit_code"), report.get("signal"), report.get("reason")
         self.end_rank(job, rank, exit_code if isinstance(exit_code, int) else None,
                       signal if isinstance(signal, int) else None, reason if isinstance(reason, str) else None)
@@ -528,3 +531,8 @@ class JobService:
         self.publish_job(job)
         self.unreasoned.discard(job.job_id)
         self._settle_dependents(job)
+
+
+def _keyed(key: tuple[str, int, str]) -> dict:
+    """A (job id, rank, stream) key as the fields of an OUTPUT or RESEND message."""
+    return dict(zip(("job_id", "rank", "stream"), key))

@@ -170,9 +170,7 @@ class NodeRegistry:
     def _ask_for_missing_output(self, node: NodeRecord, job, rank: int) -> None:
         """A returning node resends each stream from what the master holds (chunks sent into a dead link)."""
         for stream in STREAMS:
-            offset = self.jobs.spool.size((job.job_id, rank, stream))
-            self.reactor.send(node.route, MsgType.RESEND,
-                              {"job_id": job.job_id, "rank": rank, "stream": stream, "offset": offset})
+            self.jobs.ask_resend(node.route, job.job_id, rank, stream)
 
     def on_heartbeat(self, identity: bytes, msg: Message) -> None:
         """A node is alive, with what changed on its GPUs; one the master does not know must register again."""
