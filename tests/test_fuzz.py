@@ -15,7 +15,11 @@ master sends.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+import signal
+import time
 
 import pytest
 import zmq
@@ -24,8 +28,14 @@ from hypothesis import strategies as st
 
 from conftest import HEARTBEAT, Cluster, make_cluster, poll
 from helpers import wait_for_file_sh
-from zmgpu.protocol import (GPU_REPORT, MAGIC, REQUIRED, ErrorCode, Message, MsgType, ProtocolError, decode, encode,
-                            has_type)
+from zmgpu.config import NodeConfig
+from zmgpu.node.agent import Agent
+from zmgpu.node.gpus import SimulatedSource
+from zmgpu.node.runner import RankKey
+from zmgpu.node.sweep import JobProcesses
+from zmgpu.node.telemetry import Policy, Telemetry
+from zmgpu.protocol import (GPU_REPORT, MAGIC, REQUIRED, ErrorCode, Message, MsgType, ProtocolError, Stream, decode,
+                            encode, has_type)
 
 REPLY_TIMEOUT = 10
 ERROR_CODES = {code.value for code in ErrorCode}
@@ -312,113 +322,52 @@ def test_master_ignores_random_traffic_from_a_node_and_keeps_its_state(seeded, m
 # -- a node agent in front of random frames ----------------------------------------------------------
 
 HELD_JOB = "0badc0de"
+HELD_KEY = RankKey(HELD_JOB, 0, 0)
 HELD_OUTPUT = b"hello\nbye\n"
 
 
-class FakeMaster:
-    """A ROUTER that a node agent connects to as its master: it welcomes every REGISTER and checks
-    every output chunk against the bytes the one real job writes."""
-
-    def __init__(self, cluster: Cluster):
-        self.router = cluster.ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self.port = self.router.bind_to_random_port("tcp://127.0.0.1")
-        self.node: bytes | None = None
-        self.stdout = bytearray()
-
-    def send(self, frames: list[bytes]) -> None:
-        try:
-            self.router.send_multipart([self.node, *frames])
-        except zmq.ZMQError as exc:
-            raise AssertionError(f"the node agent is not connected any more: {exc}") from None
-
-    def _serve_one(self, timeout: float, waiting_for: str) -> Message:
-        """Receive the node's next message and do what a master does with it."""
-        if not self.router.poll(int(timeout * 1000)):
-            raise AssertionError(f"the node agent sent nothing in {timeout} s; waiting for {waiting_for}")
-        identity, *frames = self.router.recv_multipart()
-        msg = decode(frames)
-        self.node = identity
-        if msg.type is MsgType.REGISTER:
-            self.send(encode(MsgType.REGISTERED, {"heartbeat_interval": HEARTBEAT}))
-        elif msg.type is MsgType.OUTPUT:
-            self._check_output(msg)
-        return msg
-
-    def wait_for(self, msg_type: MsgType, timeout: float = REPLY_TIMEOUT) -> Message:
-        """Serve the node until it sends a ``msg_type`` message; return it."""
-        while (msg := self._serve_one(timeout, msg_type.name)).type is not msg_type:
-            pass
-        return msg
-
-    def serve_until(self, done, what: str, timeout: float = REPLY_TIMEOUT) -> None:
-        """Serve the node until ``done()`` is true."""
-        while not done():
-            self._serve_one(timeout, what)
-
-    def _check_output(self, msg: Message) -> None:
-        """Every chunk, resent or not, must be the job's bytes at its offset."""
-        body, data = msg.body, msg.payload[0]
-        assert (body["job_id"], body["rank"], body["stream"]) == (HELD_JOB, 0, "stdout"), body
-        assert body["offset"] >= 0, body
-        assert HELD_OUTPUT[body["offset"]:body["offset"] + len(data)] == data, (body, data)
-        if body["offset"] <= len(self.stdout):
-            self.stdout[body["offset"]:] = data
-
-    def close(self) -> None:
-        self.router.close()
-
-
 @pytest.fixture
-def fake_master(tmp_path):
-    """A node agent (two simulated GPUs) registered with a :class:`FakeMaster`, running one held job."""
-    cluster = Cluster(tmp_path / "cluster")
-    master = FakeMaster(cluster)
-    cluster.port = master.port
+def agent(tmp_path):
+    """A real node agent, in this process, that a master accepted and gave one held job.
+
+    Frames "from its master" go straight into its dispatcher; it has no socket, so it
+    never reconnects or answers, and what it would report is read from its own state.
+    """
+    config = NodeConfig(node_id="fz1", state_dir=str(tmp_path / "node"), single_user=True)
+    os.makedirs(os.path.join(config.state_dir, "jobs"))
+    log = logging.getLogger("test.fuzz.agent")
+    node = Agent(config, "fz1", Telemetry(SimulatedSource("fz1", count=2), Policy(), log), log)
+    node.reconnect_at = math.inf     # no master to reach: the frames under test are all it hears
+    node._open_keeper(time.monotonic())
     workdir = tmp_path / "work"
     workdir.mkdir()
     try:
-        # Patient with its master: only the frames under test reach it, and they may be far apart.
-        cluster.start_node("fz1", 2, "--master-timeout", "60")
-        master.wait_for(MsgType.REGISTER)
-        master.send(encode(MsgType.DISPATCH, {
-            "job_id": HELD_JOB, "rank": 0, "attempt": 0, "cwd": str(workdir), "env": cluster.env,
+        node._dispatch(encode(MsgType.REGISTERED, {"heartbeat_interval": HEARTBEAT}))
+        node._dispatch(encode(MsgType.DISPATCH, {
+            "job_id": HELD_JOB, "rank": 0, "attempt": 0, "cwd": str(workdir), "env": dict(os.environ),
             "command": f"echo hello; {wait_for_file_sh('go')}; echo bye", "gpu_indices": [0], "kill_grace": 1,
-            # As the test cluster's master says: the agent (single-user) may run it as root.
             "user": "tester", "allow_root": True}))
-        master.wait_for(MsgType.JOB_STARTED)
-        master.serve_until(lambda: bytes(master.stdout) == b"hello\n", "the held job's first line")
-        yield cluster, master, workdir
+        spool = HELD_KEY.spool(config.state_dir)
+        poll(lambda: turn(node) and os.path.exists(f"{spool}/stdout") and open(f"{spool}/stdout", "rb").read(),
+             REPLY_TIMEOUT, "the held job's first line")
+        yield node, workdir
     finally:
-        master.close()
-        cluster.close()
+        JobProcesses(HELD_JOB).kill()
+        if node.keeper is not None:
+            os.kill(node.keeper.pid, signal.SIGTERM)
+            node.keeper.close()
+        node.context.term()
 
 
-def test_node_agent_survives_random_frames_from_its_master(fake_master):
-    cluster, master, workdir = fake_master
-    node = cluster.nodes["fz1"]
+def turn(node: Agent) -> bool:
+    """One turn of the agent's loop, as after its poller woke (keeper events, reaping, timers)."""
+    node._turn(time.monotonic())
+    return True
 
-    def registration(frames_before: list[bytes] | None = None) -> dict:
-        """Ask the agent to register again (a REREGISTER); its REGISTER says what it holds.
 
-        The REGISTER can only come after every frame sent before it has been handled."""
-        extra = 0
-        if frames_before is not None:
-            master.send(frames_before)
-            try:
-                extra = int(decode(frames_before).type is MsgType.REREGISTER)
-            except ProtocolError:
-                pass
-        master.send(encode(MsgType.REREGISTER, {}))
-        for _ in range(extra):
-            master.wait_for(MsgType.REGISTER)
-        body = master.wait_for(MsgType.REGISTER).body
-        return {"jobs": body["jobs"], "gpus": body["gpus"]}
-
-    baseline = registration()
-    assert baseline["jobs"] == [{"job_id": HELD_JOB, "rank": 0, "attempt": 0}], baseline
+def test_node_agent_survives_random_frames_from_its_master(agent):
+    node, workdir = agent
+    held = node.ranks[HELD_KEY]
     unknown_job = st.sampled_from(["deadbeef", "0000000a_3", "ffffffff"]) | st.text(max_size=10)
     fields = {
         # A DISPATCH is never valid: whatever else it says, nothing may run.
@@ -427,20 +376,29 @@ def test_node_agent_survives_random_frames_from_its_master(fake_master):
         "stream": st.sampled_from(["stdout", "stderr", "stdin"]) | JSON,
         "heartbeat_interval": st.sampled_from([HEARTBEAT, 0, -1]) | st.floats(),
     }
-    # RESEND may name the real job: the agent must then send its true bytes again, from a sane offset.
-    resend = messages((MsgType.RESEND,), {**fields, "job_id": st.just(HELD_JOB), "rank": st.just(0)})
+    # RESEND may name the real job: the agent must then rewind to a sane offset of its true bytes.
+    resend = messages((MsgType.RESEND,), {**fields, "job_id": st.just(HELD_JOB), "rank": st.just(0)}) | st.builds(
+        lambda stream, offset: encode(MsgType.RESEND, {"job_id": HELD_JOB, "rank": 0, "stream": stream,
+                                                       "offset": offset}),
+        st.sampled_from(["stdout", "stderr"]), SMALL | INTS)
     runs = [(messages((msg_type,), fields), 40) for msg_type in MASTER_TYPES]
     runs += [(resend, 60), (st.one_of(RAW, ALMOST, messages(CLIENT_TYPES + NODE_TYPES, fields)), 100)]
 
     def one(frames):
-        assert registration(frames) == baseline
-        assert node.alive()
+        node._dispatch(frames)
+        turn(node)
+        # What its next REGISTER would report: the one held rank, still running, and nothing else.
+        assert list(node.ranks) == [HELD_KEY] and node.ranks[HELD_KEY] is held and held.running
+        assert all(0 <= held.sent[stream] <= held.size(stream) for stream in held.sent), held.sent
+        assert not node.stopping
+        node._dispatch(encode(MsgType.REGISTERED, {"heartbeat_interval": HEARTBEAT}))   # as a master would
 
     for strategy, examples in runs:
         fuzz(strategy, one, examples)
     (workdir / "go").touch()
-    ended = master.wait_for(MsgType.JOB_ENDED).body
-    assert (ended["job_id"], ended["exit_code"], ended["signal"]) == (HELD_JOB, 0, None), ended
-    assert bytes(master.stdout) == HELD_OUTPUT
-    assert os.listdir(os.path.join(cluster.root, "node-fz1", "jobs")) == [f"{HELD_JOB}.0.0"]
-    assert node.alive()
+    poll(lambda: turn(node) and held.ended, REPLY_TIMEOUT, "the held job to end")
+    assert (held.exit_code, held.signal) == (0, None)
+    assert held.read_chunk(Stream.STDOUT, 1 << 20) == HELD_OUTPUT[held.sent[Stream.STDOUT]:]
+    with open(os.path.join(HELD_KEY.spool(node.config.state_dir), "stdout"), "rb") as fh:
+        assert fh.read() == HELD_OUTPUT
+    assert os.listdir(os.path.join(node.config.state_dir, "jobs")) == [HELD_KEY.name]
