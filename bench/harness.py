@@ -28,10 +28,11 @@ from typing import Iterable, Optional
 
 import zmq
 
-from zmgpu import Client, protocol
+from zmgpu import Client
 from zmgpu.config import default_state_dir
 from zmgpu.model import JobState
 from zmgpu.protocol import MsgType
+from zmgpu.stream import published
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -429,15 +430,7 @@ class StateWatcher:
         self.ctx.term()
 
     def _drain(self) -> None:
-        while True:
-            try:
-                frames = self.sub.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                msg = protocol.decode(frames[1:])
-            except protocol.ProtocolError:
-                continue
+        for msg in published(self.sub):
             if msg.type is MsgType.JOB_STATE and JobState(msg.body["state"]).finished:
                 self.finished[msg.body["job_id"]] = msg.body
 

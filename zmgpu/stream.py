@@ -23,6 +23,7 @@ second even while the master is away.
 
 from __future__ import annotations
 
+import itertools
 import math
 import signal
 import threading
@@ -135,6 +136,22 @@ class Track:
     def wanted(self) -> bool:
         """A FETCH is due: bytes are known to exist past what was written, or the size is unconfirmed."""
         return self.have < self.known or not self.confirmed
+
+
+def published(sub, limit: Optional[int] = None):
+    """The messages waiting on a SUB socket (topic frame dropped), at most ``limit`` read; malformed ones
+    are skipped."""
+    import zmq
+
+    for _ in itertools.repeat(None) if limit is None else range(limit):
+        try:
+            frames = sub.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        try:
+            yield protocol.decode(frames[1:])
+        except protocol.ProtocolError:
+            continue
 
 
 class SignalTrap:
@@ -353,17 +370,7 @@ class Follower:
 
     def _receive(self) -> None:
         """Handle what the PUB socket has queued, up to a batch; anything malformed is dropped."""
-        import zmq
-
-        for _ in range(SUB_BATCH):
-            try:
-                frames = self.sub.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            try:
-                msg = protocol.decode(frames[1:])
-            except protocol.ProtocolError:
-                continue
+        for msg in published(self.sub, SUB_BATCH):
             handler = self.handlers.get(msg.type)
             if handler is not None:
                 handler(msg)
