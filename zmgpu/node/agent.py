@@ -107,7 +107,6 @@ class Agent:
         self.ipv6 = ":" in host
         self.endpoint = f"tcp://[{host}]:{config.master_port}" if self.ipv6 else f"tcp://{host}:{config.master_port}"
         self.ranks: dict[RankKey, RankProcess] = {}
-        self.ports: dict[tuple[str, int], int] = {}   # (job id, attempt) -> its rendezvous port on this node
         self.kills: dict[tuple[str, int | None], PendingKill] = {}   # by (job id, attempt or None)
         self.keeper: KeeperLink | None = None   # None: ranks are spawned as the agent's own children
         self.keeper_retry_at = 0.0
@@ -189,11 +188,8 @@ class Agent:
             moved, reported = pump(self.ranks, self._send, self.telemetry.dirty_for)
             busy |= moved
             for rank in reported:
-                key = rank.key
                 # The master now holds these GPUs dirty: their cleaning will be news.
-                self.telemetry.delivered({str(i): {"dirty": key.job_id} for i in rank.dirty_gpus})
-                if not any((k.job_id, k.attempt) == (key.job_id, key.attempt) for k in self.ranks):
-                    self.ports.pop((key.job_id, key.attempt), None)
+                self.telemetry.delivered({str(i): {"dirty": rank.key.job_id} for i in rank.dirty_gpus})
         self._keep_alive(now)
         # Output that moved may go on moving; quiet ranks are looked at less and less often.
         self.tick_ms = TICK_MIN_MS if busy else min(self.tick_ms * TICK_BACKOFF, TICK_MAX_MS)
@@ -529,10 +525,10 @@ class Agent:
         launch = dict(launch)
         port = None
         if launch.get("NODE_RANK") == "0" and "MASTER_PORT" not in launch:
-            # This node hosts the job's rendezvous: its other nodes learn the port from JOB_STARTED.
-            if (key.job_id, key.attempt) not in self.ports:
-                self.ports[(key.job_id, key.attempt)] = free_port()
-            port = self.ports[(key.job_id, key.attempt)]
+            # This node hosts the job's rendezvous: its other nodes learn the port from JOB_STARTED, and its
+            # other ranks here (--per-gpu) share the port the first of them got.
+            port = next((r.master_port for k, r in self.ranks.items()
+                         if (k.job_id, k.attempt) == (key.job_id, key.attempt) and r.master_port), None) or free_port()
             launch["MASTER_PORT"] = str(port)
         rank_proc = self.ranks[key] = self._spawn(key, {**body, "env": {**body["env"], **launch}}, indices, port)
         rank_proc.gpu_mem_mb = gpu_mem
