@@ -268,3 +268,14 @@ def test_out_of_range_values_are_refused_naming_where_they_came_from(tmp_path, c
         msg = str(info.value)
         assert "--" + key.replace("_", "-") in msg
     assert "must be" in msg and str(value) in msg
+
+
+@pytest.mark.parametrize("text, env, needle", [
+    ("port: 0\n", {}, "key 'port' must be a port number from 1 to 65535, got 0"),
+    ("connection_timeout: -5\n", {}, "key 'connection_timeout' must be greater than 0, got -5"),
+    ("", {"ZMGPU_MASTER": "gpu-master:0"}, "ZMGPU_MASTER='gpu-master:0': expected host:port (port 1 to 65535)"),
+])
+def test_command_line_checks_ranges_of_its_file_and_environment(tmp_path, run_program, text, env, needle):
+    path = _write(tmp_path, text, "client.yaml")
+    proc = run_program([*CLIENT, "--config", str(path), "queue"], env_extra=env)
+    assert proc.returncode == 2 and needle in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr

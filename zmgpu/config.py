@@ -194,6 +194,7 @@ def read_yaml(cls, path: str) -> dict:
 def parse_master_address(text: str) -> tuple[str, int]:
     """Parse ``host:port`` (as in ``ZMGPU_MASTER``)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ConfigError(f"ZMGPU_MASTER='{text}': expected host:port, for example gpu-master:8080")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"ZMGPU_MASTER='{text}': expected host:port (port 1 to 65535), for example "
+                          f"gpu-master:8080")
     return host.strip("[]"), int(port)

@@ -12,9 +12,8 @@ import math
 import os
 import re
 import sys
-from dataclasses import fields
 
-from ..config import ClientConfig, parse_master_address, read_yaml
+from ..config import ClientConfig, load_config, parse_master_address
 from ..model import JOB_ID_PATTERN, JobState
 
 #: The client file read when neither --config nor $ZMGPU_CONFIG names one (only if it exists).
@@ -115,15 +114,12 @@ def config_path(args: argparse.Namespace, environ) -> str | None:
 def client_config(args: argparse.Namespace, environ=None) -> ClientConfig:
     """The client settings: flags > ZMGPU_MASTER > file > defaults; raises ConfigError."""
     environ = os.environ if environ is None else environ
-    path = config_path(args, environ)
-    values = read_yaml(ClientConfig, path) if path else {}
+    overrides = {}
     if environ.get("ZMGPU_MASTER"):
-        values["host"], values["port"] = parse_master_address(environ["ZMGPU_MASTER"])
-    for field in fields(ClientConfig):
-        flag = getattr(args, field.name, None)
-        if flag is not None:
-            values[field.name] = flag
-    return ClientConfig(**values)
+        overrides["host"], overrides["port"] = parse_master_address(environ["ZMGPU_MASTER"])
+    # Flags beat ZMGPU_MASTER; the loader checks every value's range, whichever it came from.
+    overrides.update((name, value) for name, value in vars(args).items() if value is not None)
+    return load_config(ClientConfig, config_path(args, environ), overrides)
 
 
 def make_client(config: ClientConfig):
