@@ -21,12 +21,12 @@ from zmgpu.cli import nodes as nodes_cmd
 from zmgpu.cli import queue as queue_cmd
 from zmgpu.cli import show as show_cmd
 from zmgpu.cli import wait as wait_cmd
-from zmgpu.cli.common import (UsageError, client_config, ending, is_job_id, not_a_job_id, port_number,
+from zmgpu.cli.common import (UsageError, client_config, ending, not_a_job_id, port_number,
                               positive_int, seconds)
 from zmgpu.cli.main import get_parser, main
 from zmgpu.cli.submit import command_line
 from zmgpu.config import ClientConfig, ConfigError
-from zmgpu.model import JobState
+from zmgpu.model import JobState, is_job_id
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -34,8 +34,9 @@ from zmgpu.node.gpus import SimulatedSource
 from zmgpu.node.runner import RankKey
 from zmgpu.node.sweep import JobProcesses
 from zmgpu.node.telemetry import Policy, Telemetry
+from zmgpu.model import has_type
 from zmgpu.protocol import (GPU_REPORT, MAGIC, REQUIRED, ErrorCode, Message, MsgType, ProtocolError, Stream, decode,
-                            encode, has_type)
+                            encode)
 
 REPLY_TIMEOUT = 10
 ERROR_CODES = {code.value for code in ErrorCode}

@@ -94,9 +94,6 @@ class KeyRing:
             if holder != Principal(role, name):
                 raise KeyFileError(f"{where}: this key is already listed for {holder}")
 
-    def __len__(self) -> int:
-        return len(self.holders)
-
     def count(self, role: Role) -> int:
         return sum(1 for holder in self.holders.values() if holder.role is role)
 

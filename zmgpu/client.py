@@ -41,7 +41,8 @@ from . import protocol
 from .errors import BadAddress, ClientError, Detached, LocalError, MasterUnreachable
 from .model import JobState
 from .protocol import MsgType, Stream
-from .stream import CHECK_INTERVAL, Follower, InterruptHandler, Limits, SignalTrap, View, own_trap
+from .stream import (CHECK_INTERVAL, SUB_BATCH, Follower, InterruptHandler, Limits, SignalTrap, View, own_trap,
+                     published)
 
 __all__ = ["Client", "ClientError", "MasterUnreachable", "BadAddress", "Detached", "LocalError",
            "InterruptHandler", "SignalTrap", "CHECK_INTERVAL"]
@@ -402,9 +403,15 @@ class _Waiter:
         self.timeout = timeout
         self.deadline = math.inf if timeout is None else time.monotonic() + timeout
         self.jobs: dict[str, dict] = {}   # job or task id -> latest dict
+        self.unfinished: set[str] = set()   # of those, the ones not ended yet
 
-    def _unfinished(self) -> list:
-        return [job_id for job_id, job in self.jobs.items() if not JobState(job["state"]).finished]
+    def _take(self, job: dict) -> None:
+        """The latest word on one of our jobs."""
+        self.jobs[job["job_id"]] = job
+        if JobState(job["state"]).finished:
+            self.unfinished.discard(job["job_id"])
+        else:
+            self.unfinished.add(job["job_id"])
 
     def _expand(self) -> None:
         """The first check: every given id's jobs (an array's tasks in index order); unknown ids fail."""
@@ -414,22 +421,20 @@ class _Waiter:
                              key=lambda job: job.get("array_task_id") or 0)
             if not matches:
                 raise ClientError(protocol.ErrorCode.UNKNOWN_JOB.value, f"unknown job id '{job_id}'")
-            self.jobs.update((job["job_id"], job) for job in matches)
+            for job in matches:
+                self._take(job)
 
     def _check(self) -> None:
         """Ask the master about the jobs still running."""
-        for job in self.client.queue(all=True, job_ids=self._unfinished())["jobs"]:
+        for job in self.client.queue(all=True, job_ids=sorted(self.unfinished))["jobs"]:
             if job["job_id"] in self.jobs:
-                self.jobs[job["job_id"]] = job
+                self._take(job)
 
     def _receive(self, sub) -> None:
-        """A published state change of one of our jobs; anything else is dropped."""
-        try:
-            msg = protocol.decode(sub.recv_multipart()[1:])
-        except protocol.ProtocolError:
-            return
-        if msg.type is MsgType.JOB_STATE and msg.body["job_id"] in self.jobs:
-            self.jobs[msg.body["job_id"]] = msg.body
+        """Published state changes of our jobs; anything else is dropped."""
+        for msg in published(sub, SUB_BATCH):
+            if msg.type is MsgType.JOB_STATE and msg.body["job_id"] in self.jobs:
+                self._take(msg.body)
 
     def run(self) -> list:
         """Subscribe, take a snapshot, then follow events and check each interval until all have ended."""
@@ -443,11 +448,11 @@ class _Waiter:
             for task_id in set(self.jobs) - set(self.job_ids):
                 sub.setsockopt(zmq.SUBSCRIBE, protocol.job_topic(task_id, "state"))
             next_check = time.monotonic() + CHECK_INTERVAL
-            while self._unfinished():
+            while self.unfinished:
                 now = time.monotonic()
                 if now >= self.deadline:
                     raise ClientError(LocalError.WAIT_DEADLINE, f"jobs still unfinished after {self.timeout:g} "
-                                                                f"s: {' '.join(self._unfinished())}")
+                                                                f"s: {' '.join(sorted(self.unfinished))}")
                 if now >= next_check:
                     self._check()   # in case the PUB socket dropped an event
                     next_check = now + CHECK_INTERVAL

@@ -14,6 +14,8 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from .model import has_type
+
 
 class ConfigError(Exception):
     """A configuration problem, phrased as one line for the user."""
@@ -135,7 +137,7 @@ def _check(path: str, key: str, value, hint) -> object:
         return None
     if float in bases and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if not any(isinstance(value, base) and not (isinstance(value, bool) and base is not bool) for base in bases):
+    if not any(has_type(value, base) for base in bases):
         expected = " or ".join(_TYPE_NAMES[base] for base in bases) + (" or null" if optional else "")
         raise ConfigError(f"{path}: key '{key}' must be {expected}, got {type(value).__name__} {value!r}")
     return value

@@ -143,6 +143,18 @@ def format_size(mib: int | None) -> str:
 
 #: A job id: 8 hex characters, or an array task ``ARRAYID_INDEX`` (Slurm's form).
 JOB_ID_PATTERN = r"[0-9a-f]{8}(?:_[0-9]{1,7})?"
+_JOB_ID = re.compile(JOB_ID_PATTERN)
+
+
+def is_job_id(value) -> bool:
+    """True for a well-formed job id (``8hex`` or an array task's ``8hex_N``)."""
+    return isinstance(value, str) and _JOB_ID.fullmatch(value) is not None
+
+
+def has_type(value, kind: type | tuple) -> bool:
+    """``isinstance``, except that a bool is never an int: a flag is never a valid count or offset."""
+    return isinstance(value, kind) and (not isinstance(value, bool) or kind is bool
+                                        or (isinstance(kind, tuple) and bool in kind))
 #: A node id: it appears in --node-gpu-ids specs ("node001:0,1;node002:0") and in spool paths.
 NODE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 #: A user name as useradd accepts it (a trailing $ for machine accounts included).

@@ -28,6 +28,8 @@ import enum
 import json
 from dataclasses import dataclass, field
 
+from .model import has_type
+
 MAGIC = b"ZMGPU1"
 PROTOCOL_VERSION = 1
 
@@ -152,12 +154,6 @@ PEER_MAX_MESSAGE = 256 << 20
 WITH_PAYLOAD = frozenset({MsgType.OUTPUT})
 
 _TYPES = {t.value: t for t in MsgType}
-
-
-def has_type(value, kind: type | tuple) -> bool:
-    """``isinstance``, except that a bool is never an int: a flag is never a valid count or offset."""
-    return isinstance(value, kind) and (not isinstance(value, bool) or kind is bool
-                                        or (isinstance(kind, tuple) and bool in kind))
 
 
 def valid_gpu_fields(fields: dict) -> dict:

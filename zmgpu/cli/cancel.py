@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_connection_timeout, client_config, is_job_id, make_client, not_a_job_id
+from ..model import is_job_id
+from .common import add_connection_timeout, client_config, make_client, not_a_job_id
 
 HELP = "cancel jobs"
 DESCRIPTION = (

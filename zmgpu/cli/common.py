@@ -10,11 +10,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import sys
 
 from ..config import ClientConfig, load_config, parse_master_address
-from ..model import JOB_ID_PATTERN, JobState
+from ..model import JobState, is_job_id
 
 #: The client file read when neither --config nor $ZMGPU_CONFIG names one (only if it exists).
 DEFAULT_CONFIG = os.path.join("~", ".config", "zmgpu", "client.yaml")
@@ -44,11 +43,6 @@ seconds = _number(float, 0, False, "a number of seconds > 0")
 positive_int = _number(int, 1, True, "an integer >= 1")
 non_negative_int = _number(int, 0, True, "an integer >= 0")
 port_number = _number(int, 1, True, "a port number (1-65535)", high=65535)
-
-
-def is_job_id(text: str) -> bool:
-    """A job id, an array id or an array task id (``ARRAYID_INDEX``)."""
-    return re.fullmatch(JOB_ID_PATTERN, text) is not None
 
 
 def not_a_job_id(text: str) -> str:

@@ -7,7 +7,7 @@ neither may send the other's messages.  Subscriptions to a job's output and
 state go to its owner and to admins only.  Without keys the master trusts the
 name a client gives (the single-user default on loopback, or ``--insecure``).
 
-The owner-or-admin rule itself (:meth:`Access.may_read`) is the same either way:
+The owner-or-admin rule itself (:meth:`Access.may_act`) is the same either way:
 cancel, attach and logs are for the job's owner or an admin.
 """
 
@@ -17,7 +17,7 @@ from typing import Callable
 
 from ..auth import Principal, Role, ServerKeys
 from ..protocol import FROM_NODES, Message, MsgType
-from .state import ClusterState, JobRecord
+from .state import ClusterState
 
 #: Subscription prefixes any user may take: node state changes are public, as `zmgpu nodes` is.
 PUBLIC_TOPICS = (b"node.",)
@@ -42,9 +42,9 @@ class Access:
         job = self.state.jobs.get(tasks[0]) if tasks else None
         return job.user if job is not None else None
 
-    def may_read(self, user: str, job: JobRecord) -> bool:
+    def may_act(self, user: str, owner: str) -> bool:
         """The owner-or-admin rule: cancel, attach and logs."""
-        return job.user == user or user in self.admins
+        return owner == user or user in self.admins
 
     # -- with keys ---------------------------------------------------------------------------------
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 import time
 
-from ..model import GpuInfo, JobState, NodeState
-from ..protocol import Message, MsgType, has_type, node_topic, valid_gpu_fields
+from ..model import GpuInfo, JobState, NodeState, has_type
+from ..protocol import Message, MsgType, node_topic, valid_gpu_fields
 from .jobs import JobService
 from .output import STREAMS
 from .reactor import Reactor

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import secrets
 import time
 from dataclasses import dataclass, field
 
 from .. import protocol
-from ..model import JOB_ID_PATTERN, format_duration, parse_array_spec, parse_node_gpu_ids
-from ..protocol import CHUNK_BYTES, ErrorCode, Message, MsgType, error_reply, has_type, ok_reply
+from ..model import format_duration, has_type, is_job_id, parse_array_spec, parse_node_gpu_ids
+from ..protocol import CHUNK_BYTES, ErrorCode, Message, MsgType, error_reply, ok_reply
 from . import allocator
 from .access import Access
 from .jobs import JobService
@@ -29,7 +28,6 @@ from .state import ClusterState, JobRecord, NodeRecord
 from .registry import NodeRegistry
 from .store import Store, StoreError, env_id
 
-_JOB_ID = re.compile(JOB_ID_PATTERN)
 
 
 class RequestError(Exception):
@@ -150,7 +148,7 @@ class ClientRequests:
 
     def _readable(self, job: JobRecord, user: str) -> JobRecord:
         """``job``, if ``user`` may read its output: its owner or an admin."""
-        if not self.access.may_read(user, job):
+        if not self.access.may_act(user, job.user):
             raise RequestError(ErrorCode.PERMISSION_DENIED, _not_yours(job.job_id, job.user, "read its output"))
         return job
 
@@ -336,7 +334,7 @@ class ClientRequests:
     def _cancel_one(self, job_id: str, user: str) -> dict:
         tasks = self.state.arrays.get(job_id)
         owner = self.access.owner(job_id)
-        if owner is not None and owner != user and not self.access.is_admin(user):
+        if owner is not None and not self.access.may_act(user, owner):
             return {"job_id": job_id, "ok": False, "message": _not_yours(job_id, owner, "cancel it")}
         if tasks is not None:
             live = [self.state.jobs[t] for t in tasks if not self.state.jobs[t].state.finished]
@@ -345,7 +343,7 @@ class ClientRequests:
             if not live:
                 return {"job_id": job_id, "ok": False, "message": f"array {job_id} has no unfinished task"}
             return {"job_id": job_id, "ok": True, "message": f"cancelled {len(live)} task(s) of array {job_id}"}
-        job = self.state.jobs.get(job_id) if _JOB_ID.fullmatch(job_id) else None
+        job = self.state.jobs.get(job_id) if is_job_id(job_id) else None
         if job is None:
             return {"job_id": job_id, "ok": False, "message": f"unknown job id '{job_id}'"}
         if job.state.finished:

@@ -43,13 +43,13 @@ import zmq
 from .. import protocol
 from ..config import NodeConfig
 from ..daemon import SignalPipe
-from ..model import format_duration
+from ..model import format_duration, is_job_id
 from ..protocol import MsgType, Stream
 from ..keys import CurveClient
 from .identity import new_instance, read_instance, route_address, routing_id, write_instance
 from .keeper_link import Exited, KeeperLink, KeeperLost, Spawned
 from .pump import pump, rewind
-from .runner import RankKey, RankProcess, declared_memory, free_port, is_count, valid_job_id
+from .runner import RankKey, RankProcess, declared_memory, free_port, is_count
 from .spools import adopt_leftovers, prune_spools, recent_ends
 from .sweep import JobProcesses
 from .telemetry import Telemetry
@@ -567,7 +567,7 @@ class Agent:
     def _on_kill(self, body: dict) -> None:
         """Stop the job here (one attempt of it if given): SIGTERM now, SIGKILL after the grace period."""
         job_id, attempt = body["job_id"], body.get("attempt")
-        if not valid_job_id(job_id) or not (attempt is None or is_count(attempt)):
+        if not is_job_id(job_id) or not (attempt is None or is_count(attempt)):
             self.log.warning("dropped a KILL with a bad job id or attempt: %r", body)
             return
         now = time.monotonic()

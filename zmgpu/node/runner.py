@@ -35,13 +35,12 @@ import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from ..model import JOB_ID_PATTERN
-from ..protocol import CHUNK_BYTES, Stream, has_type
+from ..model import JOB_ID_PATTERN, has_type, is_job_id
+from ..protocol import CHUNK_BYTES, Stream
 from .keeper_link import STATUS_FILE, KeeperLink, write_status
 from .sweep import ATTEMPT_VAR, JOB_ID_VAR, proc_stat
 from .users import START_ERRORS, Refusal, RunAs, missing_directory, start_error, start_rank
 
-_JOB_ID = re.compile(JOB_ID_PATTERN)
 _SPOOL_NAME = re.compile(rf"({JOB_ID_PATTERN})\.([0-9]+)\.([0-9]+)")
 #: Written at spawn and removed once the master has the rank's end: the :class:`SpawnRecord` a
 #: restarted agent takes the rank over by.
@@ -50,11 +49,6 @@ PROCESS_FILE = "process"
 #: Reasons for the end of a rank taken over without a keeper that knew it: its exit status is lost.
 ENDED_WHILE_AWAY = "exit status unknown: the job ended while neither the node agent nor its job keeper ran"
 ENDED_AFTER_RESTART = "exit status unknown: the job outlived the node process that started it"
-
-
-def valid_job_id(job_id) -> bool:
-    """True for a well-formed job id (``8hex`` or an array task's ``8hex_N``)."""
-    return isinstance(job_id, str) and bool(_JOB_ID.fullmatch(job_id))
 
 
 def is_count(value) -> bool:
@@ -71,7 +65,7 @@ class RankKey(NamedTuple):
 
     def valid(self) -> bool:
         """True for a well-formed key; it names a spool directory, so nothing else may pass."""
-        return valid_job_id(self.job_id) and is_count(self.rank) and is_count(self.attempt)
+        return is_job_id(self.job_id) and is_count(self.rank) and is_count(self.attempt)
 
     @classmethod
     def parse(cls, name: str) -> "RankKey | None":
