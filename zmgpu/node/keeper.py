@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 from ..daemon import SignalPipe, StateDirBusy, lock_state_dir, setup_logging
 from .keeper_link import Op, encode, on_short_path, socket_path, take_messages, write_status
+from .runner import RankKey
 from .sweep import JobProcesses, proc_stat
 from .users import START_ERRORS, Account, start_error, start_rank
 
@@ -183,12 +184,12 @@ class Keeper:
         self.log.warning("no node agent for %g s, so the master has declared this node dead: killing %d job "
                          "rank(s) that may already run elsewhere", self.lease, len(self.children))
         for pid, child in list(self.children.items()):
-            job_id = os.path.basename(child.spool).split(".", 1)[0]
+            key = RankKey.parse(child.spool)
             try:
                 os.killpg(pid, signal.SIGKILL)
             except OSError:
                 pass   # the group is gone already
-            JobProcesses(job_id).kill()
+            JobProcesses(key.job_id, key.attempt).kill()
         self.alone_since = None
 
     def _on_spawn(self, peer: Peer, msg: dict) -> None:
@@ -197,7 +198,7 @@ class Keeper:
         if time.monotonic() > msg["deadline"]:
             self._spawned(peer, name, error="the request came after the agent had stopped waiting")
             return
-        if name.startswith(".") or os.sep in name:
+        if not isinstance(name, str) or RankKey.parse(name) is None:
             self._spawned(peer, name, error=f"{name!r} cannot name a spool directory")
             return
         account = None

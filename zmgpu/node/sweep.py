@@ -50,11 +50,7 @@ class JobProcesses:
         for name in os.listdir("/proc"):
             if not name.isdigit() or int(name) == me:
                 continue
-            try:
-                with open(f"/proc/{name}/environ", "rb") as fh:
-                    entries = fh.read().split(b"\0")
-            except OSError:
-                continue  # gone meanwhile, or another user's process
+            entries = _environ(name)
             # A zombie's environment reads empty, so a process already ended never matches.
             if mark in entries and self._attempt_matches(entries):
                 found.append(int(name))
@@ -63,8 +59,7 @@ class JobProcesses:
     def _attempt_matches(self, entries: list[bytes]) -> bool:
         if self.attempt is None and self.below is None:
             return True
-        prefix = f"{ATTEMPT_VAR}=".encode()
-        value = next((e[len(prefix):] for e in entries if e.startswith(prefix)), b"")
+        value = _value(entries, ATTEMPT_VAR) or b""
         if not value.isdigit():
             return False
         attempt = int(value)
@@ -90,13 +85,23 @@ class JobProcesses:
 
 def read_job_mark(pid: int) -> str | None:
     """The zmgpu job id in a process's environment; None when it has none (or cannot be read)."""
-    prefix = f"{JOB_ID_VAR}=".encode()
+    value = _value(_environ(pid), JOB_ID_VAR)
+    return value.decode(errors="replace") if value is not None else None
+
+
+def _environ(pid) -> list[bytes]:
+    """A process's environment as ``NAME=value`` entries; none for one gone or another user's."""
     try:
         with open(f"/proc/{pid}/environ", "rb") as fh:
-            entries = fh.read().split(b"\0")
+            return fh.read().split(b"\0")
     except OSError:
-        return None
-    return next((e[len(prefix):].decode(errors="replace") for e in entries if e.startswith(prefix)), None)
+        return []
+
+
+def _value(entries: list[bytes], name: str) -> bytes | None:
+    """The value of ``name`` among environment entries, or None."""
+    prefix = f"{name}=".encode()
+    return next((e[len(prefix):] for e in entries if e.startswith(prefix)), None)
 
 
 def proc_stat(pid: int) -> tuple[str, int] | None:
