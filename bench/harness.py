@@ -30,6 +30,7 @@ import zmq
 
 from zmgpu import Client
 from zmgpu.config import default_state_dir
+from zmgpu.daemon import module_env
 from zmgpu.model import JobState
 from zmgpu.protocol import MsgType
 from zmgpu.stream import published
@@ -187,9 +188,7 @@ def rss_mb(pid: int) -> float:
 
 def subprocess_env(**extra: str) -> dict:
     """This environment with the repository importable, for daemons, the CLI and helpers."""
-    env = dict(os.environ, **extra)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
-    return env
+    return module_env(**extra)
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:

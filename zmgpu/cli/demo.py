@@ -18,9 +18,9 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..config import ClientConfig
+from ..daemon import module_env
 from ..model import NodeState
 from .common import non_negative_int
 from .nodes import format_nodes, gpu_models
@@ -160,10 +160,7 @@ def _gpus_to_simulate(forced: int | None) -> int | None:
 def _start(daemons: list, name: str, workdir: str, module_args: list) -> None:
     """Start ``python -m <module_args>`` with its output in a log file, in its own session."""
     log = os.path.join(workdir, f"{name}.log")
-    env = dict(os.environ)
-    # The daemons run the same zmgpu code as this command, installed or not.
-    package_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    env = module_env()   # the daemons run the same zmgpu code as this command
     with open(log, "wb") as out:
         # A session of their own: Ctrl-C at the terminal reaches this command
         # (which cancels its job), not the daemons.

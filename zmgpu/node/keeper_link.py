@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 
-from ..daemon import atomic_write
+from ..daemon import atomic_write, module_env
 
 SOCKET_FILE = "keeper.sock"
 LOG_FILE = "keeper.log"
@@ -285,9 +285,7 @@ def _start_keeper(state_dir: str, verbose: bool) -> subprocess.Popen:
     """Start a keeper for ``state_dir`` and wait until it listens; KeeperLost if it does not."""
     state_dir = os.path.abspath(state_dir)
     log_path = os.path.join(state_dir, LOG_FILE)
-    # The keeper runs the same zmgpu code as this agent, installed or not.
-    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    env = module_env()   # the keeper runs the same zmgpu code as this agent
     ready, ready_w = os.pipe()
     try:
         with open(log_path, "ab") as log:
