@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from ..client import ClientError
+from ..errors import ClientError
 from ..model import format_duration, format_size
 from ..protocol import ErrorCode
 from .common import add_connection_timeout, client_config, job_id_arg, make_client

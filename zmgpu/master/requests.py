@@ -292,8 +292,13 @@ class ClientRequests:
             if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
                 raise RequestError(ErrorCode.BAD_REQUEST, "job_ids must be a list of job ids")
             candidates = [self.state.jobs[t] for i in ids for t in self.state.expand(i) if t in self.state.jobs]
-        else:
+        elif everything:
             candidates = self.state.jobs.values()
+        else:
+            # Only the active jobs, in submission order: finished ones are kept for a day, and skipping them
+            # one by one would make every plain `zmgpu queue` (and `zmgpu wait`) pay for the whole history.
+            active = (self.state.jobs[job_id] for job_id in (*self.state.pending, *self.state.running))
+            candidates = sorted(active, key=lambda job: job.seq)
         if states is not None and not (isinstance(states, list) and all(isinstance(x, str) for x in states)):
             raise RequestError(ErrorCode.BAD_REQUEST, "states must be a list of state names")
         if owner is not None and not isinstance(owner, str):
