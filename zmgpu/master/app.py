@@ -22,9 +22,10 @@ def get_parser() -> argparse.ArgumentParser:
     """The master's argument parser (also read by argparse-manpage)."""
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="The zmgpu master: queues jobs, tracks node agents and their GPUs, places jobs "
-                    "first-come first-served (across several nodes when one is not enough), and fans out "
-                    "job output and events to clients. Settings come from --config, then these flags.",
+        description="The zmgpu master: queues jobs, tracks node agents and their GPUs (and what else runs "
+                    "on them), places jobs by priority then submission order with backfill (across several "
+                    "nodes when one is not enough, sharing GPUs between --gpu-mem jobs), and fans out job "
+                    "output and events to clients. Settings come from --config, then these flags.",
     )
     parser.add_argument("--config", metavar="FILE",
                         help="YAML settings file (keys as in conf/master.yaml); flags given here win")
