@@ -10,6 +10,7 @@ as one JSON line.
 
 from __future__ import annotations
 
+import atexit
 import enum
 import io
 import json
@@ -32,7 +33,7 @@ from zmgpu import Client
 from zmgpu.config import default_state_dir
 from zmgpu.daemon import module_env
 from zmgpu.model import JobState
-from zmgpu.protocol import MsgType
+from zmgpu.protocol import ENDED_PREFIX, MsgType
 from zmgpu.stream import published
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -267,6 +268,30 @@ def bench_root() -> str:
     return root
 
 
+#: Cluster directories to remove when this process exits (see :func:`remove_at_exit`).
+_LEFT_BEHIND: list[str] = []
+
+
+def _remove_left_behind() -> None:
+    while _LEFT_BEHIND:
+        shutil.rmtree(_LEFT_BEHIND.pop(), ignore_errors=True)
+
+
+def remove_at_exit(path: str) -> None:
+    """Remove ``path`` when this process exits, not now.
+
+    Where ext4 runs without a journal (this machine's root file system does),
+    every inode deleted within the last minute (five, while its inode table is
+    dirty) is skipped, one by one, by the next file creations in its block group:
+    removing a finished benchmark's thousands of spool files at once made the next
+    benchmark's file creations ten to twenty times dearer (0.7 ms of kernel CPU each,
+    measured), which would charge zmgpu for the previous benchmark's clean-up.
+    """
+    if not _LEFT_BEHIND:
+        atexit.register(_remove_left_behind)
+    _LEFT_BEHIND.append(path)
+
+
 class Cluster:
     """A master and ``nodes`` simulated-GPU node agents on loopback, in a temp dir, stopped on exit.
 
@@ -315,7 +340,7 @@ class Cluster:
             if self.keep:
                 print(f"bench: {self.name}: logs and spools kept in {self.dir}", file=sys.stderr)
             else:
-                shutil.rmtree(self.dir, ignore_errors=True)
+                remove_at_exit(self.dir)
 
     @property
     def work_dir(self) -> str:
@@ -417,7 +442,7 @@ class StateWatcher:
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RCVHWM, 0)   # keep every event we are sent; the master's SNDHWM still drops
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"job.")
+        self.sub.setsockopt(zmq.SUBSCRIBE, ENDED_PREFIX)   # each job once, at its end
         self.sub.connect(f"tcp://127.0.0.1:{cluster.pub_port}")
         self.finished: dict[str, dict] = {}
 

@@ -10,10 +10,13 @@ import os
 import signal
 import subprocess
 
+import zmq
+
 from conftest import FINISHED, KILL_GRACE, pid_alive, poll, written
 from helpers import (STDERR_MARKER, file_sha256, job_command, pattern_chunks, pattern_sha256,
                      wait_for_file_sh)
-from zmgpu.protocol import MsgType
+from zmgpu.protocol import ENDED_PREFIX, MsgType
+from zmgpu.stream import published
 
 #: Each rank of a job records its environment in env.<node id>.json.
 RANK_ENVDUMP = job_command("envdump") + ' "env.$ZMGPU_NODE_ID.json"'
@@ -54,6 +57,36 @@ def test_job_completes_and_leaves_the_default_queue(pair, workdir):
 def test_failing_job_reports_its_exit_code(pair, workdir):
     job = pair.wait_job_state(pair.submit("exit 7", cwd=workdir), FINISHED)
     assert (job["state"], job["exit_code"]) == ("FAILED", 7)
+
+
+def test_the_ended_feed_carries_each_job_once_at_its_end(pair, workdir):
+    """A watcher of many jobs subscribes to ``ended.``: one message per job, with its final state."""
+    sub = pair.ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, ENDED_PREFIX)
+    sub.connect(f"tcp://127.0.0.1:{pair.pub_port}")
+    heard: list = []
+
+    def ended(job_id):
+        heard.extend(msg.body for msg in published(sub))
+        return [body["state"] for body in heard if body["job_id"] == job_id]
+
+    try:
+        # The subscription takes effect some time after connect: probe jobs until one is heard.
+        poll(lambda: pair.submit("true", cwd=workdir) and ended(None) is not None and heard, 20,
+             "a probe job's end on the feed", interval=0.2)
+        held = pair.submit(f"{wait_for_file_sh('release')}; exit 3", cwd=workdir)
+        quick = pair.submit("true", cwd=workdir)
+        poll(lambda: ended(quick), 20, "the quick job's end")
+        pair.wait_job_state(held, "RUNNING")
+        assert ended(held) == []            # a start is not an end
+        release_all(workdir)
+        assert poll(lambda: ended(held), 20, "the held job's end") == ["FAILED"]
+        assert ended(quick) == ["COMPLETED"]
+        assert all(msg["exit_code"] == 3 for msg in heard if msg["job_id"] == held)
+    finally:
+        release_all(workdir)
+        sub.close(0)
 
 
 def test_queue_lists_nodes_and_running_jobs(pair, workdir):

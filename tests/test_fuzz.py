@@ -31,7 +31,8 @@ from helpers import wait_for_file_sh
 from zmgpu.config import NodeConfig
 from zmgpu.node.agent import Agent
 from zmgpu.node.gpus import SimulatedSource
-from zmgpu.node.runner import RankKey
+from zmgpu.node.keeper_link import spool_file
+from zmgpu.node.runner import RankKey, spool_keys
 from zmgpu.node.sweep import JobProcesses
 from zmgpu.node.telemetry import Policy, Telemetry
 from zmgpu.model import has_type
@@ -349,7 +350,7 @@ def agent(tmp_path):
             "command": f"echo hello; {wait_for_file_sh('go')}; echo bye", "gpu_indices": [0], "kill_grace": 1,
             "user": "tester", "allow_root": True}))
         spool = HELD_KEY.spool(config.state_dir)
-        poll(lambda: turn(node) and os.path.exists(f"{spool}/stdout") and open(f"{spool}/stdout", "rb").read(),
+        poll(lambda: turn(node) and os.path.exists(f"{spool}.stdout") and open(f"{spool}.stdout", "rb").read(),
              REPLY_TIMEOUT, "the held job's first line")
         yield node, workdir
     finally:
@@ -400,6 +401,6 @@ def test_node_agent_survives_random_frames_from_its_master(agent):
     poll(lambda: turn(node) and held.ended, REPLY_TIMEOUT, "the held job to end")
     assert (held.exit_code, held.signal) == (0, None)
     assert held.read_chunk(Stream.STDOUT, 1 << 20) == HELD_OUTPUT[held.sent[Stream.STDOUT]:]
-    with open(os.path.join(HELD_KEY.spool(node.config.state_dir), "stdout"), "rb") as fh:
+    with open(spool_file(HELD_KEY.spool(node.config.state_dir), "stdout"), "rb") as fh:
         assert fh.read() == HELD_OUTPUT
-    assert os.listdir(os.path.join(node.config.state_dir, "jobs")) == [HELD_KEY.name]
+    assert spool_keys(node.config.state_dir) == [HELD_KEY]

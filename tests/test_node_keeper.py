@@ -13,7 +13,7 @@ import socket
 
 from conftest import FINISHED, pid_alive, poll, written
 from helpers import STDERR_MARKER, hold_sh, job_command, pattern_chunks, release
-from zmgpu.node.keeper_link import on_short_path
+from zmgpu.node.keeper_link import on_short_path, spool_file
 from zmgpu.node.runner import RankKey, RankProcess
 
 #: Long enough that the master still counts the jobs as running when the new agent registers.
@@ -150,7 +150,7 @@ def test_a_rank_started_without_a_keeper_runs_as_one_the_keeper_starts(tmp_path)
     poll(rank.poll, 10, "the rank to end")
     assert (rank.exit_code, rank.signal, rank.ended) == (3, None, True)
     spool = key.spool(str(tmp_path))
-    assert (open(os.path.join(spool, "stdout")).read(), open(os.path.join(spool, "stderr")).read()) == (
+    assert (open(spool_file(spool, "stdout")).read(), open(spool_file(spool, "stderr")).read()) == (
         "out 1 0badcafe\n", "err\n")
     failed = RankProcess.spawn(state_dir=str(tmp_path), node_id="n1", key=RankKey("0badcafe", 1, 0),
                                cwd=str(tmp_path), command="true", env={"BAD=NAME": "x"}, gpu_indices=[],

@@ -26,7 +26,7 @@ from conftest import Cluster, as_user, one_line_error, poll
 from helpers import hold_sh, release
 from zmgpu.keys import CurveClient, KeyPair, load_key_pair, load_public_key, write_key_pair
 from zmgpu.node.users import Account, Refusal, UserPolicy
-from zmgpu.protocol import MAGIC, MsgType, decode, encode, job_prefix
+from zmgpu.protocol import ENDED_PREFIX, MAGIC, MsgType, decode, encode, end_topic, job_prefix
 
 USERS = ("alice", "bob", "carol")
 LIMITS = {"max_message_bytes": 2 << 20, "max_command_bytes": 4096, "max_env_bytes": 65536,
@@ -122,13 +122,16 @@ def dealer(cluster: Cluster, curve: CurveClient | None) -> zmq.Socket:
     return sock
 
 
-def subscriber(cluster: Cluster, curve: CurveClient | None, job_id: str) -> zmq.Socket:
+def subscriber(cluster: Cluster, curve: CurveClient | None, job_id: str, *before: bytes) -> zmq.Socket:
+    """A SUB socket subscribed to the ``before`` topics, then to ``job_id``'s: once the job's output arrives,
+    the master has ruled on the others too (it takes one socket's subscriptions in order)."""
     sock = cluster.ctx.socket(zmq.SUB)
     _OPEN.append(sock)
     sock.setsockopt(zmq.LINGER, 0)
     if curve is not None:
         curve.apply(sock)
-    sock.setsockopt(zmq.SUBSCRIBE, job_prefix(job_id))
+    for topic in (*before, job_prefix(job_id)):
+        sock.setsockopt(zmq.SUBSCRIBE, topic)
     sock.connect(f"tcp://127.0.0.1:{cluster.pub_port}")
     return sock
 
@@ -259,7 +262,10 @@ def test_a_user_cannot_cancel_or_read_another_users_job(lab, workdir):
             line = one_line_error(cluster.cli(*command, env=alice, check=False))
             assert f"permission denied: job {job_id} belongs to bob" in line, (command, line)
         assert cluster.job(job_id)["state"] == "RUNNING"
-        snooper, owner = (subscriber(cluster, keys.curve(u), job_id) for u in ("alice", "bob"))
+        # Every job's end, and this one's, are bob's and admins' to follow, not alice's.
+        ends = (ENDED_PREFIX, end_topic(job_id))
+        snooper = subscriber(cluster, keys.curve("alice"), job_id, *ends)
+        owner = subscriber(cluster, keys.curve("bob"), job_id, end_topic(job_id))
         poll(lambda: "refused a subscription" in master_log(cluster), 10, "the master to refuse alice's subscription")
         receive_more(owner, 5, "bob's subscription to deliver his job's output")
         assert not snooper.poll(0), "alice received bob's output"
@@ -269,6 +275,9 @@ def test_a_user_cannot_cancel_or_read_another_users_job(lab, workdir):
         cluster.cli("cancel", job_id, env=keys.as_key("carol"))
         job = cluster.wait_job_state(job_id, "CANCELLED")
         assert job["reason"] == "cancelled by carol"
+        poll(lambda: any(owner.recv_multipart()[0] == end_topic(job_id) for _ in iter(lambda: owner.poll(0), 0)),
+             10, "bob's job's end on its ended topic")
+        assert not snooper.poll(0), "alice heard bob's job end"
         # A subscriber that leaves takes its grants along (XPUB's own unsubscriptions carry no key).
         owner.close(0)
         snooper.close(0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from zmgpu.node.keeper_link import STATUS_FILE
+from zmgpu.node.keeper_link import STATUS_FILE, spool_file
 from zmgpu.node.runner import PROCESS_FILE, RankKey, spool_keys
 from zmgpu.node.spools import prune_spools
 
@@ -16,13 +16,15 @@ def spool(state_dir, job_id: str, ended_ago: float | None, reported: bool = True
     """A rank's spool that ended ``ended_ago`` seconds ago (None: still running)."""
     key = RankKey(job_id, 0, 0)
     path = key.spool(str(state_dir))
-    os.makedirs(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     for stream in ("stdout", "stderr"):
-        open(os.path.join(path, stream), "wb").close()
+        open(spool_file(path, stream), "wb").close()
     if not reported:
-        open(os.path.join(path, PROCESS_FILE), "w").close()
+        open(spool_file(path, PROCESS_FILE), "w").write('{"pid": 2}')
+    else:
+        open(spool_file(path, PROCESS_FILE), "w").close()     # emptied when the master heard the end
     if ended_ago is not None:
-        status = os.path.join(path, STATUS_FILE)
+        status = spool_file(path, STATUS_FILE)
         open(status, "w").write('{"exit_code": 0}')
         when = time.time() - ended_ago
         os.utime(status, (when, when))

@@ -9,10 +9,12 @@ strips it).  TYPE is the ASCII name of a :class:`MsgType`.  The JSON body is
 always an object.  Payload frames carry raw bytes (job output) and never go
 through JSON.  On the PUB socket a topic frame comes first::
 
-    b"job.<ID>.output" | b"job.<ID>.state" | b"node.<ID>.state",  b"ZMGPU1", TYPE, JSON, *payload
+    b"job.<ID>.output" | b"job.<ID>.state" | b"ended.<ID>.state" | b"node.<ID>.state",  b"ZMGPU1", TYPE, ...
 
 so a client subscribes to ``job.<ID>.`` and gets both the job's output and its
-state changes.
+state changes.  A job's final state also goes out under ``ended.<ID>.state``: a
+watcher of many jobs subscribes to ``ended.`` and hears each job once, at its
+end, instead of each of its changes.
 
 Each message type declares the body fields it requires and their types in
 :data:`REQUIRED`; :func:`decode` checks them once so handlers can trust the
@@ -237,6 +239,15 @@ def error_reply(req: int | None, code: ErrorCode, message: str) -> dict:
 def job_topic(job_id: str, kind: str) -> bytes:
     """PUB topic for a job's ``output`` or ``state``."""
     return f"job.{job_id}.{kind}".encode()
+
+
+def end_topic(job_id: str) -> bytes:
+    """PUB topic of a job's final state (also published under its ``state`` topic)."""
+    return f"ended.{job_id}.state".encode()
+
+
+#: Subscription prefix that matches every job's end.
+ENDED_PREFIX = b"ended."
 
 
 def job_prefix(job_id: str) -> bytes:

@@ -21,6 +21,8 @@ from .state import ClusterState
 
 #: Subscription prefixes any user may take: node state changes are public, as `zmgpu nodes` is.
 PUBLIC_TOPICS = (b"node.",)
+#: Topic roots whose second part is a job id: for its owner (and admins).
+JOB_TOPIC_KINDS = (b"job", b"ended")
 
 
 class Access:
@@ -81,5 +83,6 @@ class Access:
             return True
         kind, _, rest = topic.partition(b".")
         job_id = rest.partition(b".")[0].decode(errors="replace")
-        # "job.<ID>." or a topic under it; a shorter prefix such as b"job." would cover every job.
-        return kind == b"job" and b"." in rest and self.owner(job_id) == holder.name
+        # "job.<ID>." or "ended.<ID>." or a topic under them; a shorter prefix such as b"job." would cover
+        # every job.
+        return kind in JOB_TOPIC_KINDS and b"." in rest and self.owner(job_id) == holder.name

@@ -57,7 +57,10 @@ class JobService:
         """Tell subscribers about a change, and have the store write it at the end of the turn."""
         if store:
             self.store.job_changed(job)
-        self.reactor.publish(protocol.job_topic(job.job_id, "state"), MsgType.JOB_STATE, lambda: self.job_dict(job))
+        topics = [protocol.job_topic(job.job_id, "state")]
+        if job.state.finished:
+            topics.append(protocol.end_topic(job.job_id))
+        self.reactor.publish(topics, MsgType.JOB_STATE, lambda: self.job_dict(job))
 
     def enqueue(self, job: JobRecord) -> None:
         """A new or requeued job joins the pending queue."""

@@ -155,11 +155,15 @@ class Reactor:
         """
         return self.keys is not None or any(topic.startswith(prefix) for prefix in self.subscriptions)
 
-    def publish(self, topic: bytes, msg_type: MsgType, make_body: Callable[[], dict], *payload: bytes) -> None:
-        """Fan out to subscribers; the body is built only if someone subscribed.  Drops at the high-water
-        mark and never blocks."""
-        if self.wants(topic):
-            self.pub.send_multipart([topic, *encode(msg_type, make_body(), *payload)], zmq.NOBLOCK)
+    def publish(self, topics: bytes | list[bytes], msg_type: MsgType, make_body: Callable[[], dict],
+                *payload: bytes) -> None:
+        """Fan out under each of ``topics`` that someone subscribed to; the message is built only then, and
+        once.  Drops at the high-water mark and never blocks."""
+        frames = None
+        for topic in [topics] if isinstance(topics, bytes) else topics:
+            if self.wants(topic):
+                frames = frames or encode(msg_type, make_body(), *payload)
+                self.pub.send_multipart([topic, *frames], zmq.NOBLOCK)
 
     def _read_subscriptions(self) -> None:
         """Take each (un)subscription: without keys mirror them; with keys grant or refuse each one."""

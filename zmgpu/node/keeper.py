@@ -199,7 +199,7 @@ class Keeper:
             self._spawned(peer, name, error="the request came after the agent had stopped waiting")
             return
         if not isinstance(name, str) or RankKey.parse(name) is None:
-            self._spawned(peer, name, error=f"{name!r} cannot name a spool directory")
+            self._spawned(peer, name, error=f"{name!r} cannot name a spool")
             return
         account = None
         try:

@@ -10,7 +10,7 @@ stream socket).  A line that is not a valid message is logged and dropped::
                       {"op": "spawned", "spool": NAME, "pid", "start_time", "error": null or a reason}
                       {"op": "exited", "spool": NAME, "pid", "exit_code", "signal"}
 
-NAME is a spool directory's name under ``<state_dir>/jobs``.  ``deadline``
+NAME is a spool's name under ``<state_dir>/jobs`` (see runner.py).  ``deadline``
 (CLOCK_MONOTONIC, the same clock in every process) is when the agent stops
 waiting for the answer; the keeper refuses a later SPAWN, so a rank the agent
 gave up on and started another way never runs twice.  The agent does not block
@@ -35,11 +35,11 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 
-from ..daemon import atomic_write, module_env
+from ..daemon import module_env, write_whole
 
 SOCKET_FILE = "keeper.sock"
 LOG_FILE = "keeper.log"
-#: In a rank's spool directory: how it ended, as JSON {"exit_code", "signal", "reason"}.
+#: A rank's spool file of how it ended, as JSON {"exit_code", "signal", "reason"}.
 STATUS_FILE = "status"
 #: Seconds the agent waits for an answer: a keeper this slow is taken for gone.
 REPLY_TIMEOUT = 10.0
@@ -111,10 +111,19 @@ def on_short_path(path: str, act):
         os.close(fd)
 
 
+def spool_file(spool: str, what: str) -> str:
+    """The file of a rank's spool (``<jobs dir>/<name>``) holding ``what``: a Stream's value, STATUS_FILE or
+    the spawn record."""
+    return f"{spool}.{what}"
+
+
 def write_status(spool: str, exit_code: int | None, signum: int | None, reason: str | None = None) -> None:
-    """Record how a rank ended, atomically (a crash leaves no half-written file); raises OSError."""
-    atomic_write(os.path.join(spool, STATUS_FILE),
-                 json.dumps({"exit_code": exit_code, "signal": signum, "reason": reason}))
+    """Record how a rank ended, in one write (an empty or torn file reads as no status); raises OSError.
+
+    The status of a spool is written once per dispatch (a re-dispatch removes the old one first).
+    """
+    write_whole(spool_file(spool, STATUS_FILE),
+                json.dumps({"exit_code": exit_code, "signal": signum, "reason": reason}))
 
 
 class KeeperLost(Exception):
@@ -196,7 +205,7 @@ class KeeperLink:
         self._send(encode(Op.LEASE, seconds=seconds), time.monotonic() + REPLY_TIMEOUT)
 
     def spawn(self, spool: str, command: str, cwd: str, env: dict[str, str], run_as: dict | None = None) -> None:
-        """Ask for a rank whose spool directory is named ``spool`` (as the account ``run_as``, if given);
+        """Ask for a rank whose spool is named ``spool`` (as the account ``run_as``, if given);
         the answer comes from events() as Spawned.
 
         Not waiting for it spares the agent a round trip per rank.  KeeperLost when

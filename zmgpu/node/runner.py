@@ -1,8 +1,10 @@
 """One job rank on this node: spawn it in its own session, spool its output, signal it, reap it.
 
-A rank's stdout and stderr go to files under
-``<state_dir>/jobs/<job_id>.<rank>.<attempt>/`` (a requeued job runs again as a
-new attempt, beside the old one).  The agent forwards them to the master from a
+A rank's files lie side by side in ``<state_dir>/jobs/``, each named
+``<job_id>.<rank>.<attempt>.<what>`` (its spool; a requeued job runs again as a
+new attempt, beside the old one): ``stdout``, ``stderr``, its spawn record and
+its exit status.  No directory per rank: creating one cost as much as all of a
+trivial job's other file work together.  The agent forwards them to the master from a
 sent offset per stream, so the spool file is the buffer: a slow or absent master
 loses nothing, and a RESEND only moves the offset back.  When a rank ends its
 exit status is written next to its output, so a RESEND that arrives after the
@@ -13,7 +15,7 @@ it from the agent's next REGISTER (:func:`zmgpu.node.spools.recent_ends`).
 Ranks outlive their agent: the node's job keeper (keeper.py), not the agent,
 is their parent, and it writes each rank's exit status the moment it ends.  Once
 a rank started the agent records who its process is (:class:`SpawnRecord`), and
-removes that record once the master has the rank's end, so that a successor
+empties that record once the master has the rank's end, so that a successor
 takes over exactly the ranks still unreported (:meth:`RankProcess.adopt`): it
 tails their output from offset 0 and signals their process groups, learns the
 end of a running one from the keeper, and that of one that ended meanwhile from
@@ -35,15 +37,18 @@ import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from ..daemon import write_whole
 from ..model import JOB_ID_PATTERN, has_type, is_job_id
 from ..protocol import CHUNK_BYTES, Stream
-from .keeper_link import STATUS_FILE, KeeperLink, write_status
+from .keeper_link import STATUS_FILE, KeeperLink, spool_file, write_status
 from .sweep import ATTEMPT_VAR, JOB_ID_VAR, proc_stat
 from .users import START_ERRORS, Refusal, RunAs, missing_directory, start_error, start_rank
 
 _SPOOL_NAME = re.compile(rf"({JOB_ID_PATTERN})\.([0-9]+)\.([0-9]+)")
-#: Written at spawn and removed once the master has the rank's end: the :class:`SpawnRecord` a
-#: restarted agent takes the rank over by.
+#: Written at spawn and emptied once the master has the rank's end: the :class:`SpawnRecord` a
+#: restarted agent takes the rank over by.  Emptied, not removed: where ext4 runs without a journal,
+#: each inode removed makes the file creations after it dearer for a minute or more (the allocator
+#: steps over recently freed inodes one by one), and a busy node starts hundreds of ranks a second.
 PROCESS_FILE = "process"
 
 #: Reasons for the end of a rank taken over without a keeper that knew it: its exit status is lost.
@@ -64,22 +69,22 @@ class RankKey(NamedTuple):
     attempt: int
 
     def valid(self) -> bool:
-        """True for a well-formed key; it names a spool directory, so nothing else may pass."""
+        """True for a well-formed key; it names spool files, so nothing else may pass."""
         return is_job_id(self.job_id) and is_count(self.rank) and is_count(self.attempt)
 
     @classmethod
     def parse(cls, name: str) -> "RankKey | None":
-        """The key a spool directory's name stands for; None for any other name."""
+        """The key a spool's name stands for; None for any other name."""
         match = _SPOOL_NAME.fullmatch(name)
         return cls(match[1], int(match[2]), int(match[3])) if match else None
 
     @property
     def name(self) -> str:
-        """Name of the rank's spool directory."""
+        """Name of the rank's spool: the common front of its files' names."""
         return f"{self.job_id}.{self.rank}.{self.attempt}"
 
     def spool(self, state_dir: str) -> str:
-        """Where this rank's output and exit status live."""
+        """Where this rank's output and exit status live: the path its files' names extend (see spool_file)."""
         return os.path.join(state_dir, "jobs", self.name)
 
     def wire(self) -> dict:
@@ -91,18 +96,27 @@ class RankKey(NamedTuple):
         return f"job {self.job_id} rank {self.rank}{retry}"
 
 
+#: What a spool's files may hold, after the rank's name.
+SPOOL_PARTS = (*(stream.value for stream in Stream), STATUS_FILE, PROCESS_FILE)
+
+
 def spool_keys(state_dir: str) -> list[RankKey]:
-    """The key of every spool directory under ``state_dir``, in name order."""
+    """The key of every spool under ``state_dir`` (a rank with any file there), in name order."""
     try:
-        names = sorted(os.listdir(os.path.join(state_dir, "jobs")))
+        names = os.listdir(os.path.join(state_dir, "jobs"))
     except OSError:
         return []
-    return [key for key in map(RankKey.parse, names) if key is not None]
+    keys = set()
+    for name in names:
+        stem, _, part = name.rpartition(".")
+        if part in SPOOL_PARTS and (key := RankKey.parse(stem)) is not None:
+            keys.add(key)
+    return sorted(keys, key=lambda key: key.name)
 
 
 def load_status(spool: str) -> dict:
     """The exit status a rank's end recorded; OSError, or ValueError for a file that is not one."""
-    with open(os.path.join(spool, STATUS_FILE)) as fh:
+    with open(spool_file(spool, STATUS_FILE)) as fh:
         status = json.load(fh)
     if not isinstance(status, dict):
         raise ValueError(f"{STATUS_FILE} is not an exit status")
@@ -139,7 +153,7 @@ class SpawnRecord:
     @classmethod
     def load(cls, spool: str) -> "SpawnRecord":
         """Read the record; OSError, or ValueError for a file that is not one."""
-        with open(os.path.join(spool, PROCESS_FILE)) as fh:
+        with open(spool_file(spool, PROCESS_FILE)) as fh:
             fields = json.load(fh)
         try:
             record = cls(**fields)
@@ -152,17 +166,10 @@ class SpawnRecord:
         return record
 
     def save(self, spool: str) -> None:
-        """Write the record in one write(2) to a new file: an agent killed meanwhile leaves all of it or none.
-
-        Cheaper than a temporary file and a rename, and as safe here: the spool never
-        holds an older record (a re-dispatch removes it), and a record torn by a
-        system crash reads as none (see :meth:`RankProcess.adopt`).
-        """
-        fd = os.open(os.path.join(spool, PROCESS_FILE), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, json.dumps(dataclasses.asdict(self)).encode())
-        finally:
-            os.close(fd)
+        """Write the record in one write(2) (see daemon.write_whole): the spool never holds an older record
+        (a re-dispatch removes it), and a record torn by a system crash reads as none (see
+        :meth:`RankProcess.adopt`)."""
+        write_whole(spool_file(spool, PROCESS_FILE), json.dumps(dataclasses.asdict(self)))
 
     def alive(self) -> bool:
         """True while this very process runs; a zombie has ended, a new process with its pid is not it."""
@@ -333,23 +340,20 @@ class RankProcess:
         return rank_proc
 
     def _create_spool(self) -> None:
-        """The spool directory, without the end and the spawn record of an earlier dispatch.
+        """Make room for the rank's files: the jobs directory, without the end and the spawn record of an
+        earlier dispatch.
 
         Whoever starts the rank creates and empties the output files (a re-dispatched
-        rank starts over), so they are left alone here.  Each step is a file-system
-        metadata operation, the main cost of a short job: a new spool needs one.
+        rank starts over), so they are left alone here.  Creating a file is the main
+        cost of a short job, so nothing is created here.
         """
-        try:
-            os.mkdir(self.spool)
-        except FileNotFoundError:
-            os.makedirs(self.spool, exist_ok=True)    # the node's first rank: no jobs directory yet
-        except FileExistsError:
-            for name in (STATUS_FILE, PROCESS_FILE):
-                _unlink(os.path.join(self.spool, name))
+        os.makedirs(os.path.dirname(self.spool), exist_ok=True)
+        for name in (STATUS_FILE, PROCESS_FILE):
+            remove_file(spool_file(self.spool, name))
 
     def _open_readers(self) -> None:
         for stream in Stream:
-            self._readers[stream] = os.open(os.path.join(self.spool, stream.value), os.O_RDONLY)
+            self._readers[stream] = os.open(spool_file(self.spool, stream.value), os.O_RDONLY)
 
     def _record_spawn(self, pid: int, start_time: int | None) -> None:
         self.spawned = SpawnRecord.of(pid, self.kill_grace, start_time, self.master_port)
@@ -507,7 +511,20 @@ class RankProcess:
     def forget(self) -> None:
         """The rank's end is on its way to the master: close, and let no later agent take the rank over."""
         self.close()
-        _unlink(os.path.join(self.spool, PROCESS_FILE))
+        forget_spawn(self.spool)
+
+
+def forget_spawn(spool: str) -> None:
+    """Empty a spool's spawn record: its rank is reported, and an empty record reads as none."""
+    try:
+        os.truncate(spool_file(spool, PROCESS_FILE), 0)
+    except FileNotFoundError:
+        pass
+
+
+def unreported(spool: str) -> bool:
+    """True while a spool's rank has a spawn record: the master may not have heard it end."""
+    return file_size(spool_file(spool, PROCESS_FILE)) > 0
 
 
 def declared_memory(ranks) -> dict[int, int]:
@@ -542,7 +559,8 @@ def _job_marks(key: RankKey, gpu_indices: list[int], node_id: str) -> dict[str, 
     }
 
 
-def _unlink(path: str) -> None:
+def remove_file(path: str) -> None:
+    """Remove ``path`` if it is there."""
     try:
         os.unlink(path)
     except FileNotFoundError:

@@ -1,4 +1,4 @@
-"""The node's spool directories as a whole: what a restarted agent takes over, reports, and removes.
+"""The node's spools as a whole: what a restarted agent takes over, reports, and removes.
 
 Each rank's spool (see runner.py) outlives the rank: a restarted agent takes
 over the ranks its predecessor left unreported, a REGISTER lists the ranks that
@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 
 from ..protocol import Stream
-from .keeper_link import STATUS_FILE
-from .runner import PROCESS_FILE, RankKey, RankProcess, file_size, load_status, spool_keys
+from .keeper_link import STATUS_FILE, spool_file
+from .runner import (SPOOL_PARTS, RankKey, RankProcess, file_size, load_status, remove_file, spool_keys,
+                     unreported)
 
 
 def adopt_leftovers(state_dir: str, kept: dict[str, int], log: logging.Logger) -> dict[RankKey, RankProcess]:
@@ -54,12 +54,12 @@ def recent_ends(state_dir: str, since: float, skip) -> list[dict]:
             continue
         spool = key.spool(state_dir)
         try:
-            if os.stat(os.path.join(spool, STATUS_FILE)).st_mtime < since:
+            if os.stat(spool_file(spool, STATUS_FILE)).st_mtime < since:
                 continue
             status = load_status(spool)
         except (OSError, ValueError):
             continue
-        sizes = {stream.value: file_size(os.path.join(spool, stream.value)) for stream in Stream}
+        sizes = {stream.value: file_size(spool_file(spool, stream.value)) for stream in Stream}
         entries.append({**key.wire(), "ended": True, **status, "sizes": sizes})
     return entries
 
@@ -74,12 +74,14 @@ def prune_spools(state_dir: str, before: float, keep) -> int:
     removed = 0
     for key in spool_keys(state_dir):
         spool = key.spool(state_dir)
-        if key in keep or os.path.exists(os.path.join(spool, PROCESS_FILE)):
+        if key in keep or unreported(spool):
             continue
         try:
-            if os.stat(os.path.join(spool, STATUS_FILE)).st_mtime >= before:
+            if os.stat(spool_file(spool, STATUS_FILE)).st_mtime >= before:
                 continue
-            shutil.rmtree(spool)
+            # The status goes last: a spool left half removed is still found, and removed, next round.
+            for part in sorted(SPOOL_PARTS, key=lambda part: part == STATUS_FILE):
+                remove_file(spool_file(spool, part))
         except OSError:
             continue    # no end recorded yet, or it could not be removed: left for the next round
         removed += 1

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from ..protocol import Stream
+from .keeper_link import spool_file
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def start_rank(spool: str, command: str, env: dict, account: Account | None, cwd
     outputs = []
     try:
         for stream in Stream:
-            outputs.append(os.open(os.path.join(spool, stream.value), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+            outputs.append(os.open(spool_file(spool, stream.value), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
         return subprocess.Popen(["/bin/sh", "-c", command], env=env, stdin=stdin, stdout=outputs[0],
                                 stderr=outputs[1], start_new_session=True, close_fds=True,
                                 **popen_options(account, cwd))
