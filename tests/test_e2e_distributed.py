@@ -102,6 +102,17 @@ def test_a_failing_rank_stops_the_others_and_is_named(duo):
     assert job["exit_code"] == 3
 
 
+def test_the_first_nodes_rank_ending_at_once_settles_the_others(duo, tmp_path):
+    """Rank 0 names the rendezvous port to the other nodes; ending before that port went out changes nothing."""
+    job_id = duo.submit('if [ "$NODE_RANK" = 0 ]; then exit 4; fi; exec sleep 300', "--gpus", "4")
+    job = duo.wait_job_state(job_id, ["FAILED"], timeout=30)
+    assert job["reason"] == "rank 0 on n1: exited with code 4"
+    job_id = duo.submit('echo "$MASTER_PORT" > "rank.$NODE_RANK"', "--gpus", "4", cwd=tmp_path)
+    assert duo.wait_job_state(job_id, ["COMPLETED"], timeout=30)["state"] == "COMPLETED"
+    ports = {(tmp_path / f"rank.{n}").read_text() for n in (0, 1)}
+    assert len(ports) == 1 and ports.pop().strip().isdigit()
+
+
 def test_label_prefixes_each_line_with_its_rank(duo):
     proc = duo.cli("submit", "-i", "--label", "--gpus", "4", "--per-gpu", 'echo "one $RANK"; echo "two $RANK"')
     lines = proc.stdout.splitlines()

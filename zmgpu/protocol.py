@@ -61,7 +61,7 @@ class MsgType(enum.Enum):
     HEARTBEAT = b"HEARTBEAT"      # also sent master -> node
     JOB_STARTED = b"JOB_STARTED"  # process spawned (pid)
     OUTPUT = b"OUTPUT"            # output chunk at a byte offset (+1 payload frame)
-    JOB_ENDED = b"JOB_ENDED"      # exit status and final output sizes
+    JOB_ENDED = b"JOB_ENDED"      # exit status and final output sizes (with the pid if it ended first)
 
     # master -> node
     REGISTERED = b"REGISTERED"    # registration accepted

@@ -11,7 +11,7 @@ import logging
 import time
 
 from .. import protocol
-from ..model import JobState, format_duration
+from ..model import JobState, format_duration, has_type
 from ..protocol import Message, MsgType
 from . import allocator
 from .output import STREAMS, OutputSpool
@@ -301,8 +301,11 @@ class JobService:
         """Ask every node holding a live rank of ``job`` to stop it; ranks never dispatched just end."""
         job.kill_sent = time.time()
         body = {"job_id": job.job_id, "attempt": job.attempt, "reason": reason}
+        # Ranks whose DISPATCH waits for the end of this turn would reach their node after the KILL.
+        unsent = {rank for queued, attempt, ranks in self.to_dispatch if queued is job and attempt == job.attempt
+                  for rank in ranks}
         for rank, part in job.live_ranks():
-            if part.held_back:
+            if part.held_back or rank in unsent:
                 part.ended, part.reason = True, f"not started: {reason}"
                 self._release(job, rank)
         for node_id in {r.node_id for _, r in job.live_ranks()}:
@@ -370,10 +373,13 @@ class JobService:
         found = self._rank_from(identity, msg.body)
         if not found:
             return
-        job, part = found
-        part.pid = msg.body["pid"]
+        self._started(*found, msg.body)
+
+    def _started(self, job: JobRecord, part: RankRecord, body: dict) -> None:
+        """Record a rank's start (from JOB_STARTED, or from the JOB_ENDED of a rank that ended first)."""
+        part.pid = body["pid"]
         self.store.job_changed(job)
-        port = msg.body.get("master_port")
+        port = body.get("master_port")
         held = [i for i, r in job.live_ranks() if r.held_back]
         if held and part.node_id == job.ranks[0].node_id:
             job.master_port = port if isinstance(port, int) else None
@@ -413,6 +419,8 @@ class JobService:
         if isinstance(body.get("refused"), str):
             self.undo_start(job, f"node {found[1].node_id} refused it: {body['refused']}")
             return
+        if has_type(body.get("pid"), int) and found[1].pid is None:
+            self._started(job, found[1], body)   # it ended before its start went out: both come at once
         node = self.state.nodes.get(found[1].node_id)
         dirty = body.get("dirty_gpus")
         if node is not None and isinstance(dirty, list):

@@ -60,6 +60,44 @@ class SubmitLimits:
     max_time_limit: int | None = None
 
 
+@dataclass(frozen=True)
+class CheckedEnv:
+    """A job environment that passed the checks, with the content hash the store keeps it under."""
+
+    env: dict
+    env_id: str
+
+
+class Environments:
+    """Job environments, checked and hashed once for each user's run of equal ones.
+
+    A user's submits nearly always carry the same environment (their shell's), and
+    checking and hashing one costs more than the rest of a submit; an equal one
+    is also kept as the same dict, once in memory however many jobs carry it.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.last: dict[str, CheckedEnv] = {}    # user -> the environment of their latest submit
+
+    def checked(self, user: str, env) -> CheckedEnv:
+        """``env`` checked (RequestError TOO_LARGE, ValueError for a malformed one), with its hash."""
+        last = self.last.get(user)
+        if last is not None and env == last.env:
+            return last
+        if not isinstance(env, dict):
+            raise ValueError("the job's environment must map names to strings")
+        size = sum(len(str(k).encode()) + len(str(v).encode()) + 2 for k, v in env.items())
+        if size > self.max_bytes:
+            raise RequestError(ErrorCode.TOO_LARGE, f"the environment is {size} bytes; this master takes "
+                                                    f"at most {self.max_bytes} (max_env_bytes): "
+                                                    f"submit with a smaller environment")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise ValueError("the job's environment must map names to strings")
+        checked = self.last[user] = CheckedEnv(env, env_id(env))
+        return checked
+
+
 class ClientRequests:
     """Handlers for everything a ``zmgpu`` client may ask."""
 
@@ -70,6 +108,7 @@ class ClientRequests:
         self.registry = registry
         self.access = access
         self.limits = limits
+        self.environments = Environments(limits.max_env_bytes)
         self.exposed = exposed   # listening beyond loopback without keys (--insecure): every NODES reply says so
         self.outbox: list[Outgoing] = []
         self._new_jobs: list[str] = []   # jobs created by the request being served
@@ -197,18 +236,12 @@ class ClientRequests:
         return ({"job_id": base_id, "tasks": tasks},)
 
     def _check_sizes(self, spec: dict) -> None:
-        """Refuse a command or an environment over the limits (as the kernel counts them for exec)."""
-        command, env = spec.get("command"), spec.get("env")
+        """Refuse a command over the limit (as the kernel counts it for exec)."""
+        command = spec.get("command")
         if isinstance(command, str) and len(command.encode()) > self.limits.max_command_bytes:
             raise RequestError(ErrorCode.TOO_LARGE, f"the command is {len(command.encode())} bytes; this master "
                                                     f"takes at most {self.limits.max_command_bytes} "
                                                     f"(max_command_bytes)")
-        if isinstance(env, dict):
-            size = sum(len(str(k).encode()) + len(str(v).encode()) + 2 for k, v in env.items())
-            if size > self.limits.max_env_bytes:
-                raise RequestError(ErrorCode.TOO_LARGE, f"the environment is {size} bytes; this master takes "
-                                                        f"at most {self.limits.max_env_bytes} (max_env_bytes): "
-                                                        f"submit with a smaller environment")
 
     def _check_pending(self, user: str, adding: int) -> None:
         waiting, most = self.state.pending.count(user), self.limits.max_pending_per_user
@@ -219,15 +252,13 @@ class ClientRequests:
 
     def _template(self, user: str, spec: dict) -> JobRecord:
         """A job record from a SUBMIT body, checked field by field; ValueError names what is wrong."""
-        command, cwd, env = spec.get("command"), spec.get("cwd"), spec.get("env")
+        command, cwd = spec.get("command"), spec.get("cwd")
         gpus, pin_spec, priority = spec.get("gpus", 0), spec.get("node_gpu_ids"), spec.get("priority", 0)
         if not isinstance(command, str) or not command.strip():
             raise ValueError("the job has no command")
         if not isinstance(cwd, str) or not os.path.isabs(cwd):
             raise ValueError("the job's working directory must be an absolute path")
-        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                for k, v in env.items()):
-            raise ValueError("the job's environment must map names to strings")
+        env = self.environments.checked(user, spec.get("env"))
         if not has_type(gpus, int) or gpus < 0:
             raise ValueError("--gpus must be a whole number >= 0")
         if not has_type(priority, int):
@@ -256,7 +287,7 @@ class ClientRequests:
             raise ValueError("--gpu-mem must be a positive size, such as 800M or 12G")
         if gpu_mem is not None and not gpus:
             raise ValueError("--gpu-mem needs --gpus 1 or more: it is the memory the job needs on each of its GPUs")
-        return JobRecord(job_id="", seq=0, user=user, command=command, cwd=cwd, env=env, env_id=env_id(env),
+        return JobRecord(job_id="", seq=0, user=user, command=command, cwd=cwd, env=env.env, env_id=env.env_id,
                          gpus=gpus, gpu_mem_mb=gpu_mem, per_gpu=bool(spec.get("per_gpu")),
                          pins=pins, node_gpu_ids=pin_spec, interactive=bool(spec.get("interactive")),
                          name=name, priority=priority, time_limit=self._time_limit(spec.get("time_limit")),

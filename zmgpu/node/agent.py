@@ -185,7 +185,7 @@ class Agent:
             if self.telemetry.recheck_dirty():
                 self._send_heartbeat(now)
         if self.registered:
-            moved, reported = pump(self.ranks, self._send, self.telemetry.dirty_for)
+            moved, reported = pump(self.ranks, self._send, self.telemetry.dirty_for, now)
             busy |= moved
             for rank in reported:
                 # The master now holds these GPUs dirty: their cleaning will be news.
@@ -264,6 +264,7 @@ class Agent:
             RankProcess.spawn, state_dir=self.config.state_dir, node_id=self.node_id, key=key,
             command=body["command"], cwd=body["cwd"], env=body["env"], gpu_indices=indices,
             kill_grace=body["kill_grace"], master_port=port,
+            hosts_rendezvous=port is not None and (body.get("launch") or {}).get("NNODES", "1") != "1",
             run_as=self.users.run_as(body.get("user"), body.get("allow_root") is True))
         for _ in range(2):      # the keeper reached again after a broken link gets one more try
             if self.keeper is None:

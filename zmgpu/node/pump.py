@@ -1,5 +1,8 @@
 """The node agent's output pump: each rank's start, new output and end go to the master, in that order.
 
+A rank that ends within START_HOLD of its start (see runner.py) sends no start of
+its own: its JOB_ENDED carries the pid and the rendezvous port.
+
 The spool files are the buffer: a send that would block stops the pump until
 the agent's next turn, the per-stream offsets say what went out, and nothing is
 lost while the master is slow or away.  A budget per turn keeps heartbeats and
@@ -21,12 +24,14 @@ PUMP_BUDGET = 4 * 1024 * 1024
 Send = Callable[..., bool]   # send(type, body, *payload) -> False when it would block
 
 
-def pump(ranks: dict[RankKey, RankProcess], send: Send,
-         dirty_for: Callable[[str, list[int]], list[int]]) -> tuple[bool, list[RankProcess]]:
+def pump(ranks: dict[RankKey, RankProcess], send: Send, dirty_for: Callable[[str, list[int]], list[int]],
+         now: float) -> tuple[bool, list[RankProcess]]:
     """Send what each rank owes the master; (anything went out, ranks whose end was sent and are forgotten).
 
     Ranks whose end went out are removed from ``ranks``.  ``dirty_for(job id, GPU indices)`` says which of
-    a rank's GPUs still hold its job's processes, as things are when its end goes out.
+    a rank's GPUs still hold its job's processes, as things are when its end goes out.  A rank's start
+    waits until ``announce_by`` (``now`` being the monotonic time) for its end, which then carries it,
+    unless output must go first.
     """
     budget = PUMP_BUDGET
     sent = False
@@ -34,7 +39,9 @@ def pump(ranks: dict[RankKey, RankProcess], send: Send,
     for key, rank in list(ranks.items()):
         if rank.pending:
             continue    # JOB_STARTED waits for the keeper's answer
-        if not rank.start_reported:
+        if not rank.start_reported and not rank.ended:
+            if now < rank.announce_by and not rank.has_unsent():
+                continue
             if not send(MsgType.JOB_STARTED, {**key.wire(), "pid": rank.pid, "master_port": rank.master_port}):
                 break
             rank.start_reported = sent = True
@@ -57,7 +64,7 @@ def pump(ranks: dict[RankKey, RankProcess], send: Send,
             rank.dirty_gpus = dirty_for(key.job_id, rank.gpu_indices)
             if not send(MsgType.JOB_ENDED, rank.ended_body()):
                 break
-            sent = True
+            rank.start_reported = sent = True
             rank.forget()
             del ranks[key]
             reported.append(rank)

@@ -44,6 +44,11 @@ from .keeper_link import STATUS_FILE, KeeperLink, spool_file, write_status
 from .sweep import ATTEMPT_VAR, JOB_ID_VAR, proc_stat
 from .users import START_ERRORS, Refusal, RunAs, missing_directory, start_error, start_rank
 
+#: Seconds a rank's JOB_STARTED waits for its end, so that a rank this short sends one message, not two
+#: (each costs the agent and the master a wake-up of two threads).  Nothing waits on it: the master counts
+#: a dispatched job as running, and the rendezvous host of a multi-node job announces at once.
+START_HOLD = 0.01
+
 _SPOOL_NAME = re.compile(rf"({JOB_ID_PATTERN})\.([0-9]+)\.([0-9]+)")
 #: Written at spawn and emptied once the master has the rank's end: the :class:`SpawnRecord` a
 #: restarted agent takes the rank over by.  Emptied, not removed: where ext4 runs without a journal,
@@ -204,7 +209,9 @@ class RankProcess:
     reason: str | None = None
     reaped: bool = False                   # its exit status is known; poll() ends the rank
     ended: bool = False
-    start_reported: bool = False           # JOB_STARTED is on its way to the master
+    start_reported: bool = False           # JOB_STARTED (or a JOB_ENDED that carries the start) went out
+    announce_by: float = 0.0               # monotonic time by which JOB_STARTED must go, if it has not ended
+    hosts_rendezvous: bool = False         # other nodes' ranks wait for its JOB_STARTED (the port): no hold
     killed: bool = False                   # a KILL came: its end must leave no process of the job behind
     kill_deadline: float | None = None     # monotonic time for SIGKILL after a KILL
     gpu_mem_mb: int | None = None          # the --gpu-mem it declared (None: its GPUs are its own)
@@ -220,7 +227,8 @@ class RankProcess:
     @classmethod
     def spawn(cls, *, state_dir: str, node_id: str, key: RankKey, command: str, cwd: str, env: dict,
               gpu_indices: list[int], kill_grace: float, keeper: KeeperLink | None,
-              run_as: RunAs = None, master_port: int | None = None) -> "RankProcess":
+              run_as: RunAs = None, master_port: int | None = None, hosts_rendezvous: bool = False
+              ) -> "RankProcess":
         """Start one rank (as ``run_as``: see users.py), through the keeper if there is one; a rank that
         cannot start comes back ended.
 
@@ -228,7 +236,8 @@ class RankProcess:
         passed to :meth:`started`.  Raises keeper_link.KeeperLost when the link to the keeper
         broke: the rank may have started.
         """
-        rank_proc = cls(key, key.spool(state_dir), node_id, list(gpu_indices), kill_grace, master_port=master_port)
+        rank_proc = cls(key, key.spool(state_dir), node_id, list(gpu_indices), kill_grace, master_port=master_port,
+                        hosts_rendezvous=hosts_rendezvous)
         try:
             rank_proc._create_spool()
         except OSError as exc:
@@ -364,6 +373,7 @@ class RankProcess:
 
     def _begin(self, pid: int, start_time: int | None) -> None:
         """The rank just started as ``pid``: record who it is and read its output from now on."""
+        self.announce_by = time.monotonic() + (0.0 if self.hosts_rendezvous else START_HOLD)
         self._record_spawn(pid, start_time)
         try:
             self._open_readers()
@@ -495,8 +505,9 @@ class RankProcess:
         return True
 
     def ended_body(self) -> dict:
-        """Body of the JOB_ENDED message, with the final output sizes."""
-        return {**self.key.wire(), "exit_code": self.exit_code,
+        """Body of the JOB_ENDED message, with the final output sizes (and the start, if still unreported)."""
+        start = {} if self.start_reported else {"pid": self.pid, "master_port": self.master_port}
+        return {**self.key.wire(), **start, "exit_code": self.exit_code,
                 "signal": self.signal, "reason": self.reason,
                 "sizes": {stream.value: self.sent[stream] for stream in Stream},
                 "peak_gpu_mem_mb": self.peak_gpu_mem_mb, "dirty_gpus": self.dirty_gpus,
