@@ -156,3 +156,21 @@ def test_a_rank_started_without_a_keeper_runs_as_one_the_keeper_starts(tmp_path)
                                cwd=str(tmp_path), command="true", env={"BAD=NAME": "x"}, gpu_indices=[],
                                kill_grace=1, keeper=None)
     assert failed.ended and failed.pid is None and "cannot start the job on node n1" in failed.reason
+
+
+def test_a_job_starts_clean_whoever_starts_it(pair, workdir, tmp_path):
+    """Default SIGPIPE (a pipeline's writer ends quietly), no inherited descriptors, the job's own directory,
+    whether the keeper starts it or the agent does (no keeper)."""
+    command = 'yes | head -c 4; ls /proc/self/fd > fds; pwd > where'
+    job_id = pair.submit(f"({command}) > out 2> err", "--gpus", "1", cwd=workdir)
+    assert pair.wait_job_state(job_id, FINISHED)["state"] == "COMPLETED"
+    key = RankKey("0badcafe", 0, 0)
+    rank = RankProcess.spawn(state_dir=str(tmp_path), node_id="n1", key=key, cwd=str(tmp_path),
+                             command=f"({command}) > out 2> err", env={"PATH": os.environ["PATH"]},
+                             gpu_indices=[], kill_grace=1, keeper=None)
+    poll(rank.poll, 10, "the rank to end")
+    for where in (workdir, tmp_path):
+        assert ((where / "out").read_text(), (where / "err").read_text()) == ("y\ny\n", ""), where
+        # 0, 1 and 2, and the directory ls itself is reading.
+        assert set((where / "fds").read_text().split()) <= {"0", "1", "2", "3"}, where
+        assert (where / "where").read_text().strip() == str(where)

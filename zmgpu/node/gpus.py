@@ -201,7 +201,8 @@ class SimulatedSource(GpuSource):
             except SimulationError:
                 return self.samples
             self.samples = [_simulated_sample(i, e) for i, e in enumerate(entries[:len(self.info)])]
-        return self.samples
+        # A quick look reads only the GPUs asked about, as NVML's does.
+        return self.samples if indices is None else [s for s in self.samples if s.index in indices]
 
     def _read(self) -> list[dict]:
         import yaml  # lazily: only a node simulating GPUs from a file reads YAML here

@@ -29,7 +29,6 @@ import selectors
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from ..daemon import SignalPipe, StateDirBusy, lock_state_dir, setup_logging
 from .keeper_link import Op, encode, on_short_path, socket_path, take_messages, write_status
 from .runner import RankKey
 from .sweep import JobProcesses, proc_stat
-from .users import START_ERRORS, Account, start_error, start_rank
+from .users import START_ERRORS, Account, Started, start_error, start_rank
 
 LOCK_FILE = "keeper.lock"
 #: Seconds without ranks or agents before the keeper exits.
@@ -54,7 +53,7 @@ _PEERCRED = struct.Struct("3i")
 
 @dataclass
 class Child:
-    popen: subprocess.Popen
+    popen: Started
     spool: str
 
 
@@ -204,9 +203,9 @@ class Keeper:
         account = None
         try:
             account = Account.from_wire(msg.get("run_as"))
-            # This loop is the keeper's only thread, so the chdir that popen_options runs before exec is safe.
+            # This loop is the keeper's only thread, so entering the rank's directory around the spawn is safe.
             popen = start_rank(os.path.join(self.jobs_dir, name), msg["command"], msg["env"], account, msg["cwd"],
-                               stdin=self.devnull)
+                               stdin=self.devnull, all_cloexec=True)
         except START_ERRORS as exc:
             self._spawned(peer, name, error=start_error(exc, account, msg["cwd"]))
             return

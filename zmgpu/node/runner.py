@@ -26,13 +26,11 @@ a rank the agent's own child, or, after a restart, a process watched through
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
 import signal
 import socket
-import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -42,7 +40,7 @@ from ..model import JOB_ID_PATTERN, has_type, is_job_id
 from ..protocol import CHUNK_BYTES, Stream
 from .keeper_link import STATUS_FILE, KeeperLink, spool_file, write_status
 from .sweep import ATTEMPT_VAR, JOB_ID_VAR, proc_stat
-from .users import START_ERRORS, Refusal, RunAs, missing_directory, start_error, start_rank
+from .users import START_ERRORS, Refusal, RunAs, Started, missing_directory, start_error, start_rank
 
 #: Seconds a rank's JOB_STARTED waits for its end, so that a rank this short sends one message, not two
 #: (each costs the agent and the master a wake-up of two threads).  Nothing waits on it: the master counts
@@ -174,7 +172,7 @@ class SpawnRecord:
         """Write the record in one write(2) (see daemon.write_whole): the spool never holds an older record
         (a re-dispatch removes it), and a record torn by a system crash reads as none (see
         :meth:`RankProcess.adopt`)."""
-        write_whole(spool_file(spool, PROCESS_FILE), json.dumps(dataclasses.asdict(self)))
+        write_whole(spool_file(spool, PROCESS_FILE), json.dumps(vars(self)))
 
     def alive(self) -> bool:
         """True while this very process runs; a zombie has ended, a new process with its pid is not it."""
@@ -201,7 +199,7 @@ class RankProcess:
     node_id: str = ""                      # for the reason of a rank that cannot start
     gpu_indices: list[int] = field(default_factory=list)
     kill_grace: float = 10.0
-    proc: subprocess.Popen | None = None   # set only for our own child, which waitpid reaps
+    proc: Started | None = None            # set only for our own child, which waitpid reaps
     kept: bool = False                     # the keeper is its parent (or asked to be): it reports the end
     spawned: SpawnRecord | None = None     # set for every rank that ran, adopted ones included
     exit_code: int | None = None

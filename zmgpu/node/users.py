@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import os
 import pwd
+import signal
 import stat
 import subprocess
 from dataclasses import dataclass
@@ -130,24 +131,67 @@ class UserPolicy:
 #: cannot take, NUL or '=' in a name; SubprocessError: the working directory could not be entered).
 START_ERRORS = (OSError, ValueError, TypeError, subprocess.SubprocessError)
 
+#: Signals Python ignores for itself, which an exec'd program would inherit ignored (Popen restores them too).
+_DEFAULT_IN_JOBS = (signal.SIGPIPE, signal.SIGXFSZ)
+
+
+class SpawnedRank:
+    """A rank started with posix_spawn: the parts of a Popen its starters use (pid, returncode, poll)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        """The exit code (negative: the signal) once the process has ended and is reaped here, else None."""
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+Started = Union[subprocess.Popen, SpawnedRank]
+
 
 def start_rank(spool: str, command: str, env: dict, account: Account | None, cwd: str,
-               stdin=subprocess.DEVNULL) -> subprocess.Popen:
+               stdin: int = subprocess.DEVNULL, all_cloexec: bool = False) -> Started:
     """Start a rank: ``/bin/sh -c COMMAND`` in a session of its own, as ``account`` (None: as this process),
     its stdout and stderr going to the spool's files, emptied first (a re-dispatched rank starts over).
 
-    The one way ranks start, by the keeper or (without one) by the agent itself.
+    The one way ranks start, by the keeper or (without one) by the agent itself.  A caller whose
+    every descriptor but 0, 1 and 2 is close-on-exec (``all_cloexec``: the keeper, started with
+    close_fds and opening nothing inheritable) starts its own user's ranks with posix_spawn, about half
+    the CPU of a Popen (no error pipe, no sweep of descriptors); it enters the working directory
+    around the spawn, so it must have no other thread using relative paths.  Otherwise, and for
+    another user's rank (its uid, gid and groups), Popen.
     """
     outputs = []
     try:
         for stream in Stream:
             outputs.append(os.open(spool_file(spool, stream.value), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
-        return subprocess.Popen(["/bin/sh", "-c", command], env=env, stdin=stdin, stdout=outputs[0],
-                                stderr=outputs[1], start_new_session=True, close_fds=True,
-                                **popen_options(account, cwd))
+        argv = ["/bin/sh", "-c", command]
+        if account is not None or not all_cloexec:
+            return subprocess.Popen(argv, env=env, stdin=stdin, stdout=outputs[0], stderr=outputs[1],
+                                    start_new_session=True, close_fds=True, **popen_options(account, cwd))
+        if stdin == subprocess.DEVNULL:
+            outputs.append(stdin := os.open(os.devnull, os.O_RDONLY))
+        return SpawnedRank(_spawn_in(cwd, argv, env, [stdin, *outputs[:2]]))
     finally:
         for fd in outputs:
             os.close(fd)
+
+
+def _spawn_in(cwd: str, argv: list[str], env: dict, stdio: list[int]) -> int:
+    """posix_spawn ``argv`` in ``cwd`` with ``stdio`` as its fds 0, 1 and 2, in a new session; its pid."""
+    here = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.chdir(cwd)
+        return os.posix_spawn(argv[0], argv, env, setsid=True, setsigdef=_DEFAULT_IN_JOBS, setsigmask=(),
+                              file_actions=[(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio)])
+    finally:
+        os.fchdir(here)
+        os.close(here)
 
 
 def popen_options(account: Account | None, cwd: str) -> dict:
