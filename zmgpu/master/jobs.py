@@ -66,6 +66,7 @@ class JobService:
         """A new or requeued job joins the pending queue."""
         self.state.jobs[job.job_id] = job
         self.state.pending.add(job)
+        self.spool.starts_empty(job.job_id)
         self.unreasoned.add(job.job_id)
         self.track_dependencies(job)
         self.dirty = True
