@@ -7,13 +7,14 @@ jobs it left keep being watched.  Its socket drops what is not a valid message.
 """
 
 import json
+import logging
 import os
 import signal
 import socket
 
 from conftest import FINISHED, pid_alive, poll, written
 from helpers import STDERR_MARKER, hold_sh, job_command, pattern_chunks, release
-from zmgpu.node.keeper_link import on_short_path, spool_file
+from zmgpu.node.keeper_link import SPOOL_LAYOUT, KeeperLink, on_short_path, spool_file
 from zmgpu.node.runner import RankKey, RankProcess
 
 #: Long enough that the master still counts the jobs as running when the new agent registers.
@@ -174,3 +175,15 @@ def test_a_job_starts_clean_whoever_starts_it(pair, workdir, tmp_path):
         # 0, 1 and 2, and the directory ls itself is reading.
         assert set((where / "fds").read_text().split()) <= {"0", "1", "2", "3"}, where
         assert (where / "where").read_text().strip() == str(where)
+
+
+def test_a_keeper_reports_the_spool_layout_it_writes(tmp_path):
+    """An agent upgraded while an older keeper runs on must know not to ask it for ranks (see SPOOL_LAYOUT)."""
+    link = KeeperLink.open(str(tmp_path), logging.getLogger("test.keeper"))
+    try:
+        assert (link.layout, link.outdated) == (SPOOL_LAYOUT, False)
+    finally:
+        link.close()
+        if link.process is not None:
+            link.process.terminate()
+            link.process.wait(10)

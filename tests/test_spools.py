@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import subprocess
 import time
 
 from zmgpu.node.keeper_link import STATUS_FILE, spool_file
-from zmgpu.node.runner import PROCESS_FILE, RankKey, spool_keys
-from zmgpu.node.spools import prune_spools
+from zmgpu.node.runner import PROCESS_FILE, RankKey, load_status, spool_keys
+from zmgpu.node.spools import adopt_leftovers, prune_spools
+from zmgpu.protocol import Stream
 
 DAY = 86400
 
@@ -44,3 +48,46 @@ def test_only_old_reported_spools_are_removed(tmp_path):
 
 def test_no_spool_directory_at_all(tmp_path):
     assert prune_spools(str(tmp_path / "missing"), time.time(), keep=set()) == 0
+
+
+def test_spools_of_an_older_layout_are_taken_over(tmp_path):
+    """A directory per rank (before the flat layout): moved to today's names, then adopted or left as reported."""
+    jobs = tmp_path / "jobs"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    record = {"pid": gone.pid, "pgid": gone.pid, "start_time": 1, "kill_grace": 1.0, "spawned_at": time.time(),
+              "master_port": None}
+    files = {"0000000a.0.0": {"stdout": "done\n", "stderr": "", "status": '{"exit_code": 0}'},
+             "0000000b.0.1": {"stdout": "ran\n", "stderr": "", "process": json.dumps(record),
+                              "status": '{"exit_code": 3, "signal": null, "reason": null}', "status.tmp77": "x"}}
+    for name, parts in files.items():
+        (jobs / name).mkdir(parents=True)
+        for part, text in parts.items():
+            (jobs / name / part).write_text(text)
+    log = logging.getLogger("test.spools")
+    adopted = adopt_leftovers(str(tmp_path), {}, log)
+    assert sorted(os.listdir(jobs)) == sorted(f"{name}.{part}" for name, parts in files.items()
+                                              for part in parts if not part.startswith("status."))
+    assert spool_keys(str(tmp_path)) == [RankKey("0000000a", 0, 0), RankKey("0000000b", 0, 1)]
+    # The reported one stays reported; the one whose end was never reported is, with the exit status it had.
+    [(key, rank)] = adopted.items()
+    assert key == RankKey("0000000b", 0, 1) and rank.poll() and rank.exit_code == 3
+    assert rank.read_chunk(Stream.STDOUT, 100) == b"ran\n"
+    rank.close()
+
+
+def test_the_agent_records_an_end_the_keeper_did_not(tmp_path):
+    """A keeper from an older zmgpu writes a moved spool's status where it no longer is: the agent writes it."""
+    key = RankKey("0000000c", 0, 0)
+    spool = key.spool(str(tmp_path))
+    os.makedirs(os.path.dirname(spool))
+    for stream in ("stdout", "stderr"):
+        open(spool_file(spool, stream), "wb").close()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    open(spool_file(spool, PROCESS_FILE), "w").write(json.dumps(
+        {"pid": gone.pid, "pgid": gone.pid, "start_time": 1, "kill_grace": 1.0, "spawned_at": time.time()}))
+    [rank] = adopt_leftovers(str(tmp_path), {key.name: gone.pid}, logging.getLogger("test.spools")).values()
+    rank.exited(5, None)
+    assert rank.poll() and load_status(spool)["exit_code"] == 5
+    rank.close()

@@ -73,13 +73,15 @@ def write_whole(path: str, text: str) -> None:
     """Create or empty ``path`` and write ``text`` in one write(2); raises OSError.
 
     Cheaper than :func:`atomic_write` (one file created, not two, and no rename), for
-    files nobody reads while they are written: a process killed meanwhile leaves all
-    of ``text`` or an empty file, and a system crash at worst a torn one, which the
-    reader must take for none.
+    files whose readers take an empty or unparsable one for none: a reader (or a
+    process killed meanwhile) may see the file empty, and a system crash may leave
+    it torn.
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.write(fd, text.encode())
+        data = memoryview(text.encode())
+        while data:
+            data = data[os.write(fd, data):]
     finally:
         os.close(fd)
 

@@ -75,6 +75,8 @@ DEFAULT_KILL_GRACE = 10.0
 EXIT_REFUSED = 2
 #: Seconds before trying again to reach a job keeper, after none could be reached or started.
 KEEPER_RETRY = 60.0
+#: Seconds an older keeper left with no rank and no agent takes to exit (its IDLE_EXIT, and some).
+OLD_KEEPER_EXIT = 3.0
 #: Seconds between looks for spools old enough to remove.
 PRUNE_INTERVAL = 3600.0
 #: Seconds between looks at a dirty GPU: a GPU freed a moment after its job ended goes back at once.
@@ -207,7 +209,10 @@ class Agent:
             return {}
         self.poller.register(self.keeper.fileno(), zmq.POLLIN)
         self.log.info("job keeper: pid %d, running %d job rank(s)", self.keeper.pid, len(self.keeper.ranks))
-        return self.keeper.ranks
+        if self.keeper.outdated:
+            self.log.warning("the job keeper is from an older zmgpu: it keeps the ranks it runs, and the agent "
+                             "starts new ones itself until they have ended and a new keeper can start")
+        return dict(self.keeper.ranks)
 
     def _keeper_lost(self, why: str) -> None:
         """The link to the keeper broke: reconnect (or start a new keeper) and learn how its ranks are doing."""
@@ -252,6 +257,11 @@ class Agent:
                     self._log_start(rank)
             elif isinstance(event, Exited) and rank.pid == event.pid:
                 rank.exited(event.exit_code, event.signal)
+        if self.keeper.outdated and not self.keeper.ranks:
+            # Left alone, it exits; the next rank that starts starts a keeper of this agent's zmgpu.
+            self.poller.unregister(self.keeper.fileno())
+            self.keeper.close()
+            self.keeper, self.keeper_retry_at = None, time.monotonic() + OLD_KEEPER_EXIT
 
     def _spawn(self, key: RankKey, body: dict, indices: list[int], port: int | None = None) -> RankProcess:
         """Start a rank through the keeper (reached again if need be), or as the agent's own child.
@@ -267,7 +277,7 @@ class Agent:
             hosts_rendezvous=port is not None and (body.get("launch") or {}).get("NNODES", "1") != "1",
             run_as=self.users.run_as(body.get("user"), body.get("allow_root") is True))
         for _ in range(2):      # the keeper reached again after a broken link gets one more try
-            if self.keeper is None:
+            if self.keeper is None or self.keeper.outdated:
                 break
             try:
                 rank_proc = spawn(keeper=self.keeper)
@@ -292,7 +302,10 @@ class Agent:
         if self.telemetry.dirty:
             kills.append(self.next_dirty_check)
         kills += [r.kill_deadline for r in self.ranks.values() if r.running and r.kill_deadline is not None]
-        timeout = math.ceil((min([deadline, *kills]) - time.monotonic()) * 1000)
+        now = time.monotonic()
+        # A start held back for its rank's end goes out when the hold is over, not at the next slow tick.
+        kills += [r.announce_by for r in self.ranks.values() if not r.start_reported and r.announce_by > now]
+        timeout = math.ceil((min([deadline, *kills]) - now) * 1000)
         if any(rank.running for rank in self.ranks.values()) or (self.registered and self.ranks):
             # Adopted ranks are not our children (no SIGCHLD), and output is found only by looking.
             timeout = min(timeout, math.ceil(self.tick_ms))
@@ -457,8 +470,9 @@ class Agent:
         self.registered = True
         self.backoff = BACKOFF_FIRST
         for rank in self.ranks.values():
-            # A JOB_STARTED still queued on the last connection died with it; the master takes it twice.
-            rank.start_reported = rank.start_reported and (rank.pid is None or rank.ended)
+            # A JOB_STARTED still queued on the last connection died with it: the next JOB_STARTED, or the
+            # JOB_ENDED, carries it again (the master takes a start twice; a rank that never ran has none).
+            rank.start_reported = rank.start_reported and rank.pid is None
         if self.keeper is not None and isinstance(body.get("dead_timeout"), (int, float)):
             try:
                 self.keeper.lease(body["dead_timeout"])

@@ -199,8 +199,9 @@ class SimulatedSource(GpuSource):
             try:
                 entries = self._read()
             except SimulationError:
-                return self.samples
-            self.samples = [_simulated_sample(i, e) for i, e in enumerate(entries[:len(self.info)])]
+                entries = None
+            if entries is not None:
+                self.samples = [_simulated_sample(i, e) for i, e in enumerate(entries[:len(self.info)])]
         # A quick look reads only the GPUs asked about, as NVML's does.
         return self.samples if indices is None else [s for s in self.samples if s.index in indices]
 

@@ -7,9 +7,9 @@ spawn its ranks: one keeper per state directory, started by an agent that finds
 none answering, in a session of its own so that it outlives that agent.
 
 The keeper only spawns, reaps and records.  For a SPAWN it starts the rank as
-the runner would (``/bin/sh -c``, a new session, output to files in the spool
-directory the agent made, as the account the agent names) and answers with its pid; when a rank ends it writes
-the exit status there (``status``, atomically) and tells the connected agents.
+the runner would (``/bin/sh -c``, a new session, output to the rank's spool
+files, as the account the agent names) and answers with its pid; when a rank ends it writes
+its exit status beside them (the spool's ``status`` file) and tells the connected agents.
 Signals, kills and output stay with the agent, which signals process groups
 itself.  A restarted agent connects to the keeper still there (HELLO is
 answered with the ranks it runs) and reads from the status files how the
@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..daemon import SignalPipe, StateDirBusy, lock_state_dir, setup_logging
-from .keeper_link import Op, encode, on_short_path, socket_path, take_messages, write_status
+from .keeper_link import SPOOL_LAYOUT, Op, encode, on_short_path, socket_path, take_messages, write_status
 from .runner import RankKey
 from .sweep import JobProcesses, proc_stat
 from .users import START_ERRORS, Account, Started, start_error, start_rank
@@ -163,7 +163,7 @@ class Keeper:
     def _on_hello(self, peer: Peer, msg: dict) -> None:
         """An agent (re)connected: tell it who we are and which ranks still run."""
         ranks = {child.spool: pid for pid, child in self.children.items()}
-        self._send(peer, encode(Op.RANKS, pid=os.getpid(), ranks=ranks))
+        self._send(peer, encode(Op.RANKS, pid=os.getpid(), ranks=ranks, layout=SPOOL_LAYOUT))
 
     def _on_lease(self, peer: Peer, msg: dict) -> None:
         """The agent passes on the master's dead timeout (see :attr:`lease`)."""
@@ -298,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="log every spawn and end (default: off)")
     args = parser.parse_args(argv)
     state_dir = os.path.abspath(args.state_dir)
+    if args.ready_fd is not None:
+        # Passed inheritable; ranks start with posix_spawn, which closes only close-on-exec descriptors.
+        os.set_inheritable(args.ready_fd, False)
     log = setup_logging("zmgpu.keeper", args.verbose)
     os.chdir("/")   # hold no job's or user's directory
     deadline = time.monotonic() + LOCK_WAIT

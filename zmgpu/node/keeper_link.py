@@ -41,6 +41,9 @@ SOCKET_FILE = "keeper.sock"
 LOG_FILE = "keeper.log"
 #: A rank's spool file of how it ended, as JSON {"exit_code", "signal", "reason"}.
 STATUS_FILE = "status"
+#: How rank spools are laid out (runner.py), as a keeper reports it: an agent upgraded while an older keeper
+#: runs on must not ask it to start ranks, which it would spool elsewhere.  1 (no report): a directory per rank.
+SPOOL_LAYOUT = 2
 #: Seconds the agent waits for an answer: a keeper this slow is taken for gone.
 REPLY_TIMEOUT = 10.0
 #: Seconds a keeper just started may take to listen.
@@ -161,7 +164,8 @@ class KeeperLink:
         self.unanswered: dict[str, float] = {}  # spawn requests: spool name -> deadline (monotonic)
         self.pid = 0                        # the keeper's
         self.process: subprocess.Popen | None = None   # the keeper, if this agent started it
-        self.ranks: dict[str, int] = {}     # what it ran when we connected: spool name -> pid
+        self.ranks: dict[str, int] = {}     # what it ran when we connected and still runs: spool name -> pid
+        self.layout = 1                     # the spool layout it knows (SPOOL_LAYOUT for a current keeper)
         self.poller = select.poll()         # select.select cannot watch fds above 1023
         self.poller.register(sock, select.POLLIN)
 
@@ -195,7 +199,13 @@ class KeeperLink:
             raise
         link.pid = hello["pid"]
         link.ranks = {name: pid for name, pid in hello["ranks"].items() if isinstance(pid, int)}
+        link.layout = hello.get("layout", 1)
         return link
+
+    @property
+    def outdated(self) -> bool:
+        """A keeper from an older zmgpu (another spool layout): it keeps the ranks it runs and starts none."""
+        return self.layout != SPOOL_LAYOUT
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -262,6 +272,7 @@ class KeeperLink:
             if isinstance(msg, ValueError):
                 self.log.warning("dropped a malformed message from the job keeper: %s", msg)
             elif msg["op"] == Op.EXITED:
+                self.ranks.pop(msg["spool"], None)
                 self.due.append(Exited(msg["spool"], msg["pid"], msg["exit_code"], msg["signal"]))
             elif msg["op"] == Op.SPAWNED and self.unanswered.pop(msg["spool"], None) is not None:
                 self.due.append(Spawned(msg["spool"], msg["pid"], msg["start_time"], msg["error"]))

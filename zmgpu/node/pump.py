@@ -1,7 +1,8 @@
 """The node agent's output pump: each rank's start, new output and end go to the master, in that order.
 
-A rank that ends within START_HOLD of its start (see runner.py) sends no start of
-its own: its JOB_ENDED carries the pid and the rendezvous port.
+A rank that ends within START_HOLD of its start (see runner.py), having written
+nothing, sends no start of its own: its JOB_ENDED carries the pid and the
+rendezvous port.  One that writes sooner sends its start before its output.
 
 The spool files are the buffer: a send that would block stops the pump until
 the agent's next turn, the per-stream offsets say what went out, and nothing is
@@ -40,7 +41,7 @@ def pump(ranks: dict[RankKey, RankProcess], send: Send, dirty_for: Callable[[str
         if rank.pending:
             continue    # JOB_STARTED waits for the keeper's answer
         if not rank.start_reported and not rank.ended:
-            if now < rank.announce_by and not rank.has_unsent():
+            if now < rank.announce_by and not rank.hosts_rendezvous and not rank.has_unsent():
                 continue
             if not send(MsgType.JOB_STARTED, {**key.wire(), "pid": rank.pid, "master_port": rank.master_port}):
                 break

@@ -31,6 +31,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -40,7 +41,7 @@ from ..model import JOB_ID_PATTERN, has_type, is_job_id
 from ..protocol import CHUNK_BYTES, Stream
 from .keeper_link import STATUS_FILE, KeeperLink, spool_file, write_status
 from .sweep import ATTEMPT_VAR, JOB_ID_VAR, proc_stat
-from .users import START_ERRORS, Refusal, RunAs, Started, missing_directory, start_error, start_rank
+from .users import START_ERRORS, Refusal, RunAs, missing_directory, start_error, start_rank
 
 #: Seconds a rank's JOB_STARTED waits for its end, so that a rank this short sends one message, not two
 #: (each costs the agent and the master a wake-up of two threads).  Nothing waits on it: the master counts
@@ -199,7 +200,7 @@ class RankProcess:
     node_id: str = ""                      # for the reason of a rank that cannot start
     gpu_indices: list[int] = field(default_factory=list)
     kill_grace: float = 10.0
-    proc: Started | None = None            # set only for our own child, which waitpid reaps
+    proc: subprocess.Popen | None = None   # set only for our own child, which waitpid reaps
     kept: bool = False                     # the keeper is its parent (or asked to be): it reports the end
     spawned: SpawnRecord | None = None     # set for every rank that ran, adopted ones included
     exit_code: int | None = None
@@ -209,7 +210,7 @@ class RankProcess:
     ended: bool = False
     start_reported: bool = False           # JOB_STARTED (or a JOB_ENDED that carries the start) went out
     announce_by: float = 0.0               # monotonic time by which JOB_STARTED must go, if it has not ended
-    hosts_rendezvous: bool = False         # other nodes' ranks wait for its JOB_STARTED (the port): no hold
+    hosts_rendezvous: bool = False         # other nodes' ranks wait for its JOB_STARTED (the port): never held
     killed: bool = False                   # a KILL came: its end must leave no process of the job behind
     kill_deadline: float | None = None     # monotonic time for SIGKILL after a KILL
     gpu_mem_mb: int | None = None          # the --gpu-mem it declared (None: its GPUs are its own)
@@ -371,7 +372,7 @@ class RankProcess:
 
     def _begin(self, pid: int, start_time: int | None) -> None:
         """The rank just started as ``pid``: record who it is and read its output from now on."""
-        self.announce_by = time.monotonic() + (0.0 if self.hosts_rendezvous else START_HOLD)
+        self.announce_by = time.monotonic() + START_HOLD
         self._record_spawn(pid, start_time)
         try:
             self._open_readers()
@@ -389,8 +390,8 @@ class RankProcess:
 
     def _finish(self) -> None:
         self.ended = True
-        if self.kept:
-            return  # the keeper recorded the end as it saw it
+        if self.kept and os.path.exists(spool_file(self.spool, STATUS_FILE)):
+            return  # the keeper recorded the end as it saw it (one from an older zmgpu wrote it elsewhere)
         try:
             write_status(self.spool, self.exit_code, self.signal, self.reason)
         except OSError:

@@ -136,19 +136,12 @@ _DEFAULT_IN_JOBS = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
 class SpawnedRank:
-    """A rank started with posix_spawn: the parts of a Popen its starters use (pid, returncode, poll)."""
+    """A rank the keeper started with posix_spawn: what the keeper keeps of a Popen (its own waitpid(-1)
+    reaps every child and sets ``returncode``)."""
 
     def __init__(self, pid: int):
         self.pid = pid
         self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        """The exit code (negative: the signal) once the process has ended and is reaped here, else None."""
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
 
 
 Started = Union[subprocess.Popen, SpawnedRank]
@@ -183,7 +176,11 @@ def start_rank(spool: str, command: str, env: dict, account: Account | None, cwd
 
 
 def _spawn_in(cwd: str, argv: list[str], env: dict, stdio: list[int]) -> int:
-    """posix_spawn ``argv`` in ``cwd`` with ``stdio`` as its fds 0, 1 and 2, in a new session; its pid."""
+    """posix_spawn ``argv`` in ``cwd`` with ``stdio`` as its fds 0, 1 and 2, in a new session; its pid.
+
+    The dup2s run in order, so none of ``stdio`` may itself be 0, 1 or 2 (the keeper's never are: its own
+    0, 1 and 2 are open).
+    """
     here = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.chdir(cwd)
