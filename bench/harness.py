@@ -281,7 +281,7 @@ def remove_at_exit(path: str) -> None:
     """Remove ``path`` when this process exits, not now.
 
     Where ext4 runs without a journal (this machine's root file system does),
-    every inode deleted within the last minute (five, while its inode table is
+    every inode deleted within the last minute (six, while its inode table is
     dirty) is skipped, one by one, by the next file creations in its block group:
     removing a finished benchmark's thousands of spool files at once made the next
     benchmark's file creations ten to twenty times dearer (0.7 ms of kernel CPU each,

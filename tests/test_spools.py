@@ -91,3 +91,18 @@ def test_the_agent_records_an_end_the_keeper_did_not(tmp_path):
     rank.exited(5, None)
     assert rank.poll() and load_status(spool)["exit_code"] == 5
     rank.close()
+
+
+def test_an_older_keepers_running_rank_keeps_its_directory_for_the_status(tmp_path):
+    """The older keeper still running a rank writes its end into the old directory; the next start moves it."""
+    name = "0000000d.0.0"
+    older = tmp_path / "jobs" / name
+    older.mkdir(parents=True)
+    (older / "stdout").write_text("running\n")
+    log = logging.getLogger("test.spools")
+    adopt_leftovers(str(tmp_path), {name: 4242}, log)
+    assert older.is_dir() and os.listdir(older) == []
+    assert (tmp_path / "jobs" / f"{name}.stdout").read_text() == "running\n"
+    (older / "status").write_text('{"exit_code": 9, "signal": null}')    # as that keeper writes it at the end
+    adopt_leftovers(str(tmp_path), {}, log)
+    assert not older.exists() and load_status(str(older))["exit_code"] == 9

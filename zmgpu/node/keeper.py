@@ -298,9 +298,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="log every spawn and end (default: off)")
     args = parser.parse_args(argv)
     state_dir = os.path.abspath(args.state_dir)
-    if args.ready_fd is not None:
-        # Passed inheritable; ranks start with posix_spawn, which closes only close-on-exec descriptors.
-        os.set_inheritable(args.ready_fd, False)
     log = setup_logging("zmgpu.keeper", args.verbose)
     os.chdir("/")   # hold no job's or user's directory
     deadline = time.monotonic() + LOCK_WAIT
@@ -321,11 +318,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     log.info("keeper pid %d serving %s", os.getpid(), state_dir)
     if args.ready_fd is not None:
+        # Closed whatever happens: ranks start with posix_spawn, which closes only close-on-exec descriptors.
         try:
             os.write(args.ready_fd, b"1")
-            os.close(args.ready_fd)
         except OSError:
-            pass  # the agent stopped waiting; the next one finds this keeper listening
+            pass  # the agent stopped waiting (or gave no such fd); the next one finds this keeper listening
+        finally:
+            try:
+                os.close(args.ready_fd)
+            except OSError:
+                pass
     try:
         return Keeper(state_dir, listener, log).run()
     finally:

@@ -19,7 +19,8 @@ empties that record once the master has the rank's end, so that a successor
 takes over exactly the ranks still unreported (:meth:`RankProcess.adopt`): it
 tails their output from offset 0 and signals their process groups, learns the
 end of a running one from the keeper, and that of one that ended meanwhile from
-its status file.  Only without a keeper (none could be started, or it died) is
+its status file.  Only without a current keeper (none could be started, it died,
+or it is from an older zmgpu and keeps only the ranks it had) is
 a rank the agent's own child, or, after a restart, a process watched through
 ``/proc``, whose exit status cannot be known.
 """
@@ -390,7 +391,7 @@ class RankProcess:
 
     def _finish(self) -> None:
         self.ended = True
-        if self.kept and os.path.exists(spool_file(self.spool, STATUS_FILE)):
+        if self.kept and file_size(spool_file(self.spool, STATUS_FILE)) > 0:
             return  # the keeper recorded the end as it saw it (one from an older zmgpu wrote it elsewhere)
         try:
             write_status(self.spool, self.exit_code, self.signal, self.reason)

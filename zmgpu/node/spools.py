@@ -24,7 +24,7 @@ def adopt_leftovers(state_dir: str, kept: dict[str, int], log: logging.Logger) -
 
     ``kept`` is what the keeper runs (spool name -> pid).
     """
-    _flatten_older(state_dir, log)
+    _flatten_older(state_dir, kept, log)
     ranks = {}
     for key in spool_keys(state_dir):
         try:
@@ -90,22 +90,29 @@ def prune_spools(state_dir: str, before: float, keep) -> int:
     return removed
 
 
-def _flatten_older(state_dir: str, log: logging.Logger) -> None:
+def _flatten_older(state_dir: str, kept: dict[str, int], log: logging.Logger) -> None:
     """Move the spools of an older zmgpu (a directory per rank) to today's names, so that they are taken
-    over, reported and pruned like the others.  A rank still running writes on: its files keep their inodes."""
+    over, reported and pruned like the others.  A rank still running writes on: its files keep their inodes.
+
+    The directory of a rank in ``kept`` stays, empty: the older keeper running it writes its status
+    there when it ends, and the next start moves that too.
+    """
     jobs = os.path.join(state_dir, "jobs")
     try:
         with os.scandir(jobs) as entries:
-            older = [e.path for e in entries if e.is_dir(follow_symlinks=False) and RankKey.parse(e.name)]
+            older = [e for e in entries if e.is_dir(follow_symlinks=False) and RankKey.parse(e.name)]
     except OSError:
         return
-    for spool in older:
+    for entry in older:
+        spool = entry.path
         try:
-            for part in SPOOL_PARTS:
-                if os.path.exists(os.path.join(spool, part)):
-                    os.replace(os.path.join(spool, part), spool_file(spool, part))
-            shutil.rmtree(spool)
+            moved = [part for part in SPOOL_PARTS if os.path.exists(os.path.join(spool, part))]
+            for part in moved:
+                os.replace(os.path.join(spool, part), spool_file(spool, part))
+            if entry.name not in kept:
+                shutil.rmtree(spool)
         except OSError as exc:
             log.warning("%s: cannot move the spool of an older zmgpu: %s", spool, exc.strerror or exc)
             continue
-        log.info("%s: spool of an older zmgpu moved beside the others", os.path.basename(spool))
+        if moved:
+            log.info("%s: spool of an older zmgpu moved beside the others", entry.name)
