@@ -13,7 +13,7 @@ import signal
 import socket
 
 from conftest import FINISHED, pid_alive, poll, written
-from helpers import STDERR_MARKER, hold_sh, job_command, pattern_chunks, release
+from helpers import STDERR_MARKER, hold_sh, job_command, pattern_chunks, release, wait_for_file_sh
 from zmgpu.node.keeper_link import SPOOL_LAYOUT, KeeperLink, on_short_path, spool_file
 from zmgpu.node.runner import RankKey, RankProcess
 
@@ -182,6 +182,32 @@ def test_a_keeper_reports_the_spool_layout_it_writes(tmp_path):
     link = KeeperLink.open(str(tmp_path), logging.getLogger("test.keeper"))
     try:
         assert (link.layout, link.outdated) == (SPOOL_LAYOUT, False)
+    finally:
+        link.close()
+        if link.process is not None:
+            link.process.terminate()
+            link.process.wait(10)
+
+
+def test_the_keeper_answers_a_spawn_at_the_rank_end_or_after_the_hold(tmp_path):
+    """A rank that ends at once gets its answer just before its end; one that runs on gets it after the hold."""
+    state_dir = str(tmp_path / "node")
+    os.makedirs(os.path.join(state_dir, "jobs"))
+    link = KeeperLink.open(state_dir, logging.getLogger("test.keeper"))
+    events = []
+    try:
+        env = {"PATH": os.environ["PATH"]}
+        link.spawn("0000000a.0.0", "true", str(tmp_path), env)
+        poll(lambda: events.extend(link.events()) or len(events) >= 2, 10, "the quick rank's answer and end")
+        assert [type(e).__name__ for e in events] == ["Spawned", "Exited"] and events[0].pid == events[1].pid
+        assert events[0].start_time and events[0].error is None
+        events.clear()
+        link.spawn("0000000b.0.0", wait_for_file_sh(str(tmp_path / "go")), str(tmp_path), env)
+        [spawned] = poll(lambda: events.extend(link.events()) or events, 10, "the running rank's answer")
+        assert type(spawned).__name__ == "Spawned" and pid_alive(spawned.pid)
+        (tmp_path / "go").touch()
+        poll(lambda: events.extend(link.events()) or len(events) >= 2, 10, "the running rank's end")
+        assert type(events[1]).__name__ == "Exited" and events[1].exit_code == 0
     finally:
         link.close()
         if link.process is not None:

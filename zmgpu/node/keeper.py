@@ -8,8 +8,9 @@ none answering, in a session of its own so that it outlives that agent.
 
 The keeper only spawns, reaps and records.  For a SPAWN it starts the rank as
 the runner would (``/bin/sh -c``, a new session, output to the rank's spool
-files, as the account the agent names) and answers with its pid; when a rank ends it writes
-its exit status beside them (the spool's ``status`` file) and tells the connected agents.
+files, as the account the agent names) and answers with its pid, 10 ms later or just before
+the rank's end if that comes first (one wake-up of the agent for a short rank, not two); when a rank ends it
+writes its exit status beside them (the spool's ``status`` file) and tells the connected agents.
 Signals, kills and output stay with the agent, which signals process groups
 itself.  A restarted agent connects to the keeper still there (HELLO is
 answered with the ranks it runs) and reads from the status files how the
@@ -49,12 +50,19 @@ MAX_LINE = 64 << 20
 #: Answers queued to an agent that does not read them; beyond this it is dropped (it reconnects).
 MAX_BACKLOG = 64 << 20
 _PEERCRED = struct.Struct("3i")
+#: Seconds the answer to a spawn waits for the rank's end, so that a rank this short costs the agent one
+#: wake-up, not two (its end then follows the answer in the same write).  Nothing waits on it: the agent
+#: counts the rank as started, and a KILL meanwhile reaches it once the answer is in.
+SPAWNED_HOLD = 0.01
 
 
 @dataclass
 class Child:
     popen: Started
     spool: str
+    asker: "Peer | None" = None          # the agent the answer to its spawn is still owed to
+    answer_by: float = 0.0               # when that answer goes out if the rank has not ended (monotonic)
+    start_time: int | None = None        # /proc start time, read before the answer (and before reaping)
 
 
 @dataclass
@@ -95,8 +103,13 @@ class Keeper:
             orphan_at = self._orphan_deadline()
             if orphan_at is not None:
                 timeout = max(0.0, orphan_at - time.monotonic())
+            owed = [child.answer_by for child in self.children.values() if child.asker is not None]
+            if owed:
+                timeout = max(0.0, min(owed) - time.monotonic()) if timeout is None else \
+                    max(0.0, min(timeout, min(owed) - time.monotonic()))
             for key, mask in self.selector.select(timeout):
                 key.data(mask)
+            self._answer_spawns(time.monotonic())
             orphan_at = self._orphan_deadline()
             if orphan_at is not None and time.monotonic() >= orphan_at:
                 self._kill_orphans()
@@ -209,11 +222,26 @@ class Keeper:
         except START_ERRORS as exc:
             self._spawned(peer, name, error=start_error(exc, account, msg["cwd"]))
             return
-        self.children[popen.pid] = Child(popen, name)
-        # Read now: the child cannot be reaped before this loop turn ends, so its pid is still its own.
-        stat = proc_stat(popen.pid)
+        self.children[popen.pid] = Child(popen, name, peer, time.monotonic() + SPAWNED_HOLD)
         self.log.debug("%s: started pid %d", name, popen.pid)
-        self._spawned(peer, name, pid=popen.pid, start_time=stat[1] if stat else None)
+
+    def _answer_spawns(self, now: float, ending: bool = False) -> None:
+        """Answer the spawns whose hold is over (``ending``: all of them, before any child is reaped).
+
+        A child's start time is read before it can be reaped, while its pid is still its own; by then its
+        exec is done, and reading is cheap (straight after the spawn it waits for the exec).
+        """
+        for pid, child in self.children.items():
+            if child.asker is not None and (ending or now >= child.answer_by):
+                stat = proc_stat(pid)
+                child.start_time = stat[1] if stat else None
+                if not ending:
+                    self._answer(child, pid)
+
+    def _answer(self, child: Child, pid: int, then: bytes = b"") -> None:
+        asker, child.asker = child.asker, None
+        self._send(asker, encode(Op.SPAWNED, spool=child.spool, pid=pid, start_time=child.start_time, error=None)
+                   + then)
 
     def _spawned(self, peer: Peer, name: str, pid: int | None = None, start_time: int | None = None,
                  error: str | None = None) -> None:
@@ -222,7 +250,9 @@ class Keeper:
         self._send(peer, encode(Op.SPAWNED, spool=name, pid=pid, start_time=start_time, error=error))
 
     def _reap(self) -> None:
-        """Collect every ended child: record its exit status, then tell the agents."""
+        """Collect every ended child: record its exit status, then tell the agents (its asker the answer to
+        its spawn first, if still owed)."""
+        self._answer_spawns(time.monotonic(), ending=True)
         while self.children:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -243,8 +273,12 @@ class Keeper:
                                child.spool, exit_code, signum, exc.strerror or exc)
             self.log.debug("%s: pid %d ended (exit code %s, signal %s)", child.spool, pid, exit_code, signum)
             message = encode(Op.EXITED, spool=child.spool, pid=pid, exit_code=exit_code, signal=signum)
+            asker = child.asker
+            if asker is not None:
+                self._answer(child, pid, then=message)      # one write, one wake-up of the agent
             for peer in list(self.peers.values()):
-                self._send(peer, message)
+                if peer is not asker:
+                    self._send(peer, message)
 
     def _send(self, peer: Peer, data: bytes) -> None:
         if peer.sock in self.peers:     # not dropped meanwhile
