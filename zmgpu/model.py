@@ -155,6 +155,12 @@ def has_type(value, kind: type | tuple) -> bool:
     """``isinstance``, except that a bool is never an int: a flag is never a valid count or offset."""
     return isinstance(value, kind) and (not isinstance(value, bool) or kind is bool
                                         or (isinstance(kind, tuple) and bool in kind))
+
+
+def is_count(value) -> bool:
+    """True for an int >= 0 (never a bool: a flag is no rank, attempt or id)."""
+    return has_type(value, int) and value >= 0
+
 #: A node id: it appears in --node-gpu-ids specs ("node001:0,1;node002:0") and in spool paths.
 NODE_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 #: A user name as useradd accepts it (a trailing $ for machine accounts included).

@@ -43,13 +43,13 @@ import zmq
 from .. import protocol
 from ..config import NodeConfig
 from ..daemon import SignalPipe
-from ..model import format_duration, is_job_id
+from ..model import format_duration, is_count, is_job_id
 from ..protocol import MsgType, Stream
 from ..keys import CurveClient
 from .identity import new_instance, read_instance, route_address, routing_id, write_instance
 from .keeper_link import Exited, KeeperLink, KeeperLost, Spawned
 from .pump import pump, rewind
-from .runner import RankKey, RankProcess, declared_memory, free_port, is_count
+from .runner import RankKey, RankProcess, declared_memory, free_port
 from .spools import adopt_leftovers, prune_spools, recent_ends
 from .sweep import JobProcesses
 from .telemetry import Telemetry
@@ -273,7 +273,7 @@ class Agent:
         spawn = functools.partial(
             RankProcess.spawn, state_dir=self.config.state_dir, node_id=self.node_id, key=key,
             command=body["command"], cwd=body["cwd"], env=body["env"], gpu_indices=indices,
-            kill_grace=body["kill_grace"], master_port=port,
+            kill_grace=body["kill_grace"], master_port=port, gpu_mem_mb=body.get("gpu_mem_mb"),
             hosts_rendezvous=port is not None and (body.get("launch") or {}).get("NNODES", "1") != "1",
             run_as=self.users.run_as(body.get("user"), body.get("allow_root") is True))
         for _ in range(2):      # the keeper reached again after a broken link gets one more try
@@ -479,7 +479,6 @@ class Agent:
             except KeeperLost as exc:
                 self._keeper_lost(str(exc))
         self.next_heartbeat = time.monotonic() + self.heartbeat_interval
-        self._prune(time.monotonic())
         self.log.info("registered with master at %s as node %s (%d GPUs, %d job ranks held)",
                       self.endpoint, self.node_id, len(self.gpus), len(self.ranks))
         if not self.instance_saved:
@@ -546,7 +545,6 @@ class Agent:
                          if (k.job_id, k.attempt) == (key.job_id, key.attempt) and r.master_port), None) or free_port()
             launch["MASTER_PORT"] = str(port)
         rank_proc = self.ranks[key] = self._spawn(key, {**body, "env": {**body["env"], **launch}}, indices, port)
-        rank_proc.gpu_mem_mb = gpu_mem
         self._log_start(rank_proc)
 
     def _refuse(self, key: RankKey, indices: list[int], why: str) -> None:

@@ -19,7 +19,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from ..model import GpuInfo
+from ..model import GpuInfo, has_type, is_count
 
 SIMULATED_NAME = "Simulated GPU"
 SIMULATED_MEMORY_MB = 16384
@@ -178,7 +178,6 @@ class SimulatedSource(GpuSource):
     """``count`` idle simulated GPUs, or the GPUs a YAML file describes, read again at every sample."""
 
     def __init__(self, node_id: str, count: int = 0, path: str | None = None):
-        self.node_id = node_id
         self.path = path
         self.info = [GpuInfo(i, SIMULATED_NAME, f"SIM-{node_id}-{i}", SIMULATED_MEMORY_MB, True)
                      for i in range(count)]
@@ -235,11 +234,11 @@ def _check_entry(path: str, index: int, entry: dict) -> None:
         if kind is None:
             raise SimulationError(f"{path}: gpus[{index}]: unknown key '{key}' "
                                   f"(known keys: {', '.join(_SIMULATED_KEYS)})")
-        if not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool):
+        if not has_type(value, kind):
             raise SimulationError(f"{path}: gpus[{index}].{key} must be {kind.__name__}, got {value!r}")
-    if not all(isinstance(p, int) for p in entry.get("foreign_pids", [])):
+    if not all(is_count(p) for p in entry.get("foreign_pids", [])):
         raise SimulationError(f"{path}: gpus[{index}].foreign_pids must be a list of process ids")
-    if not all(isinstance(p, dict) and isinstance(p.get("pid"), int) and isinstance(p.get("used_mb", 0), int)
+    if not all(isinstance(p, dict) and is_count(p.get("pid")) and is_count(p.get("used_mb", 0))
                for p in entry.get("processes", [])):
         raise SimulationError(f"{path}: gpus[{index}].processes must be a list of {{pid, used_mb}}")
 

@@ -60,8 +60,8 @@ SPAWNED_HOLD = 0.01
 class Child:
     popen: Started
     spool: str
-    asker: "Peer | None" = None          # the agent the answer to its spawn is still owed to
-    answer_by: float = 0.0               # when that answer goes out if the rank has not ended (monotonic)
+    asker: "Peer | None" = None          # the agent that asked for it
+    answer_by: float = 0.0               # when the answer goes out if the rank has not ended (monotonic)
     start_time: int | None = None        # /proc start time, read before the answer (and before reaping)
 
 
@@ -81,6 +81,8 @@ class Keeper:
         self.listener = listener
         self.log = log
         self.children: dict[int, Child] = {}
+        # Children whose spawn is still to be answered, in spawn order and so in order of answer_by.
+        self.owed: dict[int, Child] = {}
         self.peers: dict[socket.socket, Peer] = {}
         self.selector = selectors.DefaultSelector()
         self.devnull = os.open(os.devnull, os.O_RDONLY)
@@ -99,14 +101,11 @@ class Keeper:
         idle_since = time.monotonic()
         while not (self.stopping and not self.children):
             busy = bool(self.children or self.peers)
-            timeout = None if busy else max(0.0, idle_since + IDLE_EXIT - time.monotonic())
             orphan_at = self._orphan_deadline()
-            if orphan_at is not None:
-                timeout = max(0.0, orphan_at - time.monotonic())
-            owed = [child.answer_by for child in self.children.values() if child.asker is not None]
-            if owed:
-                timeout = max(0.0, min(owed) - time.monotonic()) if timeout is None else \
-                    max(0.0, min(timeout, min(owed) - time.monotonic()))
+            deadlines = [t for t in (None if busy else idle_since + IDLE_EXIT, orphan_at,
+                                     next(iter(self.owed.values())).answer_by if self.owed else None)
+                         if t is not None]
+            timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
             for key, mask in self.selector.select(timeout):
                 key.data(mask)
             self._answer_spawns(time.monotonic())
@@ -222,37 +221,40 @@ class Keeper:
         except START_ERRORS as exc:
             self._spawned(peer, name, error=start_error(exc, account, msg["cwd"]))
             return
-        self.children[popen.pid] = Child(popen, name, peer, time.monotonic() + SPAWNED_HOLD)
+        self.children[popen.pid] = self.owed[popen.pid] = Child(popen, name, peer, time.monotonic() + SPAWNED_HOLD)
         self.log.debug("%s: started pid %d", name, popen.pid)
 
-    def _answer_spawns(self, now: float, ending: bool = False) -> None:
-        """Answer the spawns whose hold is over (``ending``: all of them, before any child is reaped).
+    def _answer_spawns(self, now: float) -> None:
+        """Answer the spawns whose hold is over."""
+        while self.owed and now >= next(iter(self.owed.values())).answer_by:
+            self._answer(next(iter(self.owed)))
 
-        A child's start time is read before it can be reaped, while its pid is still its own; by then its
-        exec is done, and reading is cheap (straight after the spawn it waits for the exec).
-        """
-        for pid, child in self.children.items():
-            if child.asker is not None and (ending or now >= child.answer_by):
+    def _read_start_times(self) -> None:
+        """The start time of each child still owed an answer, read before any can be reaped (while its pid is
+        still its own).  By then its exec is done and the read is cheap; straight after the spawn it waited."""
+        for pid, child in self.owed.items():
+            if child.start_time is None:
                 stat = proc_stat(pid)
                 child.start_time = stat[1] if stat else None
-                if not ending:
-                    self._answer(child, pid)
 
-    def _answer(self, child: Child, pid: int, then: bytes = b"") -> None:
-        asker, child.asker = child.asker, None
-        self._send(asker, encode(Op.SPAWNED, spool=child.spool, pid=pid, start_time=child.start_time, error=None)
-                   + then)
+    def _answer(self, pid: int, then: bytes = b"") -> None:
+        """Send the owed answer to ``pid``'s spawn, and ``then`` in the same write."""
+        child = self.owed.pop(pid)
+        if child.start_time is None:
+            stat = proc_stat(pid)
+            child.start_time = stat[1] if stat else None
+        self._send(child.asker, encode(Op.SPAWNED, spool=child.spool, pid=pid, start_time=child.start_time,
+                                       error=None) + then)
 
-    def _spawned(self, peer: Peer, name: str, pid: int | None = None, start_time: int | None = None,
-                 error: str | None = None) -> None:
-        if error:
-            self.log.warning("%s: cannot start: %s", name, error)
-        self._send(peer, encode(Op.SPAWNED, spool=name, pid=pid, start_time=start_time, error=error))
+    def _spawned(self, peer: Peer, name: str, error: str) -> None:
+        """A spawn that failed: say why."""
+        self.log.warning("%s: cannot start: %s", name, error)
+        self._send(peer, encode(Op.SPAWNED, spool=name, pid=None, start_time=None, error=error))
 
     def _reap(self) -> None:
         """Collect every ended child: record its exit status, then tell the agents (its asker the answer to
         its spawn first, if still owed)."""
-        self._answer_spawns(time.monotonic(), ending=True)
+        self._read_start_times()
         while self.children:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -273,11 +275,12 @@ class Keeper:
                                child.spool, exit_code, signum, exc.strerror or exc)
             self.log.debug("%s: pid %d ended (exit code %s, signal %s)", child.spool, pid, exit_code, signum)
             message = encode(Op.EXITED, spool=child.spool, pid=pid, exit_code=exit_code, signal=signum)
-            asker = child.asker
-            if asker is not None:
-                self._answer(child, pid, then=message)      # one write, one wake-up of the agent
+            told = None
+            if pid in self.owed:
+                told = child.asker
+                self._answer(pid, then=message)      # one write, one wake-up of the agent
             for peer in list(self.peers.values()):
-                if peer is not asker:
+                if peer is not told:
                     self._send(peer, message)
 
     def _send(self, peer: Peer, data: bytes) -> None:

@@ -46,20 +46,18 @@ def pump(ranks: dict[RankKey, RankProcess], send: Send, dirty_for: Callable[[str
             if not send(MsgType.JOB_STARTED, {**key.wire(), "pid": rank.pid, "master_port": rank.master_port}):
                 break
             rank.start_reported = sent = True
-        blocked = False
         for stream in Stream:
-            while budget > 0 and not blocked:
+            while budget > 0:
                 chunk = rank.read_chunk(stream, budget)
                 if not chunk:
                     break
                 header = {**key.wire(), "stream": stream.value, "offset": rank.sent[stream]}
                 if not send(MsgType.OUTPUT, header, chunk):
-                    blocked = True
-                    break
+                    return sent, reported
                 rank.advance(stream, len(chunk))
                 budget -= len(chunk)
                 sent = True
-        if blocked or budget <= 0:
+        if budget <= 0:
             break
         if rank.ended and not rank.has_unsent():
             rank.dirty_gpus = dirty_for(key.job_id, rank.gpu_indices)

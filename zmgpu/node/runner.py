@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from ..daemon import write_whole
-from ..model import JOB_ID_PATTERN, has_type, is_job_id
+from ..model import JOB_ID_PATTERN, is_count, is_job_id
 from ..protocol import CHUNK_BYTES, Stream
 from .keeper_link import STATUS_FILE, KeeperLink, spool_file, write_status
 from .sweep import ATTEMPT_VAR, JOB_ID_VAR, proc_stat
@@ -59,11 +59,6 @@ PROCESS_FILE = "process"
 #: Reasons for the end of a rank taken over without a keeper that knew it: its exit status is lost.
 ENDED_WHILE_AWAY = "exit status unknown: the job ended while neither the node agent nor its job keeper ran"
 ENDED_AFTER_RESTART = "exit status unknown: the job outlived the node process that started it"
-
-
-def is_count(value) -> bool:
-    """True for an int >= 0 (never a bool: a flag is no rank or attempt)."""
-    return has_type(value, int) and value >= 0
 
 
 class RankKey(NamedTuple):
@@ -227,8 +222,8 @@ class RankProcess:
     @classmethod
     def spawn(cls, *, state_dir: str, node_id: str, key: RankKey, command: str, cwd: str, env: dict,
               gpu_indices: list[int], kill_grace: float, keeper: KeeperLink | None,
-              run_as: RunAs = None, master_port: int | None = None, hosts_rendezvous: bool = False
-              ) -> "RankProcess":
+              run_as: RunAs = None, master_port: int | None = None, hosts_rendezvous: bool = False,
+              gpu_mem_mb: int | None = None) -> "RankProcess":
         """Start one rank (as ``run_as``: see users.py), through the keeper if there is one; a rank that
         cannot start comes back ended.
 
@@ -237,7 +232,7 @@ class RankProcess:
         broke: the rank may have started.
         """
         rank_proc = cls(key, key.spool(state_dir), node_id, list(gpu_indices), kill_grace, master_port=master_port,
-                        hosts_rendezvous=hosts_rendezvous)
+                        hosts_rendezvous=hosts_rendezvous, gpu_mem_mb=gpu_mem_mb)
         try:
             rank_proc._create_spool()
         except OSError as exc:

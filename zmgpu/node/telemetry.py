@@ -228,10 +228,12 @@ class Telemetry:
         killed = 0
         for index in indices:
             for proc in self.current.get(index, {}).get("processes", ()):
+                if proc["job_id"] != job_id:
+                    continue    # another job's, or foreign: never read, never signalled
                 stat = proc_stat(proc["pid"])
                 known = self.owners.get(proc["pid"])
                 # Still the very process that was seen with the job's mark (not a new one given its pid).
-                if proc["job_id"] == job_id and stat and known and known[0] == stat[1]:
+                if stat and known and known[0] == stat[1]:
                     try:
                         os.kill(proc["pid"], signal.SIGKILL)
                         killed += 1

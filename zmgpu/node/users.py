@@ -31,6 +31,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from ..model import is_count
 from ..protocol import Stream
 from .keeper_link import spool_file
 
@@ -63,7 +64,7 @@ class Account:
         except (KeyError, TypeError):
             raise ValueError(f"not an account: {data!r}") from None
         ids = (account.uid, account.gid, *account.groups)
-        if not isinstance(account.name, str) or not all(isinstance(i, int) and i >= 0 for i in ids):
+        if not isinstance(account.name, str) or not all(is_count(i) for i in ids):
             raise ValueError(f"not an account: {data!r}")
         return account
 
