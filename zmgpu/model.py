@@ -157,6 +157,22 @@ def has_type(value, kind: type | tuple) -> bool:
                                         or (isinstance(kind, tuple) and bool in kind))
 
 
+def gpu_room(memory_mb: int, reserve_mb: int, foreign_mb: int, declared_mb: int) -> int:
+    """MiB of a GPU still free for --gpu-mem jobs: its memory less the reserve, others' use, and what the
+    sharing jobs declared.  The master places by it and the node checks again by it, so they must agree."""
+    return memory_mb - reserve_mb - foreign_mb - declared_mb
+
+
+def is_loopback(host: str) -> bool:
+    """An address only this machine can reach (a host name other than localhost may resolve to any)."""
+    import ipaddress   # here: the CLI imports this module and never needs it
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def is_count(value) -> bool:
     """True for an int >= 0 (never a bool: a flag is no rank, attempt or id)."""
     return has_type(value, int) and value >= 0

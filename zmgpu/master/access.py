@@ -46,7 +46,7 @@ class Access:
 
     def may_act(self, user: str, owner: str) -> bool:
         """The owner-or-admin rule: cancel, attach and logs."""
-        return owner == user or user in self.admins
+        return owner == user or self.is_admin(user)
 
     # -- with keys ---------------------------------------------------------------------------------
 
@@ -77,7 +77,7 @@ class Access:
         holder = self.keys.ring.holder(key)
         if holder is None or holder.role is not Role.USER:
             return False
-        if holder.name in self.admins:
+        if self.is_admin(holder.name):
             return True
         if topic.startswith(PUBLIC_TOPICS):
             return True

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import signal
 import sys
@@ -13,7 +12,7 @@ from ..auth import Role, ServerKeys
 from ..config import ConfigError, MasterConfig
 from ..daemon import (SignalPipe, StateDirBusy, describe_state_dir_error, load_or_exit, lock_state_dir,
                       setup_logging, write_port_file)
-from ..model import parse_time_limit
+from ..model import is_loopback, parse_time_limit
 
 PROG = "zmgpu-master"
 
@@ -82,14 +81,6 @@ def _time_limits(config: MasterConfig, path: str | None) -> tuple[int | None, in
             print(f"{PROG}: {path or 'config'}: key '{key}': {exc}", file=sys.stderr)
             return None
     return limits[0], limits[1]
-
-
-def is_loopback(host: str) -> bool:
-    """An address only this machine can reach (a host name other than localhost may resolve to any)."""
-    try:
-        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _security(config: MasterConfig, path: str | None) -> tuple:

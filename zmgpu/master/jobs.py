@@ -11,7 +11,7 @@ import logging
 import time
 
 from .. import protocol
-from ..model import JobState, format_duration, has_type
+from ..model import JobState, format_duration, has_type, is_loopback
 from ..protocol import Message, MsgType
 from . import allocator
 from .output import STREAMS, OutputSpool
@@ -66,7 +66,6 @@ class JobService:
         """A new or requeued job joins the pending queue."""
         self.state.jobs[job.job_id] = job
         self.state.pending.add(job)
-        self.spool.starts_empty(job.job_id)
         self.unreasoned.add(job.job_id)
         self.track_dependencies(job)
         self.dirty = True
@@ -199,6 +198,7 @@ class JobService:
             placement = [(node, [i]) for node, indices in placement for i in indices] or placement
         first = placement[0][0]
         job.ranks = [RankRecord(node_id, indices, held_back=node_id != first) for node_id, indices in placement]
+        self.spool.starts_empty(job.job_id, len(job.ranks))
         job.master_port = None
         self.state.pending.remove(job.job_id)
         self.state.running.add(job.job_id)
@@ -293,10 +293,10 @@ class JobService:
         first = self.state.nodes.get(nodes[0])
         if len(nodes) == 1 or first is None:
             return "127.0.0.1"
-        if not first.address.startswith("127.") and first.address != "::1":
+        if not is_loopback(first.address):
             return first.address
         others = [self.state.nodes[n].master_host for n in nodes[1:] if n in self.state.nodes]
-        return next((h for h in others if h and h not in ("127.0.0.1", "localhost", "::1")), first.address)
+        return next((h for h in others if h and not is_loopback(h)), first.address)
 
     def kill_ranks(self, job: JobRecord, reason: str) -> None:
         """Ask every node holding a live rank of ``job`` to stop it; ranks never dispatched just end."""
@@ -322,7 +322,7 @@ class JobService:
         ended keeps being asked, once per grace period, until its ranks report.
         """
         now = time.time()
-        for job_id in self.state.running:
+        for job_id in list(self.state.running):     # a kill may end a job whose ranks never went out
             job = self.state.jobs[job_id]
             deadline = job.deadline
             if deadline is not None and now >= deadline and not job.timed_out and job.cancel_by is None:
@@ -330,7 +330,7 @@ class JobService:
                 self.store.job_changed(job)
                 self.log.info("job %s reached its time limit of %s", job.job_id, format_duration(job.time_limit))
                 self.kill_ranks(job, "time limit reached")
-            elif now - job.kill_sent > self.kill_grace + 5:
+            elif (job.cancel_by or job.timed_out) and now - job.kill_sent > self.kill_grace + 5:
                 self.repeat_kill(job)
 
     def repeat_kill(self, job: JobRecord) -> None:

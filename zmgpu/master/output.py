@@ -49,11 +49,11 @@ class OutputSpool:
             self.sizes[key] = size
         return size
 
-    def starts_empty(self, job_id: str) -> None:
-        """A job joins the queue: its attempt to come has no output yet (an earlier one's is set aside), so its
-        first rank's sizes need no look at the disk."""
-        for stream in STREAMS:
-            self.sizes[(job_id, 0, stream)] = 0
+    def starts_empty(self, job_id: str, ranks: int) -> None:
+        """A job starts: this attempt has no output yet (an earlier one's is set aside), so its sizes need no
+        look at the disk."""
+        for key in self._keys(job_id, ranks):
+            self.sizes[key] = 0
 
     def append(self, key: Key, offset: int, data: bytes) -> Appended:
         """Add the part of ``data`` (starting at ``offset``) that the spool lacks."""

@@ -134,7 +134,7 @@ class NodeRegistry:
         the master did not hear); ranks the master no longer wants are killed;
         ranks the node does not report are lost.
         """
-        still_running = set()
+        still_running, stopping = set(), {}
         for entry in reported:
             if not (isinstance(entry, dict) and isinstance(entry.get("job_id"), str)
                     and isinstance(entry.get("rank"), int) and isinstance(entry.get("attempt", 0), int)):
@@ -147,15 +147,18 @@ class NodeRegistry:
                     self.jobs.settle_rank(node.route, job, entry["rank"], entry)
             elif current:
                 still_running.add(key)
-                self._ask_for_missing_output(node, job, entry["rank"])
-                if job.cancel_by or job.timed_out:
-                    self.jobs.kill_ranks(job, "cancelled" if job.cancel_by else "time limit reached")
+                # The node resends each stream from what the master holds (chunks sent into a dead link).
+                for stream in STREAMS:
+                    self.jobs.ask_resend(node.route, job.job_id, entry["rank"], stream)
+                stopping[job.job_id] = job      # a stop it may not have heard goes again, once per job
             else:
                 self.log.info("node %s still runs job %s, which the master ended; stopping it",
                               node.node_id, entry["job_id"])
                 self.reactor.send(node.route, MsgType.KILL,
                                   {"job_id": entry["job_id"], "attempt": entry.get("attempt", 0),
                                    "reason": "the master no longer runs this job here"})
+        for job in stopping.values():
+            self.jobs.repeat_kill(job)
         for job_id, rank in sorted(node.ranks - still_running):
             job = self.state.jobs[job_id]
             if job.state is not JobState.RUNNING or job.ranks[rank].ended or job.ranks[rank].held_back:
@@ -166,11 +169,6 @@ class NodeRegistry:
             else:
                 self.jobs.end_rank(job, rank, lost=True,
                                    reason=f"node {node.node_id} came back without the job's process")
-
-    def _ask_for_missing_output(self, node: NodeRecord, job, rank: int) -> None:
-        """A returning node resends each stream from what the master holds (chunks sent into a dead link)."""
-        for stream in STREAMS:
-            self.jobs.ask_resend(node.route, job.job_id, rank, stream)
 
     def on_heartbeat(self, identity: bytes, msg: Message) -> None:
         """A node is alive, with what changed on its GPUs; one the master does not know must register again."""

@@ -12,7 +12,7 @@ from collections import Counter
 from typing import Callable
 from dataclasses import dataclass, field
 
-from ..model import GpuInfo, JobState, NodeState, NodeStatus
+from ..model import GpuInfo, JobState, NodeState, NodeStatus, gpu_room
 from ..protocol import Stream
 
 
@@ -68,8 +68,8 @@ class NodeRecord:
             blocked = _unavailable(state) is not None
             shared = self.shares.get(index)
             if not blocked:
-                places.room[index] = (gpu.memory_mb - self.reserve_mb - (state.get("foreign_mb") or 0)
-                                      - (sum(shared.values()) if shared else 0))
+                places.room[index] = gpu_room(gpu.memory_mb, self.reserve_mb, state.get("foreign_mb") or 0,
+                                              sum(shared.values()) if shared else 0)
             if not shared:
                 (places.others if blocked or state.get("busy") else places.free).append(index)
         return places

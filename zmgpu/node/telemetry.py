@@ -24,6 +24,7 @@ import os
 import signal
 from dataclasses import dataclass
 
+from ..model import gpu_room
 from .gpus import GpuSample, GpuSource
 from .sweep import proc_stat, read_job_mark
 
@@ -182,7 +183,7 @@ class Telemetry:
                 if state["busy"]:
                     return f"GPU {index} is in use by others ({_describe_foreign(state)})"
                 continue
-            room = self.memory[index] - self.policy.reserve_mb - state["foreign_mb"] - declared.get(index, 0)
+            room = gpu_room(self.memory[index], self.policy.reserve_mb, state["foreign_mb"], declared.get(index, 0))
             if gpu_mem_mb > room:
                 return (f"GPU {index} has {max(room, 0)} MiB left for --gpu-mem jobs, {gpu_mem_mb} MiB asked "
                         f"(others use {state['foreign_mb']} MiB)")
