@@ -300,7 +300,7 @@ def test_queue_table_without_jobs_is_the_header():
 
 def _gpu(index: int, job_id=None, simulated=False, memory_mb=143771, name="NVIDIA H200") -> dict:
     return {"index": index, "name": name, "uuid": f"GPU-{index}", "memory_mb": memory_mb,
-            "simulated": simulated, "job_id": job_id}
+            "simulated": simulated, "job_id": job_id, "free": job_id is None}
 
 
 NODES = [

@@ -22,7 +22,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from .keys import KeyFileError, KeyPair, z85_key, load_key_pair
+from .keys import KeyFileError, KeyPair, load_key_pair, read_lines, z85_key
 from .model import NODE_ID_PATTERN, USER_NAME_PATTERN
 
 AUTHORIZED_NODES = "authorized_nodes"
@@ -72,13 +72,7 @@ class KeyRing:
         return ring
 
     def _read(self, role: Role, path: str) -> None:
-        try:
-            with open(path) as fh:
-                lines = fh.read().splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            why = getattr(exc, "strerror", None) or "not a text file"
-            raise KeyFileError(f"{path}: cannot read the list of {role.value} keys: {why}") from None
-        for number, line in enumerate(lines, 1):
+        for number, line in enumerate(read_lines(path, f"the list of {role.value} keys"), 1):
             words = line.split()
             # Only whole-line comments and trailing ones after a space: '#' is also a Z85 digit.
             if not words or words[0].startswith("#"):

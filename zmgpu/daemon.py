@@ -135,10 +135,10 @@ def describe_state_dir_error(state_dir: str, exc: Exception) -> str:
     return f"cannot use state directory {state_dir}: {getattr(exc, 'strerror', None) or exc}"
 
 
-def module_env(base: dict | None = None, **extra: str) -> dict:
-    """An environment (``base``: this process's) in which ``python -m zmgpu...`` runs this very zmgpu
+def module_env(**extra: str) -> dict:
+    """This process's environment (with ``extra``), in which ``python -m zmgpu...`` runs this very zmgpu
     code, installed or not, for the daemons and helpers zmgpu starts itself."""
-    env = dict(os.environ if base is None else base, **extra)
+    env = dict(os.environ, **extra)
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     return env

@@ -56,19 +56,22 @@ def z85_key(text: str, where: str) -> bytes:
     return text.encode()
 
 
-def _read_key_file(path: str) -> dict[str, bytes]:
-    """The keys a certificate file holds, by kind ("public", "secret")."""
+def read_lines(path: str, what: str) -> list[str]:
+    """The lines of a text file of keys; KeyFileError, naming the file and ``what`` it should be, if unread."""
     try:
         with open(path) as fh:
-            lines = fh.read().splitlines()
-    except OSError as exc:
-        raise KeyFileError(f"{path}: cannot read key file: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise KeyFileError(f"{path}: not a key file (not text)") from None
+            return fh.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or "not a text file"
+        raise KeyFileError(f"{path}: cannot read {what}: {why}") from None
+
+
+def _read_key_file(path: str) -> dict[str, bytes]:
+    """The keys a certificate file holds, by kind ("public", "secret")."""
     keys = {}
-    for number, line in enumerate(lines, 1):
-        match = _KEY_LINE.match(line)
-        if match and not line.lstrip().startswith("#"):
+    for number, line in enumerate(read_lines(path, "key file"), 1):
+        match = _KEY_LINE.match(line)     # a comment line never matches
+        if match:
             keys[match[1]] = z85_key(match[2], f"{path}:{number}")
     if "public" not in keys:
         raise KeyFileError(f"{path}: no public-key line: not a key file written by zmgpu keygen")

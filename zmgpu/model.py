@@ -19,6 +19,7 @@ node dict::
     gpus [{index, name, uuid, memory_mb, simulated, job_id (holder or None),
            shared_by {job id: MiB declared}, room_mb (left for --gpu-mem jobs on a shared GPU),
            unavailable (why no job may take it: drained as unhealthy, or dirty; None),
+           free (a new exclusive job could take it now, as the scheduler sees it),
            and the node's last report: used_mb, utilization, temperature, foreign_mb,
            processes [{pid, used_mb, job_id (None: foreign)}], busy (others' use keeps
            exclusive jobs off), healthy, health, dirty (job id whose processes linger)}]

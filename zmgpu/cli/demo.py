@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 
 from ..config import ClientConfig
-from ..daemon import module_env
 from ..model import NodeState
 from .common import non_negative_int
 from .nodes import format_nodes, gpu_models
@@ -160,6 +159,8 @@ def _gpus_to_simulate(forced: int | None) -> int | None:
 def _start(daemons: list, name: str, workdir: str, module_args: list) -> None:
     """Start ``python -m <module_args>`` with its output in a log file, in its own session."""
     log = os.path.join(workdir, f"{name}.log")
+    from ..daemon import module_env   # here: every zmgpu command imports this module, few run the demo
+
     env = module_env()   # the daemons run the same zmgpu code as this command
     with open(log, "wb") as out:
         # A session of their own: Ctrl-C at the terminal reaches this command

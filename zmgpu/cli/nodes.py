@@ -81,13 +81,8 @@ def node_row(node: dict) -> tuple:
     """NODE, STATUS, FREE/TOTAL, REASON; a node that takes no new jobs has no free GPUs."""
     status = NodeStatus(node["status"])
     gpus = node["gpus"]
-    free = sum(1 for gpu in gpus if gpu_free(gpu)) if status in PLACEABLE else 0
+    free = sum(1 for gpu in gpus if gpu.get("free")) if status in PLACEABLE else 0
     return node["node_id"], status.value, f"{free}/{len(gpus)}", node.get("drain_reason") or ""
-
-
-def gpu_free(gpu: dict) -> bool:
-    """No job on it, and nothing else keeps a new job off it."""
-    return not (gpu.get("job_id") or gpu.get("shared_by") or gpu.get("unavailable") or gpu.get("busy"))
 
 
 def gpu_row(gpu: dict) -> tuple:

@@ -93,14 +93,15 @@ class NodeRecord:
         return NodeStatus.ALLOCATED if taken == len(self.gpus) else NodeStatus.MIXED
 
     def to_dict(self) -> dict:
-        room = self.placement().room if self.shares else {}
+        places = self.placement()
         return {
             "node_id": self.node_id, "hostname": self.hostname, "address": self.address,
             "state": self.state.value, "status": self.status.value, "drain_reason": self.drain_reason,
             "last_seen": self.last_seen,
             "gpus": [{**self.telemetry.get(g.index, _NO_REPORT), **g.to_dict(), "job_id": self.holders.get(g.index),
                       "shared_by": dict(self.shares.get(g.index, {})), "unavailable": self.unavailable(g.index),
-                      "room_mb": room.get(g.index) if g.index in self.shares else None}
+                      "room_mb": places.room.get(g.index) if g.index in self.shares else None,
+                      "free": g.index in places.free}
                      for g in self.gpus],
         }
 
