@@ -66,7 +66,7 @@ def test_killed_node_fails_its_job_and_its_gpus_stay_unused(fresh_pair, workdir)
     assert cluster.job(victim)["state"] == "NODE_FAIL"
 
 
-def test_returning_node_stops_the_leftovers_of_a_failed_job(fresh_pair, workdir):
+def test_a_failed_jobs_leftovers_stop_when_the_master_gives_its_node_up(fresh_pair, workdir):
     """A job's process outlives its killed agent only until the master gives the node up: the node's keeper
     stops it by then, so once the job is NODE_FAIL nothing of it runs on a GPU the master hands out again."""
     cluster = fresh_pair
@@ -77,9 +77,6 @@ def test_returning_node_stops_the_leftovers_of_a_failed_job(fresh_pair, workdir)
     cluster.stop(cluster.nodes["n2"], signal.SIGKILL)
     assert cluster.wait_job_state(victim, FINISHED, timeout=NODE_TIMEOUT + 5)["state"] == "NODE_FAIL"
     poll(lambda: not pid_alive(pid), 5, "the failed job's leftover process to be stopped")
-    cluster.start_node("n2")
-    cluster.wait_node_state("n2", "UP")
-    assert not pid_alive(pid)
 
 
 # -- the master restarts --------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import Cluster, poll, written
+from conftest import Cluster, make_cluster, poll, written
 
 GPU_MB = 16384
 
@@ -59,15 +59,9 @@ def wait_reason(cluster: Cluster, job_id: str, reason: str, timeout: float = 20)
 @pytest.fixture
 def sim_cluster(tmp_path):
     """A master and node n1 whose one GPU (16 GiB) is described by a file the test changes."""
-    cluster = Cluster(tmp_path / "cluster")
     sim = SimGpus(tmp_path / "gpus.yaml")
-    try:
-        cluster.start_master()
-        cluster.start_node("n1", str(sim.path))
-        cluster.wait_nodes_up(1)
+    for cluster in make_cluster(tmp_path / "cluster", {"n1": str(sim.path)}):
         yield cluster, sim
-    finally:
-        cluster.close()
 
 
 @pytest.fixture

@@ -73,8 +73,12 @@ def test_the_ended_feed_carries_each_job_once_at_its_end(pair, workdir):
 
     try:
         # The subscription takes effect some time after connect: probe jobs until one is heard.
-        poll(lambda: pair.submit("true", cwd=workdir) and ended(None) is not None and heard, 20,
-             "a probe job's end on the feed", interval=0.2)
+        def probe():
+            pair.submit("true", cwd=workdir)
+            ended(None)     # takes in whatever the feed has carried so far
+            return heard
+
+        poll(probe, 20, "a probe job's end on the feed", interval=0.2)
         held = pair.submit(f"{wait_for_file_sh('release')}; exit 3", cwd=workdir)
         quick = pair.submit("true", cwd=workdir)
         poll(lambda: ended(quick), 20, "the quick job's end")

@@ -317,8 +317,12 @@ def test_master_ignores_random_traffic_from_a_node_and_keeps_its_state(seeded, m
         reports = reports | st.builds(lambda report: encode(MsgType.HEARTBEAT, {"gpus": report}), gpu_reports())
     fuzz_master(cluster, node_id.encode(), st.one_of(RAW, ALMOST, reports, reports, reports), no_reply, 60)
     # What the allocator does arithmetic on kept its type, whatever the reports held.
-    for gpu in cluster.node(node_id)["gpus"]:
+    gpus = cluster.node(node_id)["gpus"]
+    for gpu in gpus:
         assert all(has_type(gpu[key], kind) for key, kind in GPU_REPORT.items() if key in gpu), gpu
+    if msg_type is MsgType.HEARTBEAT:
+        # ...and some reports were taken in at all: a check that kept nothing would pass the one above.
+        assert gpus and any(key in gpu for gpu in gpus for key in GPU_REPORT), gpus
 
 
 # -- a node agent in front of random frames ----------------------------------------------------------
@@ -348,7 +352,9 @@ def agent(tmp_path):
         node._dispatch(encode(MsgType.DISPATCH, {
             "job_id": HELD_JOB, "rank": 0, "attempt": 0, "cwd": str(workdir), "env": dict(os.environ),
             "command": f"echo hello; {wait_for_file_sh('go')}; echo bye", "gpu_indices": [0], "kill_grace": 1,
-            "user": "tester", "allow_root": True}))
+            "user": "tester", "allow_root": True, "gpu_mem_mb": 100}))
+        # Declared by every start of the rank (_spawn), so a rank started again still counts on its GPU.
+        assert node.ranks[HELD_KEY].gpu_mem_mb == 100
         spool = HELD_KEY.spool(config.state_dir)
         poll(lambda: turn(node) and os.path.exists(f"{spool}.stdout") and open(f"{spool}.stdout", "rb").read(),
              REPLY_TIMEOUT, "the held job's first line")

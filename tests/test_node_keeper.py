@@ -173,7 +173,7 @@ def test_a_job_starts_clean_whoever_starts_it(pair, workdir, tmp_path):
     for where in (workdir, tmp_path):
         assert ((where / "out").read_text(), (where / "err").read_text()) == ("y\ny\n", ""), where
         # 0, 1 and 2, and the directory ls itself is reading.
-        assert set((where / "fds").read_text().split()) <= {"0", "1", "2", "3"}, where
+        assert {"0", "1", "2"} <= set((where / "fds").read_text().split()) <= {"0", "1", "2", "3"}, where
         assert (where / "where").read_text().strip() == str(where)
 
 
