@@ -20,8 +20,8 @@ import sys
 import time
 from typing import Iterator
 
-from bench.harness import (BenchError, Better, Cluster, Context, Figure, StateWatcher, median,
-                           subprocess_env)
+from bench.harness import BenchError, Better, Cluster, Context, Figure, StateWatcher, median
+from zmgpu.daemon import module_env
 
 NAME = "cli"
 TARGET_RATIO = 2.0
@@ -61,7 +61,7 @@ def run(ctx: Context) -> Iterator[Figure]:
     with Cluster(NAME, ctx, nodes=1, gpus=4) as cluster:
         # Most of the budget may go to running the history; the timings need a few seconds.
         history = fill_history(cluster, ctx.pick(10_000, 500), time.monotonic() + ctx.remaining() * 0.6)
-        env = subprocess_env(ZMGPU_MASTER=f"127.0.0.1:{cluster.port}",
+        env = module_env(ZMGPU_MASTER=f"127.0.0.1:{cluster.port}",
                              PYTHONPYCACHEPREFIX=os.path.join(cluster.work_dir, "pycache"))
         env.pop("ZMGPU_CONFIG", None)
         env.pop("PYTHONDONTWRITEBYTECODE", None)

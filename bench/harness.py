@@ -187,11 +187,6 @@ def rss_mb(pid: int) -> float:
 
 # -- processes -------------------------------------------------------------------------------------
 
-def subprocess_env(**extra: str) -> dict:
-    """This environment with the repository importable, for daemons, the CLI and helpers."""
-    return module_env(**extra)
-
-
 def stop_process(proc: subprocess.Popen, timeout: float = STOP_TIMEOUT) -> None:
     """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
     if proc.poll() is not None:
@@ -358,7 +353,7 @@ class Cluster:
     def _spawn(self, who: str, argv: list[str]) -> subprocess.Popen:
         with open(self._log(who), "wb") as log:
             return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                                    env=subprocess_env(), cwd=self.dir)
+                                    env=module_env(), cwd=self.dir)
 
     @property
     def _profile_path(self) -> Optional[str]:

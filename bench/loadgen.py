@@ -43,6 +43,7 @@ class FakeNode:
                      for i in range(gpus)]
         self.jobs: dict[tuple[str, int], int] = {}
         self.registered = False
+        self.beats = 0      # heartbeats sent: each moves every GPU's telemetry from the last
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, node_id.encode())
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -57,11 +58,14 @@ class FakeNode:
         self.send(MsgType.REGISTER, {"node_id": self.node_id, "hostname": "loadgen", "address": "127.0.0.1",
                                      "gpus": self.gpus, "jobs": jobs})
 
-    def telemetry(self, tick: int) -> dict:
+    def telemetry(self) -> dict:
         """A heartbeat as a busy node sends it: every GPU's memory, utilization and temperature moved
-        past the dead band (the worst case for the master; idle nodes send nothing)."""
-        return {"gpus": {str(g["index"]): {"used_mb": 1000 + (tick * 97) % 60000, "utilization": (tick * 7) % 100,
-                                           "temperature": 40 + tick % 30} for g in self.gpus}}
+        past the dead band since this node's last one (the worst case for the master; idle nodes send
+        nothing)."""
+        self.beats += 1
+        beat = self.beats
+        return {"gpus": {str(g["index"]): {"used_mb": 1000 + (beat * 97) % 60000, "utilization": (beat * 7) % 100,
+                                           "temperature": 40 + (beat * 3) % 30} for g in self.gpus}}
 
     def end(self, key: tuple[str, int], signal: int | None = None) -> None:
         """Report one held rank as ended (exit 0, or killed by ``signal``)."""
@@ -257,7 +261,7 @@ class LoadGenerator:
             _, index = heapq.heappop(self.heartbeats)
             node = self.nodes[index]
             if node.registered:
-                node.send(MsgType.HEARTBEAT, node.telemetry(self.counts["heartbeats"]))
+                node.send(MsgType.HEARTBEAT, node.telemetry())
                 self.counts["heartbeats"] += 1
             heapq.heappush(self.heartbeats, (now + self.interval, index))
 

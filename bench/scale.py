@@ -30,7 +30,8 @@ from collections import Counter
 from typing import Iterator
 
 from bench.harness import (BenchError, Better, Cluster, Context, Figure, cpu_seconds, median, rss_mb,
-                           stop_process, subprocess_env)
+                           stop_process)
+from zmgpu.daemon import module_env
 from zmgpu.model import NodeStatus
 
 NAME = "scale"
@@ -51,7 +52,7 @@ class LoadGenerator:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.loadgen", "--port", str(cluster.port), "--nodes", str(nodes),
              "--gpus", str(gpus)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=subprocess_env(), text=True, bufsize=1)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=module_env(), text=True, bufsize=1)
 
     def __enter__(self) -> "LoadGenerator":
         return self
