@@ -29,7 +29,7 @@ from typing import Iterable, Optional
 
 import zmq
 
-from zmgpu import Client
+from zmgpu import Client, iothreads
 from zmgpu.config import default_state_dir
 from zmgpu.daemon import module_env
 from zmgpu.model import JobState
@@ -433,7 +433,7 @@ class StateWatcher:
     """Finished jobs as the master publishes them, with a poll every second for events PUB dropped."""
 
     def __init__(self, cluster: Cluster):
-        self.ctx = zmq.Context()
+        self.ctx = iothreads.context()   # as a zmgpu client's (see zmgpu.iothreads)
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.RCVHWM, 0)   # keep every event we are sent; the master's SNDHWM still drops

@@ -37,7 +37,7 @@ import sys
 import time
 from typing import BinaryIO, Iterable, Optional, Sequence
 
-from . import protocol
+from . import iothreads, protocol
 from .errors import BadAddress, ClientError, Detached, LocalError, MasterUnreachable
 from .model import JobState
 from .protocol import MsgType, Stream
@@ -121,7 +121,7 @@ class Client:
         import zmq  # lazily: `zmgpu --help` and argument errors never load it
 
         if self._ctx is None:
-            self._ctx = zmq.Context()
+            self._ctx = iothreads.context()
         sock = self._ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, protocol.PEER_MAX_MESSAGE)

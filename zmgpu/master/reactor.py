@@ -27,6 +27,7 @@ from typing import Callable
 
 import zmq
 
+from .. import iothreads
 from ..auth import ServerKeys, ZapHandler
 from ..protocol import ErrorCode, Message, MsgType, ProtocolError, decode, encode, error_reply
 
@@ -64,7 +65,7 @@ class Reactor:
                  max_message_bytes: int = 8 << 20, keys: ServerKeys | None = None):
         self.log = log
         self.keys = keys
-        self.ctx = zmq.Context()
+        self.ctx = iothreads.context()
         self.poller = zmq.Poller()
         # Bound first: libzmq asks whatever handler exists when a handshake starts.
         self.zap = ZapHandler(self.ctx, keys, log) if keys is not None else None

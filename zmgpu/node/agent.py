@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from .. import protocol
+from .. import iothreads, protocol
 from ..config import NodeConfig
 from ..daemon import SignalPipe
 from ..model import format_duration, is_count, is_job_id
@@ -119,7 +119,7 @@ class Agent:
         self.instance_saved = False
         self.exit_status = 0
         self.tick_ms = float(TICK_MIN_MS)
-        self.context = zmq.Context()
+        self.context = iothreads.context()
         self.poller = zmq.Poller()
         self.sock: zmq.Socket | None = None
         self.registered = False                 # the master accepted us on the current socket
