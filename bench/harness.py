@@ -32,7 +32,7 @@ import zmq
 from zmgpu import Client, iothreads
 from zmgpu.config import default_state_dir
 from zmgpu.daemon import module_env
-from zmgpu.model import JobState
+from zmgpu.model import FINISHED_STATES, JobState
 from zmgpu.protocol import ENDED_PREFIX, MsgType
 from zmgpu.stream import published
 
@@ -448,10 +448,14 @@ class StateWatcher:
         self.sub.close()
         self.ctx.term()
 
-    def _drain(self) -> None:
+    def _drain(self) -> list[str]:
+        """Take the published ends; return the ids of the jobs they ended."""
+        ended = []
         for msg in published(self.sub):
             if msg.type is MsgType.JOB_STATE and JobState(msg.body["state"]).finished:
                 self.finished[msg.body["job_id"]] = msg.body
+                ended.append(msg.body["job_id"])
+        return ended
 
     def wait(self, client: Client, job_ids: Iterable[str], deadline: float) -> dict[str, dict]:
         """The final dicts of ``job_ids`` once all have finished; BenchError past ``deadline`` (monotonic)."""
@@ -463,11 +467,15 @@ class StateWatcher:
             if now > deadline:
                 raise BenchError(f"{len(missing)} of {len(wanted)} job(s) still unfinished at the time limit")
             if now >= next_check:
-                for job in client.queue(all=True, job_ids=sorted(missing))["jobs"]:
-                    if JobState(job["state"]).finished:
-                        self.finished[job["job_id"]] = job
+                # Only the ended ones: the dicts of a thousand running or pending jobs would cost the master
+                # (and this load generator) more than the jobs being measured.
+                for job in client.queue(all=True, job_ids=sorted(missing), states=FINISHED_STATES,
+                                        nodes=False)["jobs"]:
+                    self.finished[job["job_id"]] = job
+                    missing.discard(job["job_id"])
                 next_check = time.monotonic() + 1.0
             elif self.sub.poll(max(1, int((min(next_check, deadline) - now) * 1000))):
-                self._drain()
-            missing.difference_update(self.finished)
+                # Only what this wake-up brought: going over every job finished so far would make the
+                # watcher's cost grow with the run (quadratic over thousands of jobs).
+                missing.difference_update(self._drain())
         return {job_id: self.finished[job_id] for job_id in wanted}

@@ -16,6 +16,7 @@ import pytest
 from conftest import (FINISHED, KILL_GRACE, NODE_TIMEOUT, as_user, make_cluster, one_line_error, pid_alive,
                       poll, queue_table, written)
 from helpers import hold_sh, release
+from zmgpu.model import FINISHED_STATES
 from zmgpu.protocol import MsgType
 
 DEFAULT_LIMIT, MAX_LIMIT = 300, 600
@@ -282,6 +283,20 @@ def test_show_prints_every_field(life, workdir):
     assert f"{where['node_id']}:{where['gpu_indices'][0]}" in fields["Allocation"]
     assert life.wait_job_state(job_id, FINISHED)["state"] == "COMPLETED"
     assert "deadbeef" in one_line_error(life.cli("show", "deadbeef", check=False))
+
+
+def test_a_check_for_ended_jobs_gets_only_those_and_no_nodes(life, workdir):
+    """What Client.wait asks each interval: the ended jobs among those given, without the cluster's nodes."""
+    running = life.submit(hold_sh("check"), cwd=workdir)
+    ended = life.submit("true", cwd=workdir)
+    life.wait_job_state(ended, "COMPLETED")
+    life.wait_job_state(running, "RUNNING")
+    with life.client() as client:
+        checked = client.queue(all=True, job_ids=[running, ended], states=FINISHED_STATES, nodes=False)
+        assert ([job["job_id"] for job in checked["jobs"]], checked["nodes"]) == ([ended], [])
+        assert client.queue(job_ids=[running])["nodes"], "nodes are listed unless left out"
+    release(workdir, "check")
+    life.wait_job_state(running, "COMPLETED")
 
 
 def test_wait_exits_with_the_first_failure(life, workdir):

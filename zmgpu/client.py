@@ -39,7 +39,7 @@ from typing import BinaryIO, Iterable, Optional, Sequence
 
 from . import iothreads, protocol
 from .errors import BadAddress, ClientError, Detached, LocalError, MasterUnreachable
-from .model import JobState
+from .model import FINISHED_STATES, JobState
 from .protocol import MsgType, Stream
 from .stream import (CHECK_INTERVAL, SUB_BATCH, Follower, InterruptHandler, Limits, SignalTrap, View, own_trap,
                      published)
@@ -266,19 +266,20 @@ class Client:
         return self._request(MsgType.SUBMIT, job=job).body["job_id"]
 
     def queue(self, all: bool = False, user: Optional[str] = None, states: Optional[Iterable[str]] = None,
-              job_ids: Optional[Iterable[str]] = None) -> dict:
+              job_ids: Optional[Iterable[str]] = None, nodes: bool = True) -> dict:
         """``{"jobs": [job dict], "nodes": [node dict]}``, the jobs filtered as asked.
 
         :param all: include finished jobs (the master keeps them for its retention time).
         :param user: only this user's jobs.
         :param states: only jobs in these states (:class:`zmgpu.model.JobState` names).
         :param job_ids: only these jobs; an array id matches every task of the array.
+        :param nodes: False leaves the nodes out (an empty list), for a caller that only wants jobs.
 
         The dict layouts are described in :mod:`zmgpu.model`.
         """
         # "user" on the wire is who asks, so the owner filter travels as "owner".
         filters = {"owner": user, "states": None if states is None else [JobState(s).value for s in states],
-                   "job_ids": None if job_ids is None else list(job_ids)}
+                   "job_ids": None if job_ids is None else list(job_ids), "nodes": None if nodes else False}
         body = self._request(MsgType.QUEUE, all=all,
                              **{key: value for key, value in filters.items() if value is not None}).body
         return {"jobs": body["jobs"], "nodes": body["nodes"]}
@@ -425,8 +426,9 @@ class _Waiter:
                 self._take(job)
 
     def _check(self) -> None:
-        """Ask the master about the jobs still running."""
-        for job in self.client.queue(all=True, job_ids=sorted(self.unfinished))["jobs"]:
+        """Ask the master which of the jobs still unfinished here have ended (their events may have been dropped)."""
+        for job in self.client.queue(all=True, job_ids=sorted(self.unfinished), states=FINISHED_STATES,
+                                     nodes=False)["jobs"]:
             if job["job_id"] in self.jobs:
                 self._take(job)
 

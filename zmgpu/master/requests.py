@@ -338,7 +338,9 @@ class ClientRequests:
         jobs = [self.jobs.job_dict(j) for j in candidates
                 if (everything or ids is not None or not j.state.finished)
                 and (owner is None or j.user == owner) and (wanted is None or j.state.value in wanted)]
-        return ({"jobs": jobs, "nodes": [n.to_dict() for n in self.state.nodes.values()]},)
+        # A caller that only follows jobs (Client.wait) leaves out the nodes, which are costly on a big cluster.
+        nodes = [n.to_dict() for n in self.state.nodes.values()] if body.get("nodes", True) is not False else []
+        return ({"jobs": jobs, "nodes": nodes},)
 
     def on_job(self, body: dict) -> tuple:
         """One job's dict; with ``read_output`` (attach, logs), only for its owner or an admin."""
