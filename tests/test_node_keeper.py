@@ -16,6 +16,7 @@ from conftest import FINISHED, pid_alive, poll, written
 from helpers import STDERR_MARKER, hold_sh, job_command, pattern_chunks, release, wait_for_file_sh
 from zmgpu.node.keeper_link import SPOOL_LAYOUT, KeeperLink, on_short_path, spool_file
 from zmgpu.node.runner import RankKey, RankProcess
+from zmgpu.node.sweep import boot_ticks, proc_stat
 
 #: Long enough that the master still counts the jobs as running when the new agent registers.
 NODE_TIMEOUT = 30
@@ -205,6 +206,8 @@ def test_the_keeper_answers_a_spawn_at_the_rank_end_or_after_the_hold(tmp_path):
         link.spawn("0000000b.0.0", wait_for_file_sh(str(tmp_path / "go")), str(tmp_path), env)
         [spawned] = poll(lambda: events.extend(link.events()) or events, 10, "the running rank's answer")
         assert type(spawned).__name__ == "Spawned" and pid_alive(spawned.pid)
+        # The start time is the one /proc gives: an agent restarted later tells the rank from a new pid by it.
+        assert spawned.start_time == proc_stat(spawned.pid)[1]
         (tmp_path / "go").touch()
         poll(lambda: events.extend(link.events()) or len(events) >= 2, 10, "the running rank's end")
         assert type(events[1]).__name__ == "Exited" and events[1].exit_code == 0
@@ -213,3 +216,22 @@ def test_the_keeper_answers_a_spawn_at_the_rank_end_or_after_the_hold(tmp_path):
         if link.process is not None:
             link.process.terminate()
             link.process.wait(10)
+
+
+def test_clock_readings_around_a_spawn_that_agree_are_its_proc_start_time():
+    """The keeper takes a rank's start time from the clock when no tick passed during the spawn."""
+    agreed = 0
+    for _ in range(30):
+        before = boot_ticks()
+        pid = os.posix_spawn("/bin/sh", ["sh", "-c", "read x"], dict(os.environ))
+        after = boot_ticks()
+        try:
+            start = proc_stat(pid)[1]
+            assert before <= start <= after
+            if before == after:
+                agreed += 1
+                assert start == before
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert agreed, "no spawn fell within one clock tick"

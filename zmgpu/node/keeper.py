@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from ..daemon import SignalPipe, StateDirBusy, lock_state_dir, setup_logging
 from .keeper_link import SPOOL_LAYOUT, Op, encode, on_short_path, socket_path, take_messages, write_status
 from .runner import RankKey
-from .sweep import JobProcesses, proc_stat
+from .sweep import JobProcesses, boot_ticks, proc_stat
 from .users import START_ERRORS, Account, Started, start_error, start_rank
 
 LOCK_FILE = "keeper.lock"
@@ -62,7 +62,7 @@ class Child:
     spool: str
     asker: "Peer | None" = None          # the agent that asked for it
     answer_by: float = 0.0               # when the answer goes out if the rank has not ended (monotonic)
-    start_time: int | None = None        # /proc start time, read before the answer (and before reaping)
+    start_time: int | None = None        # its /proc start time, known at the spawn or read before the answer
 
 
 @dataclass
@@ -83,6 +83,8 @@ class Keeper:
         self.children: dict[int, Child] = {}
         # Children whose spawn is still to be answered, in spawn order and so in order of answer_by.
         self.owed: dict[int, Child] = {}
+        # Whether this kernel's /proc gives a start time as the clock does (see boot_ticks): checked once.
+        self.clock_starts: bool | None = None
         self.peers: dict[socket.socket, Peer] = {}
         self.selector = selectors.DefaultSelector()
         self.devnull = os.open(os.devnull, os.O_RDONLY)
@@ -216,13 +218,28 @@ class Keeper:
         try:
             account = Account.from_wire(msg.get("run_as"))
             # This loop is the keeper's only thread, so entering the rank's directory around the spawn is safe.
+            before = boot_ticks()
             popen = start_rank(os.path.join(self.jobs_dir, name), msg["command"], msg["env"], account, msg["cwd"],
                                stdin=self.devnull, all_cloexec=True)
+            after = boot_ticks()
         except START_ERRORS as exc:
             self._spawned(peer, name, error=start_error(exc, account, msg["cwd"]))
             return
-        self.children[popen.pid] = self.owed[popen.pid] = Child(popen, name, peer, time.monotonic() + SPAWNED_HOLD)
+        self.children[popen.pid] = self.owed[popen.pid] = Child(popen, name, peer, time.monotonic() + SPAWNED_HOLD,
+                                                                self._clock_start(popen.pid, before, after))
         self.log.debug("%s: started pid %d", name, popen.pid)
+
+    def _clock_start(self, pid: int, before: int, after: int) -> int | None:
+        """The start time of ``pid``, forked between two clock readings, when they fall in the same tick and
+        this kernel's /proc agrees with the clock (an emulated /proc might not); None: /proc is read later."""
+        if before != after or self.clock_starts is False:
+            return None
+        if self.clock_starts is None:
+            stat = proc_stat(pid)
+            self.clock_starts = stat is not None and stat[1] == before
+            if not self.clock_starts:
+                self.log.info("start times in /proc do not follow the boot clock here: reading them from /proc")
+        return before if self.clock_starts else None
 
     def _answer_spawns(self, now: float) -> None:
         """Answer the spawns whose hold is over."""

@@ -10,13 +10,15 @@ Reading the environment of every process on the host costs milliseconds, so the
 agent sweeps only when a job is being stopped (a KILL), never on a normal end.
 Processes of other users cannot be read and are skipped: jobs run as the
 agent's user.  :func:`proc_stat` is what /proc says of one process (its state
-and start time), for telling a process from a later one with its pid.
+and start time), for telling a process from a later one with its pid;
+:func:`boot_ticks` gives a start time in the same unit.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 #: Set in every rank's environment: the job id, and how many times the job was requeued before.
@@ -102,6 +104,19 @@ def _value(entries: list[bytes], name: str) -> bytes | None:
     """The value of ``name`` among environment entries, or None."""
     prefix = f"{name}=".encode()
     return next((e[len(prefix):] for e in entries if e.startswith(prefix)), None)
+
+
+#: Nanoseconds per clock tick, the unit of the start times in /proc/<pid>/stat.
+_NS_PER_TICK = 10**9 // os.sysconf("SC_CLK_TCK")
+
+
+def boot_ticks() -> int:
+    """Now, as /proc gives a process's start time: whole clock ticks since boot.
+
+    The kernel stamps a process's start when it forks it, so two readings around
+    a spawn that agree are its start time, without reading /proc (which, just
+    after a spawn, waits for the exec)."""
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME) // _NS_PER_TICK
 
 
 def proc_stat(pid: int) -> tuple[str, int] | None:
