@@ -6,6 +6,8 @@ type; a bad message gets a typed error reply (clients) or a log line (nodes),
 and a failing handler is logged, so one bad message never stops the loop.
 Timers come from the poll timeout.  After each turn the ``after_turn`` hook
 runs once, however many messages arrived: the scheduler pass lives there.
+Events published during a turn go out at its end, after its replies and
+dispatches (see :meth:`Reactor.publish`).
 
 With keys (:class:`zmgpu.auth.ServerKeys`) both sockets are CURVE servers.
 The ZAP handler that admits handshakes is one more socket on the same poller;
@@ -37,6 +39,9 @@ Admit = Callable[[bytes, bytes, Message], "str | None"]
 
 #: Most messages handled in one turn before timers and the scheduler get a go.
 BATCH = 512
+
+#: Events queued for one subscriber at most; a slow one re-fetches the rest by offset.
+PUB_HWM = 2000
 
 #: A subscription is a topic prefix of a few dozen bytes; a bigger frame is no subscription of ours.
 MAX_SUBSCRIPTION_BYTES = 4096
@@ -83,8 +88,7 @@ class Reactor:
         # XPUB rather than PUB: the master sees what clients subscribe to, and builds no event nobody reads.
         self.pub = self.ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.LINGER, 0)
-        # A slow subscriber costs at most this many queued messages; it re-fetches the rest by offset.
-        self.pub.setsockopt(zmq.SNDHWM, 2000)
+        self.pub.setsockopt(zmq.SNDHWM, PUB_HWM)
         self.pub.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
         if keys is not None:
             keys.serve(self.router)
@@ -99,6 +103,7 @@ class Reactor:
         self.poller.register(self.router, zmq.POLLIN)
         self.poller.register(self.pub, zmq.POLLIN)
         self.subscriptions: set[bytes] = set()   # topic prefixes at least one client subscribed to
+        self.unpublished: list[list[bytes]] = []   # this turn's events, sent at its end (see publish)
         self.admit: Admit = lambda identity, key, msg: None
         self.may_subscribe: Callable[[bytes, bytes], bool] = lambda key, topic: True
         self.handlers: dict[MsgType, Handler] = {}
@@ -159,12 +164,29 @@ class Reactor:
     def publish(self, topics: bytes | list[bytes], msg_type: MsgType, make_body: Callable[[], dict],
                 *payload: bytes) -> None:
         """Fan out under each of ``topics`` that someone subscribed to; the message is built only then, and
-        once.  Drops at the high-water mark and never blocks."""
+        once, but sent at the end of the turn (:meth:`send_published`).  Drops at the high-water mark and never
+        blocks.
+
+        Why at the end: each send that finds ZeroMQ's I/O thread asleep wakes it,
+        which costs more than the send itself.  Sent together with the turn's
+        replies and dispatches, the events share their wake-up, and the dispatches,
+        which start jobs, go first.
+        """
         frames = None
         for topic in [topics] if isinstance(topics, bytes) else topics:
             if self.wants(topic):
                 frames = frames or encode(msg_type, make_body(), *payload)
-                self.pub.send_multipart([topic, *frames], zmq.NOBLOCK)
+                self.unpublished.append([topic, *frames])
+        if len(self.unpublished) >= PUB_HWM:
+            # A burst (a big array submitted, a pass over a long queue) is not held whole in memory: past the
+            # high-water mark the subscriber of them all would lose the rest anyway (a client re-fetches by offset).
+            self.send_published()
+
+    def send_published(self) -> None:
+        """Send the events published since the last call, in order."""
+        unpublished, self.unpublished = self.unpublished, []
+        for frames in unpublished:
+            self.pub.send_multipart(frames, zmq.NOBLOCK)
 
     def _read_subscriptions(self) -> None:
         """Take each (un)subscription: without keys mirror them; with keys grant or refuse each one."""
@@ -215,6 +237,7 @@ class Reactor:
                     callback()
             self._run_timers()
             self._guard(self.after_turn)
+            self._guard(self.send_published)
 
     def stop(self) -> None:
         self.running = False

@@ -1,0 +1,59 @@
+"""The master's events go out at the end of a reactor turn, in order, or at once past the high-water mark.
+
+In-process: the master's Reactor on loopback and a real SUB socket.
+"""
+
+import logging
+
+import pytest
+import zmq
+
+from conftest import poll
+from zmgpu.master.reactor import PUB_HWM, Reactor
+from zmgpu.protocol import MsgType, decode
+
+
+@pytest.fixture
+def wired():
+    reactor = Reactor("127.0.0.1", 0, 0, logging.getLogger("test.reactor"))
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.RCVHWM, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"t.")
+    sub.connect(f"tcp://127.0.0.1:{reactor.pub_port}")
+
+    def subscribed():
+        if reactor.pub.poll(50):
+            reactor._read_subscriptions()
+        return reactor.wants(b"t.x")
+
+    poll(subscribed, 10, "the subscription to reach the master")
+    yield reactor, sub
+    sub.close(0)
+    ctx.term()
+    reactor.close()
+
+
+def received(sub, count: int) -> list[int]:
+    got = []
+    while len(got) < count and sub.poll(5000):
+        frames = sub.recv_multipart()
+        got.append(decode(frames[1:]).body["n"])
+    return got
+
+
+def test_events_wait_for_the_end_of_the_turn_and_keep_their_order(wired):
+    reactor, sub = wired
+    for n in range(3):
+        reactor.publish(b"t.x", MsgType.JOB_STATE, lambda n=n: {"job_id": f"{n:08x}", "state": "PENDING", "n": n})
+    assert not sub.poll(300), "an event went out before the turn ended"
+    reactor.send_published()
+    assert received(sub, 3) == [0, 1, 2]
+
+
+def test_a_burst_goes_out_at_the_high_water_mark_without_waiting_for_the_turn(wired):
+    reactor, sub = wired
+    for n in range(PUB_HWM):
+        reactor.publish(b"t.x", MsgType.JOB_STATE, lambda n=n: {"job_id": f"{n:08x}", "state": "PENDING", "n": n})
+    assert not reactor.unpublished
+    assert received(sub, PUB_HWM) == list(range(PUB_HWM))
