@@ -1,8 +1,10 @@
-"""End to end: a job placed on a node whose connection just dropped waits instead of failing."""
+"""End to end: a job placed on a node whose connection just dropped waits instead of failing; jobs held up
+behind one that needs a node that is lost start once it is."""
 
 import signal
 
 from conftest import FINISHED, NODE_TIMEOUT, poll
+from helpers import hold_sh, release
 
 
 def test_job_for_a_just_killed_node_waits_and_runs_when_it_returns(fresh_pair, workdir):
@@ -19,3 +21,23 @@ def test_job_for_a_just_killed_node_waits_and_runs_when_it_returns(fresh_pair, w
     assert done["state"] == "COMPLETED", done
     poll(lambda: (workdir / "where.txt").exists(), 5, "job output file")
     assert (workdir / "where.txt").read_text().strip() == "n2"
+
+
+def test_jobs_behind_one_that_needs_a_lost_node_start_once_it_is_lost(fresh_pair, workdir):
+    """A node going away, with nothing of its own running, changes what can start: a pass must follow."""
+    cluster = fresh_pair
+    filler = cluster.submit(hold_sh("filler"), "--gpus", "2", cwd=workdir)
+    [busy] = {a["node_id"] for a in cluster.wait_job_state(filler, "RUNNING")["allocation"]}
+    # Needs all eight GPUs, and the filler has no time limit: its start is unknown, so nothing behind it starts.
+    big = cluster.submit(hold_sh("big"), "--gpus", "8", cwd=workdir)
+    small = cluster.submit(hold_sh("small"), "--gpus", "1", cwd=workdir)
+    assert [cluster.job(j)["reason"] for j in (big, small)] == ["Resources", "Priority"]
+
+    idle = "n2" if busy == "n1" else "n1"
+    cluster.stop(cluster.nodes[idle], signal.SIGKILL)
+    cluster.wait_node_state(idle, "DOWN", timeout=NODE_TIMEOUT + 3)
+    # The big job now waits for the lost node, and no longer holds the queue.
+    running = cluster.wait_job_state(small, "RUNNING", timeout=10)
+    assert running["allocation"][0]["node_id"] == busy and cluster.job(big)["reason"] == "NodeDown"
+    release(workdir, "filler", "small")
+    assert cluster.wait_job_state(filler, FINISHED)["state"] == "COMPLETED"

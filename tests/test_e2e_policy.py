@@ -77,13 +77,19 @@ def test_users_may_only_lower_priority_and_admins_may_raise_it(policy, workdir):
     raised = policy.submit(hold_sh("raised"), "--gpus", "1", "--priority", "5", cwd=workdir)
     assert policy.job(raised)["priority"] == 5
     assert [policy.job(j)["reason"] for j in (raised, later, low)] == ["Resources", "Priority", "Priority"]
+    # Behind the job the last pass stopped at, a new job is told why it waits without a pass of its own.
+    lowest = policy.submit(hold_sh("lowest"), "--gpus", "1", "--priority", "-10", cwd=workdir)
+    assert policy.job(lowest)["reason"] == "Priority"
 
     release(workdir, "b1b")
     policy.wait_job_state(raised, "RUNNING")
-    assert [policy.job(j)["state"] for j in (later, low)] == ["PENDING", "PENDING"]
+    assert [policy.job(j)["state"] for j in (later, low, lowest)] == ["PENDING", "PENDING", "PENDING"]
+    release(workdir, "raised")
+    policy.wait_job_state(later, "RUNNING")
+    assert [policy.job(j)["reason"] for j in (low, lowest)] == ["Resources", "Priority"]
 
-    finish(policy, workdir, ["b4", "b2", "low", "default", "later", "raised"],
-           [*blockers.values(), low, default, later, raised])
+    finish(policy, workdir, ["b4", "b2", "low", "default", "later", "raised", "lowest"],
+           [*blockers.values(), low, default, later, raised, lowest])
 
 
 # -- backfill -------------------------------------------------------------------------------------

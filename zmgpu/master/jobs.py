@@ -41,6 +41,7 @@ class JobService:
         self.to_dispatch: list[tuple[JobRecord, int, list[int]]] = []
         self.unreasoned: set[str] = set()   # pending jobs no pass has given a wait reason yet
         self.head: str | None = None        # the job first in line waiting for Resources
+        self.stop_key: tuple | None = None  # queue key of the job the last pass stopped at; None: it read all
         self.running_views: dict[str, allocator.Running] = {}   # job id -> its cached allocator view
 
     def handlers(self) -> dict:
@@ -68,7 +69,11 @@ class JobService:
         self.state.pending.add(job)
         self.unreasoned.add(job.job_id)
         self.track_dependencies(job)
-        self.dirty = True
+        # A job that joins behind the one where the last pass stopped cannot start before it: until something
+        # else changes, a pass would only tell it to wait, which schedule() does without one.  This spares a
+        # submit behind a long queue a pass over the running jobs.
+        if self.stop_key is None or job.queue_key < self.stop_key:
+            self.dirty = True
         self.publish_job(job)
         self.cancel_if_dependency_failed(job)
 
@@ -103,36 +108,50 @@ class JobService:
     # -- scheduling and dispatch -------------------------------------------------------------
 
     def schedule(self) -> None:
-        """One placement pass over the pending queue, if anything changed since the last."""
+        """One placement pass over the pending queue, if anything changed since the last (jobs added behind
+        where it stopped are no change: see enqueue)."""
         if not self.dirty:
+            self._wait_behind(self.unreasoned)
             return
         self.dirty = False
+        self.stop_key = None
         if not len(self.state.pending):
             return
-        starts, waits = allocator.schedule(self._requests(), self._view())
+        try:
+            starts, waits = allocator.schedule(self._requests(), self._view())
+        except Exception:
+            self.stop_key = None   # where it stopped says nothing
+            raise
         for job_id, reason in waits.items():
             self._set_reason(self.state.jobs[job_id], reason)
         # Jobs the pass did not reach wait behind a blocked one: new ones, and a former head of the line.
         behind = self.unreasoned | ({self.head} if self.head else set())
-        for job_id in behind - waits.keys() - {j for j, _ in starts}:
-            if job_id in self.state.pending:
-                self._set_reason(self.state.jobs[job_id], allocator.WaitReason.PRIORITY)
-        self.unreasoned.clear()
+        self._wait_behind(behind - waits.keys() - {j for j, _ in starts})
         self.head = next((j for j, r in waits.items() if r is allocator.WaitReason.RESOURCES), None)
         for job_id, placement in starts:
             self._start(self.state.jobs[job_id], placement)
+
+    def _wait_behind(self, job_ids) -> None:
+        """These jobs, if still pending, wait behind a job that cannot start (Slurm's reason: Priority)."""
+        for job_id in job_ids:
+            if job_id in self.state.pending:
+                self._set_reason(self.state.jobs[job_id], allocator.WaitReason.PRIORITY)
+        self.unreasoned.clear()
 
     def _requests(self):
         """Pending jobs as allocator requests, in queue order, built only as far as the pass reads.
 
         Reading changes nothing (failed dependencies are settled when they end), so the queue is
-        walked in place, not copied.
+        walked in place, not copied.  Where the pass stopped short of the end is left in
+        :attr:`stop_key`: the queue key of the job it stopped at.
         """
         for job_id in self.state.pending:
             job = self.state.jobs[job_id]
+            self.stop_key = job.queue_key
             hold = allocator.WaitReason.DEPENDENCY if self._waits_for_dependency(job) else None
             yield allocator.Request(job.job_id, job.gpus, job.pins, job.user, job.time_limit,
                                     job.array_job_id, job.array_limit, hold, job.gpu_mem_mb)
+        self.stop_key = None   # read to the end: a job added later may start
 
     def _set_reason(self, job: JobRecord, reason: allocator.WaitReason) -> None:
         """Tell subscribers why a job waits; not stored: after a restart the first pass says it again."""
@@ -224,7 +243,7 @@ class JobService:
                 if job.ranks[rank].ended:
                     continue
                 if not self._dispatch(job, rank):
-                    self.state.nodes[job.ranks[rank].node_id].reachable = False
+                    self.state.nodes[job.ranks[rank].node_id].reachable = False   # undo_start makes a pass due
                     self.undo_start(job, f"could not reach node {job.ranks[rank].node_id}")
                     break
 
@@ -459,7 +478,8 @@ class JobService:
         node.ranks.add((job.job_id, rank))
 
     def _release(self, job: JobRecord, rank: int) -> None:
-        """Give one rank's GPUs and its place on its node back."""
+        """Give one rank's GPUs and its place on its node back: a pass may now start something."""
+        self.dirty = True
         part = job.ranks[rank]
         node = self.state.nodes.get(part.node_id)
         if node is not None:
@@ -479,7 +499,6 @@ class JobService:
         part = job.ranks[rank]
         part.ended, part.exit_code, part.signal, part.reason, part.lost = True, exit_code, signal, reason, lost
         self._release(job, rank)
-        self.dirty = True
         self.store.job_changed(job)
         if part.failed and job.first_failed is None:
             job.first_failed = rank

@@ -216,7 +216,10 @@ class NodeRegistry:
         for node in self.state.nodes.values():
             if node.up:
                 # A failed send means its connection is gone: place nothing there until it speaks again.
-                node.reachable = self.reactor.send(node.route, MsgType.HEARTBEAT, {})
+                reachable = self.reactor.send(node.route, MsgType.HEARTBEAT, {})
+                if reachable != node.reachable:
+                    node.reachable = reachable
+                    self.jobs.dirty = True   # jobs that wait for it may now wait elsewhere (NodeDown)
 
     def check_expiry(self) -> None:
         """Mark silent nodes suspect, then dead; a dead node's job ranks are lost."""
@@ -227,12 +230,14 @@ class NodeRegistry:
                 self._node_down(node)
             elif node.up and not node.suspect and silent > self.node_timeout:
                 node.suspect = True
+                self.jobs.dirty = True   # no longer usable: what waited behind a job that needs it may start
                 self.log.warning("node %s suspect: no heartbeat for %g s; nothing new goes there, its jobs go on",
                                  node.node_id, self.node_timeout)
                 self.publish(node)
 
     def _node_down(self, node: NodeRecord) -> None:
         node.state = NodeState.DOWN
+        self.jobs.dirty = True   # as for a suspect node, even with no rank of a job there
         reason = f"node {node.node_id} stopped responding (no heartbeat for {self.dead_timeout:g} s)"
         self.log.warning("node %s down: no heartbeat for %g s; %d job rank(s) lost",
                          node.node_id, self.dead_timeout, len(node.ranks))

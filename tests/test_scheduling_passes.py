@@ -1,0 +1,62 @@
+"""When the master runs a scheduling pass: a job that joins the queue behind the job the last pass stopped at
+(blocked, with an unknown start) cannot start before it, and costs no pass until something else changes.
+
+In-process: the master's own JobService, Reactor (on loopback), Store and OutputSpool; the allocator is
+wrapped only to count its passes.
+"""
+
+import logging
+
+import pytest
+
+from zmgpu.master import jobs as jobs_module
+from zmgpu.master.output import OutputSpool
+from zmgpu.master.reactor import Reactor
+from zmgpu.master.state import ClusterState, JobRecord, NodeRecord
+from zmgpu.master.store import Store
+from zmgpu.model import GpuInfo, JobState
+
+
+@pytest.fixture
+def service(tmp_path, monkeypatch):
+    log = logging.getLogger("test.passes")
+    reactor = Reactor("127.0.0.1", 0, 0, log)
+    store = Store(str(tmp_path))
+    state = ClusterState()
+    state.nodes["n1"] = NodeRecord("n1", "host", "127.0.0.1", [GpuInfo(0, "sim", "GPU-0", 16000, simulated=True)])
+    service = jobs_module.JobService(state, reactor, OutputSpool(str(tmp_path)), store, kill_grace=1.0,
+                                     max_requeue=0, user_gpu_limit=None, retention=3600.0, log=log)
+    service.passes = 0
+    real = jobs_module.allocator.schedule
+
+    def counted(pending, view):
+        service.passes += 1
+        return real(pending, view)
+
+    monkeypatch.setattr(jobs_module.allocator, "schedule", counted)
+    yield service
+    store.close()
+    reactor.close()
+
+
+def submit(service, name: str, seq: int, priority: int = 0) -> JobRecord:
+    job = JobRecord(job_id=name, seq=seq, user="u", command="true", cwd="/", env={}, gpus=1, priority=priority)
+    service.enqueue(job)
+    service.schedule()
+    return job
+
+
+def test_a_job_behind_the_blocked_head_costs_no_pass_and_one_ahead_of_it_does(service):
+    running = submit(service, "0000000a", 1)
+    blocked = submit(service, "0000000b", 2)    # no GPU left, and the running job has no time limit
+    assert (running.state, blocked.reason, service.passes) == (JobState.RUNNING, "Resources", 2)
+
+    behind = submit(service, "0000000c", 3)
+    assert (behind.reason, service.passes) == ("Priority", 2)
+
+    ahead = submit(service, "0000000d", 4, priority=5)   # goes before the blocked job: it needs a pass
+    assert (ahead.reason, blocked.reason, service.passes) == ("Resources", "Priority", 3)
+
+    service.end_rank(running, 0, exit_code=0)             # its GPU comes free
+    service.schedule()
+    assert (ahead.state, behind.state, service.passes) == (JobState.RUNNING, JobState.PENDING, 4)
