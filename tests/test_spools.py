@@ -9,7 +9,9 @@ import subprocess
 import time
 
 from zmgpu.node.keeper_link import STATUS_FILE, spool_file
-from zmgpu.node.runner import PROCESS_FILE, RankKey, load_status, spool_keys
+from conftest import poll
+from helpers import wait_for_file_sh
+from zmgpu.node.runner import PROCESS_FILE, RankKey, RankProcess, load_status, spool_keys
 from zmgpu.node.spools import adopt_leftovers, prune_spools
 from zmgpu.protocol import Stream
 
@@ -41,13 +43,13 @@ def test_only_old_reported_spools_are_removed(tmp_path):
     running = spool(tmp_path, "00000003", None)
     unreported = spool(tmp_path, "00000004", 2 * DAY, reported=False)
     held = spool(tmp_path, "00000005", 2 * DAY)
-    assert prune_spools(str(tmp_path), time.time() - DAY, keep={held}) == 1
+    assert prune_spools(str(tmp_path), time.time() - DAY, keep={held}) == [old]
     assert spool_keys(str(tmp_path)) == [recent, running, unreported, held]
     assert old not in spool_keys(str(tmp_path))
 
 
 def test_no_spool_directory_at_all(tmp_path):
-    assert prune_spools(str(tmp_path / "missing"), time.time(), keep=set()) == 0
+    assert prune_spools(str(tmp_path / "missing"), time.time(), keep=set()) == []
 
 
 def test_spools_of_an_older_layout_are_taken_over(tmp_path):
@@ -106,3 +108,21 @@ def test_an_older_keepers_running_rank_keeps_its_directory_for_the_status(tmp_pa
     (older / "status").write_text('{"exit_code": 9, "signal": null}')    # as that keeper writes it at the end
     adopt_leftovers(str(tmp_path), {}, log)
     assert not older.exists() and load_status(str(older))["exit_code"] == 9
+
+
+def test_a_rank_dispatched_again_does_not_take_the_end_left_by_the_last_one(tmp_path):
+    """A spool on disk before the rank starts (not ``fresh``) loses the old end first: an agent restarted while
+    the new rank runs must not read that end as the new rank's."""
+    key = spool(tmp_path, "0000000f", 60, reported=False)   # an earlier dispatch's end and record
+    open(spool_file(key.spool(str(tmp_path)), STATUS_FILE), "w").write('{"exit_code": 9}')
+    go = tmp_path / "go"
+    rank = RankProcess.spawn(state_dir=str(tmp_path), node_id="n0", key=key, command=wait_for_file_sh(str(go)),
+                             cwd=str(tmp_path), env={"PATH": os.environ["PATH"]}, gpu_indices=[], kill_grace=1.0,
+                             keeper=None)
+    try:
+        assert rank.running and not os.path.exists(spool_file(key.spool(str(tmp_path)), STATUS_FILE))
+        go.touch()
+        poll(rank.poll, 10, "the rank's end")
+        assert load_status(key.spool(str(tmp_path)))["exit_code"] == 0
+    finally:
+        rank.close()

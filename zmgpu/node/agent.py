@@ -36,7 +36,6 @@ import math
 import signal
 import socket
 import time
-from dataclasses import dataclass
 
 import zmq
 
@@ -49,9 +48,9 @@ from ..keys import CurveClient
 from .identity import new_instance, read_instance, route_address, routing_id, write_instance
 from .keeper_link import Exited, KeeperLink, KeeperLost, Spawned
 from .pump import pump, rewind
-from .runner import RankKey, RankProcess, declared_memory, free_port
+from .runner import RankKey, RankProcess, declared_memory, free_port, spool_keys
 from .spools import adopt_leftovers, prune_spools, recent_ends
-from .sweep import JobProcesses
+from .sweep import JobProcesses, PendingKills
 from .telemetry import Telemetry
 from .users import UserPolicy
 
@@ -83,14 +82,6 @@ PRUNE_INTERVAL = 3600.0
 DIRTY_RECHECK = 0.1
 
 
-@dataclass
-class PendingKill:
-    """A KILL in its grace period: at ``deadline`` whatever of the job is still running gets SIGKILL."""
-
-    target: JobProcesses
-    deadline: float             # monotonic
-
-
 class Agent:
     """The node agent: talks to the master and runs the job ranks it dispatches here."""
 
@@ -109,11 +100,12 @@ class Agent:
         self.ipv6 = ":" in host
         self.endpoint = f"tcp://[{host}]:{config.master_port}" if self.ipv6 else f"tcp://{host}:{config.master_port}"
         self.ranks: dict[RankKey, RankProcess] = {}
-        self.kills: dict[tuple[str, int | None], PendingKill] = {}   # by (job id, attempt or None)
+        self.kills = PendingKills()
         self.keeper: KeeperLink | None = None   # None: ranks are spawned as the agent's own children
         self.keeper_retry_at = 0.0
         # What the keeper was asked to start and has not answered: redone if the request is lost.
         self.unanswered: dict[RankKey, tuple[dict, list[int], int | None]] = {}
+        self.spooled: set[str] = set()   # names of spools that may have files on disk (see _on_dispatch)
         self.instance = new_instance()
         self.previous_instance = read_instance(config.state_dir)
         self.instance_saved = False
@@ -147,6 +139,7 @@ class Agent:
         signals = SignalPipe((signal.SIGCHLD, signal.SIGTERM, signal.SIGINT))
         self.poller.register(signals.fileno(), zmq.POLLIN)
         self.ranks.update(adopt_leftovers(self.config.state_dir, self._open_keeper(time.monotonic()), self.log))
+        self.spooled = {key.name for key in spool_keys(self.config.state_dir)}
         self._connect(time.monotonic())
         try:
             while not self.stopping:
@@ -178,10 +171,8 @@ class Agent:
                 self.telemetry.release_check(rank.key.job_id, rank.gpu_indices)
             if rank.escalate(now):
                 self.log.warning("%s outlived its %g s grace period: SIGKILL", rank.key, rank.kill_grace)
-        for key, pending in list(self.kills.items()):
-            if now >= pending.deadline:
-                del self.kills[key]
-                self._kill_leftovers(pending.target, "the grace period ran out")
+        for target in self.kills.due(now):
+            self._kill_leftovers(target, "the grace period ran out")
         if self.telemetry.dirty and now >= self.next_dirty_check:
             self.next_dirty_check = now + DIRTY_RECHECK
             if self.telemetry.recheck_dirty():
@@ -263,10 +254,12 @@ class Agent:
             self.keeper.close()
             self.keeper, self.keeper_retry_at = None, time.monotonic() + OLD_KEEPER_EXIT
 
-    def _spawn(self, key: RankKey, body: dict, indices: list[int], port: int | None = None) -> RankProcess:
+    def _spawn(self, key: RankKey, body: dict, indices: list[int], port: int | None = None,
+               fresh: bool = False) -> RankProcess:
         """Start a rank through the keeper (reached again if need be), or as the agent's own child.
 
         A rank asked of the keeper comes back pending: see :meth:`_take_keeper_events`.
+        ``fresh``: no file of the rank can be in its spool yet (see RankProcess.spawn).
         """
         if self.keeper is None and time.monotonic() >= self.keeper_retry_at:
             self._open_keeper(time.monotonic())
@@ -280,16 +273,17 @@ class Agent:
             if self.keeper is None or self.keeper.outdated:
                 break
             try:
-                rank_proc = spawn(keeper=self.keeper)
+                rank_proc = spawn(keeper=self.keeper, fresh=fresh)
             except KeeperLost as exc:
                 self._keeper_lost(str(exc))
-                # The lost request may have started the rank: it must not run twice.
+                # The lost request may have started the rank: it must not run twice, and may have left files.
                 JobProcesses(key.job_id, key.attempt).kill()
+                fresh = False
                 continue
             if rank_proc.pending:
                 self.unanswered[key] = (body, indices, port)
             return rank_proc
-        return spawn(keeper=None)
+        return spawn(keeper=None, fresh=fresh)
 
     def _poll_timeout_ms(self) -> int:
         if self.sock is None:
@@ -298,7 +292,7 @@ class Agent:
             deadline = min(self.next_heartbeat, self.last_heard + self.master_timeout)
         else:
             deadline = self.last_heard + self.master_timeout
-        kills = [p.deadline for p in self.kills.values()]
+        kills = self.kills.deadlines()
         if self.telemetry.dirty:
             kills.append(self.next_dirty_check)
         kills += [r.kill_deadline for r in self.ranks.values() if r.running and r.kill_deadline is not None]
@@ -391,8 +385,9 @@ class Agent:
             return
         self.next_prune = now + PRUNE_INTERVAL
         removed = prune_spools(self.config.state_dir, time.time() - self.config.spool_retention, self.ranks)
+        self.spooled.difference_update(key.name for key in removed)
         if removed:
-            self.log.info("removed the output spools of %d job rank(s) reported over %s ago", removed,
+            self.log.info("removed the output spools of %d job rank(s) reported over %s ago", len(removed),
                           format_duration(self.config.spool_retention))
 
     def _send_heartbeat(self, now: float) -> None:
@@ -531,7 +526,7 @@ class Agent:
             # Once more, unless it never started (or has not yet: JOB_STARTED is still to come).
             known.start_reported = known.pid is None and known.ended
             return
-        self._spare_from_kills(key)
+        self.kills.spare(key.job_id, key.attempt)
         refused = self.telemetry.refuse_start(indices, gpu_mem, declared_memory(self.ranks.values()))
         if refused is not None:
             self._refuse(key, indices, refused)
@@ -544,7 +539,11 @@ class Agent:
             port = next((r.master_port for k, r in self.ranks.items()
                          if (k.job_id, k.attempt) == (key.job_id, key.attempt) and r.master_port), None) or free_port()
             launch["MASTER_PORT"] = str(port)
-        rank_proc = self.ranks[key] = self._spawn(key, {**body, "env": {**body["env"], **launch}}, indices, port)
+        # A rank dispatched again (the master lost a commit in a power cut) would find its earlier end on disk.
+        fresh = key.name not in self.spooled
+        self.spooled.add(key.name)
+        rank_proc = self.ranks[key] = self._spawn(key, {**body, "env": {**body["env"], **launch}}, indices, port,
+                                                  fresh=fresh)
         self._log_start(rank_proc)
 
     def _refuse(self, key: RankKey, indices: list[int], why: str) -> None:
@@ -569,14 +568,6 @@ class Agent:
             gpus = ",".join(map(str, rank_proc.gpu_indices)) or "none"
             self.log.info("%s started: pid %d, GPUs %s", rank_proc.key, rank_proc.pid, gpus)
 
-    def _spare_from_kills(self, key: RankKey) -> None:
-        """A KILL of every attempt of a job came before this attempt was dispatched: it is not for this one."""
-        pending = self.kills.get((key.job_id, None))
-        if pending is not None:
-            below = key.attempt if pending.target.below is None else min(pending.target.below, key.attempt)
-            pending.target = JobProcesses(key.job_id, below=below)
-        self.kills.pop((key.job_id, key.attempt), None)
-
     def _on_kill(self, body: dict) -> None:
         """Stop the job here (one attempt of it if given): SIGTERM now, SIGKILL after the grace period."""
         job_id, attempt = body["job_id"], body.get("attempt")
@@ -588,12 +579,8 @@ class Agent:
                  if key.job_id == job_id and attempt in (None, key.attempt)]
         for rank in ranks:
             rank.kill(now)
-        target = JobProcesses(job_id, attempt)
-        pending = self.kills.get((job_id, attempt))
-        # A KILL repeated keeps its first deadline, unless attempts spared from it are now to be stopped too.
-        if pending is None or pending.target != target:
-            grace = max((rank.kill_grace for rank in ranks), default=DEFAULT_KILL_GRACE)
-            pending = self.kills[(job_id, attempt)] = PendingKill(target, now + grace)
+        grace = max((rank.kill_grace for rank in ranks), default=DEFAULT_KILL_GRACE)
+        pending = self.kills.start(job_id, attempt, grace, now)
         # Every process of the job, not only the ranks' groups: children that called setsid left those.
         signalled = pending.target.terminate()
         self.log.info("%s: stopping (%s): SIGTERM to %d process(es), SIGKILL to any left in %g s",

@@ -223,18 +223,18 @@ class RankProcess:
     def spawn(cls, *, state_dir: str, node_id: str, key: RankKey, command: str, cwd: str, env: dict,
               gpu_indices: list[int], kill_grace: float, keeper: KeeperLink | None,
               run_as: RunAs = None, master_port: int | None = None, hosts_rendezvous: bool = False,
-              gpu_mem_mb: int | None = None) -> "RankProcess":
+              gpu_mem_mb: int | None = None, fresh: bool = False) -> "RankProcess":
         """Start one rank (as ``run_as``: see users.py), through the keeper if there is one; a rank that
         cannot start comes back ended.
 
         A rank asked of the keeper comes back :attr:`pending` until its answer is
         passed to :meth:`started`.  Raises keeper_link.KeeperLost when the link to the keeper
-        broke: the rank may have started.
+        broke: the rank may have started.  ``fresh``: no file of this rank can be in the spool yet.
         """
         rank_proc = cls(key, key.spool(state_dir), node_id, list(gpu_indices), kill_grace, master_port=master_port,
                         hosts_rendezvous=hosts_rendezvous, gpu_mem_mb=gpu_mem_mb)
         try:
-            rank_proc._create_spool()
+            rank_proc._create_spool(fresh)
         except OSError as exc:
             rank_proc._fail(f"cannot create the output spool {rank_proc.spool} on node {node_id}: "
                             f"{exc.strerror or exc}")
@@ -343,17 +343,20 @@ class RankProcess:
         rank_proc.sent = {stream: rank_proc.size(stream) for stream in Stream}
         return rank_proc
 
-    def _create_spool(self) -> None:
+    def _create_spool(self, fresh: bool) -> None:
         """Make room for the rank's files: the jobs directory, without the end and the spawn record of an
-        earlier dispatch.
+        earlier dispatch (unless ``fresh``).
 
         Whoever starts the rank creates and empties the output files (a re-dispatched
         rank starts over), so they are left alone here.  Creating a file is the main
-        cost of a short job, so nothing is created here.
+        cost of a short job, so nothing is created here; and removing one, even one
+        that is not there, locks the directory against the keeper creating the
+        files of other ranks, so nothing is removed that cannot be there.
         """
         os.makedirs(os.path.dirname(self.spool), exist_ok=True)
-        for name in (STATUS_FILE, PROCESS_FILE):
-            remove_file(spool_file(self.spool, name))
+        if not fresh:
+            for name in (STATUS_FILE, PROCESS_FILE):
+                remove_file(spool_file(self.spool, name))
 
     def _open_readers(self) -> None:
         for stream in Stream:

@@ -66,14 +66,14 @@ def recent_ends(state_dir: str, since: float, skip) -> list[dict]:
     return entries
 
 
-def prune_spools(state_dir: str, before: float, keep) -> int:
-    """Remove the spools of ranks reported ended before ``before`` (epoch seconds); how many went.
+def prune_spools(state_dir: str, before: float, keep) -> list[RankKey]:
+    """Remove the spools of ranks reported ended before ``before`` (epoch seconds); the keys of those that went.
 
     A spool still holding a spawn record is a rank the master has not heard end, and
     ranks in ``keep`` are the agent's own: both stay, whatever their age.  The master
     keeps its own copy of the output, so an old spool only fills the node's disk.
     """
-    removed = 0
+    removed = []
     for key in spool_keys(state_dir):
         spool = key.spool(state_dir)
         if key in keep or unreported(spool):
@@ -86,7 +86,7 @@ def prune_spools(state_dir: str, before: float, keep) -> int:
                 remove_file(spool_file(spool, part))
         except OSError:
             continue    # no end recorded yet, or it could not be removed: left for the next round
-        removed += 1
+        removed.append(key)
     return removed
 
 

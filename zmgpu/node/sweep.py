@@ -11,7 +11,8 @@ agent sweeps only when a job is being stopped (a KILL), never on a normal end.
 Processes of other users cannot be read and are skipped: jobs run as the
 agent's user.  :func:`proc_stat` is what /proc says of one process (its state
 and start time), for telling a process from a later one with its pid;
-:func:`boot_ticks` gives a start time in the same unit.
+:func:`boot_ticks` gives a start time in the same unit.  :class:`PendingKills`
+holds the KILLs whose grace period runs, until what is left of them gets SIGKILL.
 """
 
 from __future__ import annotations
@@ -83,6 +84,46 @@ class JobProcesses:
             _signal(pids, signal.SIGKILL)
             killed.update(pids)
         return len(killed)
+
+
+@dataclass
+class PendingKill:
+    """A KILL in its grace period: at ``deadline`` whatever of the job is still running gets SIGKILL."""
+
+    target: JobProcesses
+    deadline: float             # monotonic
+
+
+class PendingKills:
+    """The node's KILLs in their grace period, by (job id, attempt or None: every attempt)."""
+
+    def __init__(self):
+        self.by_key: dict[tuple[str, int | None], PendingKill] = {}
+
+    def start(self, job_id: str, attempt: int | None, grace: float, now: float) -> PendingKill:
+        """The KILL of ``job_id`` (one attempt, or all): a new one, or one repeated, which keeps its first
+        deadline unless attempts spared from it (see :meth:`spare`) are now to be stopped too."""
+        target = JobProcesses(job_id, attempt)
+        pending = self.by_key.get((job_id, attempt))
+        if pending is None or pending.target != target:
+            pending = self.by_key[(job_id, attempt)] = PendingKill(target, now + grace)
+        return pending
+
+    def spare(self, job_id: str, attempt: int) -> None:
+        """A KILL of every attempt of a job came before this attempt was dispatched: it is not for this one."""
+        pending = self.by_key.get((job_id, None))
+        if pending is not None:
+            below = attempt if pending.target.below is None else min(pending.target.below, attempt)
+            pending.target = JobProcesses(job_id, below=below)
+        self.by_key.pop((job_id, attempt), None)
+
+    def due(self, now: float) -> list[JobProcesses]:
+        """The KILLs whose grace period is over, now forgotten: what of them still runs is to get SIGKILL."""
+        ended = [key for key, pending in self.by_key.items() if now >= pending.deadline]
+        return [self.by_key.pop(key).target for key in ended]
+
+    def deadlines(self) -> list[float]:
+        return [pending.deadline for pending in self.by_key.values()]
 
 
 def read_job_mark(pid: int) -> str | None:
