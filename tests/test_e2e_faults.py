@@ -112,6 +112,21 @@ def test_impossible_gpu_count_is_rejected_at_submit(pair, workdir):
     assert len(pair.queue_json()["jobs"]) == before
 
 
+def test_what_is_impossible_follows_the_nodes_that_register(bare_cluster, workdir):
+    """The check at submit sees every node that registered since the last submit."""
+    cluster = bare_cluster
+    cluster.start_master()
+    assert "no node agent has registered" in one_line_error(cluster.cli("submit", "true", cwd=workdir, check=False))
+    cluster.start_node("n1", 2)
+    cluster.wait_nodes_up(1)
+    assert "can never be satisfied" in one_line_error(cluster.cli("submit", "--gpus", "4", "true", cwd=workdir,
+                                                                  check=False))
+    cluster.start_node("n2", 2)
+    cluster.wait_nodes_up(2)
+    job = cluster.wait_job_state(cluster.submit("true", "--gpus", "4", cwd=workdir), FINISHED)
+    assert job["state"] == "COMPLETED" and {a["node_id"] for a in job["allocation"]} == {"n1", "n2"}
+
+
 @pytest.mark.parametrize("spec, needle", [("nosuch:0", "nosuch"), ("n1:9", "9"), ("n1:0;ghost:1", "ghost")])
 def test_impossible_pins_are_rejected_at_submit(pair, workdir, spec, needle):
     line = one_line_error(pair.cli("submit", "--node-gpu-ids", spec, "true", cwd=workdir, check=False))

@@ -65,6 +65,7 @@ class NodeRegistry:
         """A node known before a master restart: suspect until it registers, dead if it never does."""
         node.state, node.suspect, node.heard, node.registered = NodeState.UP, True, time.monotonic(), False
         self.state.nodes[node.node_id] = node
+        self.state.nodes_version += 1
         self.by_identity[node.route] = node
 
     def on_register(self, identity: bytes, msg: Message) -> None:
@@ -101,6 +102,7 @@ class NodeRegistry:
         policy = body.get("gpu_policy")
         reserve = policy.get("gpu_mem_reserve_mb") if isinstance(policy, dict) else None
         node.reserve_mb = reserve if has_type(reserve, int) and reserve >= 0 else 0
+        self.state.nodes_version += 1
         self._apply_telemetry(node, body.get("telemetry"))
         node.state, node.instance, node.suspect, node.registered = NodeState.UP, instance, False, True
         node.heard, node.last_seen, node.reachable = time.monotonic(), time.time(), True

@@ -11,7 +11,7 @@ client can fill the master's memory with one huge job or a flood of them.
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import os
 import secrets
 import time
@@ -112,6 +112,8 @@ class ClientRequests:
         self.exposed = exposed   # listening beyond loopback without keys (--insecure): every NODES reply says so
         self.outbox: list[Outgoing] = []
         self._new_jobs: list[str] = []   # jobs created by the request being served
+        self._capacity_list: list[allocator.NodeCapacity] = []
+        self._capacity_of = -1           # the state.nodes_version it was built for
 
     def handlers(self) -> dict:
         table = {
@@ -211,11 +213,8 @@ class ClientRequests:
             indices, limit = parse_array_spec(array) if array is not None else (None, None)
         except (ValueError, TypeError) as exc:
             raise RequestError(ErrorCode.BAD_REQUEST, str(exc)) from None
-        capacity = [allocator.NodeCapacity(n.node_id, tuple(g.index for g in n.gpus),
-                                           tuple(g.memory_mb - n.reserve_mb for g in n.gpus))
-                    for n in self.state.nodes.values()]
         problem = allocator.infeasible(allocator.Request("", template.gpus, template.pins,
-                                                         gpu_mem=template.gpu_mem_mb), capacity)
+                                                         gpu_mem=template.gpu_mem_mb), self._capacity())
         cap = self.jobs.user_gpu_limit
         if problem is None and cap is not None and template.gpus > cap:
             problem = f"the job asks for {template.gpus} GPUs, but one user may hold at most {cap} at once"
@@ -234,6 +233,16 @@ class ClientRequests:
             self.jobs.enqueue(self._record(template, task_id, array_job_id=base_id, array_task_id=index,
                                            array_limit=limit))
         return ({"job_id": base_id, "tasks": tasks},)
+
+    def _capacity(self) -> list[allocator.NodeCapacity]:
+        """The registered nodes' GPUs, as the check at submit reads them; rebuilt only when a node registers
+        (on a thousand nodes a rebuild took longer than the rest of a submit)."""
+        if self._capacity_of != self.state.nodes_version:
+            self._capacity_list = [allocator.NodeCapacity(n.node_id, tuple(g.index for g in n.gpus),
+                                                          tuple(g.memory_mb - n.reserve_mb for g in n.gpus))
+                                   for n in self.state.nodes.values()]
+            self._capacity_of = self.state.nodes_version
+        return self._capacity_list
 
     def _check_sizes(self, spec: dict) -> None:
         """Refuse a command over the limit (as the kernel counts it for exec)."""
@@ -312,8 +321,13 @@ class ClientRequests:
 
     def _record(self, template: JobRecord, job_id: str, **array) -> JobRecord:
         self.state.next_seq += 1
-        return dataclasses.replace(template, job_id=job_id, seq=self.state.next_seq, submit_time=time.time(),
-                                   ranks=[], **array)
+        # The shallow copy dataclasses.replace makes, without its call of __init__ with every field: an array's
+        # tasks are made by the ten thousand.
+        job = copy.copy(template)
+        job.job_id, job.seq, job.submit_time, job.ranks = job_id, self.state.next_seq, time.time(), []
+        for name, value in array.items():
+            setattr(job, name, value)
+        return job
 
     def on_queue(self, body: dict) -> tuple:
         """List jobs (active ones, or all with ``all``; filtered by owner, states, ids) and nodes."""
