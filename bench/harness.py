@@ -156,12 +156,13 @@ def median(samples: Iterable[float]) -> float:
     return percentile(samples, 50)
 
 
-def popen_true_seconds(count: int) -> list[float]:
-    """Wall time of ``count`` plain ``Popen(["true"]).wait()`` calls, one by one: the spawn limit."""
+def popen_true_seconds(count: int, argv: tuple[str, ...] = ("true",)) -> list[float]:
+    """Wall time of ``count`` plain ``Popen(["true"]).wait()`` calls (or of ``argv``), one by one: the spawn
+    limit."""
     times = []
     for _ in range(count):
         start = time.perf_counter()
-        subprocess.Popen(["true"]).wait()
+        subprocess.Popen(argv).wait()
         times.append(time.perf_counter() - start)
     return times
 
