@@ -157,8 +157,8 @@ def median(samples: Iterable[float]) -> float:
 
 
 def popen_true_seconds(count: int, argv: tuple[str, ...] = ("true",)) -> list[float]:
-    """Wall time of ``count`` plain ``Popen(["true"]).wait()`` calls (or of ``argv``), one by one: the spawn
-    limit."""
+    """Wall time of ``count`` plain ``Popen(["true"]).wait()`` calls, one by one: the spawn limit; with
+    another ``argv``, the same loop of that."""
     times = []
     for _ in range(count):
         start = time.perf_counter()

@@ -5,7 +5,7 @@ started the job (its ``start_time``, stamped as it sends the dispatch) and when
 the job's process actually ran (the time it wrote).  Both are measured from
 just before ``Client.submit`` on the same clock.  The limit is what any
 scheduler on this machine pays at least: one pyzmq ROUTER/DEALER round trip on
-loopback, plus one ``Popen`` of ``true`` for the job to have run (the
+loopback (with zmgpu's own contexts, see zmgpu.iothreads), plus one ``Popen`` of ``true`` for the job to have run (the
 master's start time is stamped before any process is spawned, so its limit
 is the round trip alone).  Percentiles of the limit come from the same
 percentiles of each part.
@@ -20,6 +20,7 @@ from typing import Iterator
 import zmq
 
 from bench.harness import Better, Cluster, Context, Figure, StateWatcher, percentile, popen_true_seconds
+from zmgpu import iothreads
 
 NAME = "latency"
 TARGET_P50_MS = 10.0
@@ -27,7 +28,7 @@ TARGET_P50_MS = 10.0
 
 def zmq_round_trip_seconds(count: int) -> list[float]:
     """Wall time of ``count`` DEALER -> ROUTER -> DEALER round trips over loopback TCP."""
-    ctx = zmq.Context()
+    ctx = iothreads.context()   # as every zmgpu process makes its own
     router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
     try:
         port = router.bind_to_random_port("tcp://127.0.0.1")

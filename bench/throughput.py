@@ -49,7 +49,7 @@ def run(ctx: Context) -> Iterator[Figure]:
     spawns = popen_true_seconds(min(count, 1000))
     popen_rate = len(spawns) / sum(spawns)
     yield Figure(NAME, "popen_true_per_s", popen_rate, "jobs/s", Better.HIGHER,
-                 note=f"{len(spawns)} Popen(['true']).wait() in a loop: the limit of the figures below")
+                 note=f"{len(spawns)} Popen(['true']).wait() in a loop: the limit of the jobs/s figures")
     shelled = popen_true_seconds(min(count, 1000), ("/bin/sh", "-c", "true"))
     shell_rate = len(shelled) / sum(shelled)
     yield Figure(NAME, "popen_sh_true_per_s", shell_rate, "jobs/s", Better.HIGHER,

@@ -1,4 +1,4 @@
-"""The master's events go out at the end of a reactor turn, in order, or at once past the high-water mark.
+"""The master's events go out at the end of a reactor turn, in order, or at once at the high-water mark.
 
 In-process: the master's Reactor on loopback and a real SUB socket.
 """
@@ -46,6 +46,7 @@ def test_events_wait_for_the_end_of_the_turn_and_keep_their_order(wired):
     reactor, sub = wired
     for n in range(3):
         reactor.publish(b"t.x", MsgType.JOB_STATE, lambda n=n: {"job_id": f"{n:08x}", "state": "PENDING", "n": n})
+    assert len(reactor.unpublished) == 3
     assert not sub.poll(300), "an event went out before the turn ended"
     reactor.send_published()
     assert received(sub, 3) == [0, 1, 2]

@@ -60,3 +60,15 @@ def test_a_job_behind_the_blocked_head_costs_no_pass_and_one_ahead_of_it_does(se
     service.end_rank(running, 0, exit_code=0)             # its GPU comes free
     service.schedule()
     assert (ahead.state, behind.state, service.passes) == (JobState.RUNNING, JobState.PENDING, 4)
+
+
+def test_gpus_given_back_by_a_job_put_back_in_line_make_a_pass_due(service):
+    """A job sent back to the queue (its dispatch failed) returns behind the blocked head, which alone would
+    cost no pass: the GPUs it gave back must still bring one."""
+    low = submit(service, "0000000a", 1, priority=-5)      # starts: the GPU is free
+    service.to_dispatch.clear()                            # as if its dispatch had gone out
+    high = submit(service, "0000000b", 2)                  # blocked behind it; the pass stops here
+    assert (low.state, high.reason) == (JobState.RUNNING, "Resources")
+    service.undo_start(low, "its node could not be reached")
+    service.schedule()
+    assert (high.state, low.state, low.reason) == (JobState.RUNNING, JobState.PENDING, "Resources")

@@ -110,11 +110,12 @@ def test_an_older_keepers_running_rank_keeps_its_directory_for_the_status(tmp_pa
     assert not older.exists() and load_status(str(older))["exit_code"] == 9
 
 
-def test_a_rank_dispatched_again_does_not_take_the_end_left_by_the_last_one(tmp_path):
-    """A spool on disk before the rank starts (not ``fresh``) loses the old end first: an agent restarted while
-    the new rank runs must not read that end as the new rank's."""
+def test_a_rank_started_where_an_earlier_end_lies_does_not_take_it(tmp_path):
+    """A rank not started ``fresh`` (its name was on disk, or dispatched before) loses the old end first: an
+    agent restarted while the new rank runs must not read that end as the new rank's."""
     key = spool(tmp_path, "0000000f", 60, reported=False)   # an earlier dispatch's end and record
-    open(spool_file(key.spool(str(tmp_path)), STATUS_FILE), "w").write('{"exit_code": 9}')
+    with open(spool_file(key.spool(str(tmp_path)), STATUS_FILE), "w") as fh:
+        fh.write('{"exit_code": 9}')
     go = tmp_path / "go"
     rank = RankProcess.spawn(state_dir=str(tmp_path), node_id="n0", key=key, command=wait_for_file_sh(str(go)),
                              cwd=str(tmp_path), env={"PATH": os.environ["PATH"]}, gpu_indices=[], kill_grace=1.0,
@@ -125,4 +126,5 @@ def test_a_rank_dispatched_again_does_not_take_the_end_left_by_the_last_one(tmp_
         poll(rank.poll, 10, "the rank's end")
         assert load_status(key.spool(str(tmp_path)))["exit_code"] == 0
     finally:
+        go.touch()   # a failed check leaves no rank waiting
         rank.close()

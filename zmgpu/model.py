@@ -49,8 +49,8 @@ class JobState(str, enum.Enum):
         return self not in (JobState.PENDING, JobState.RUNNING)
 
 
-# The states a job ends in: a check for ended jobs asks for these alone, so the master sends no dicts of the
-# many still pending or running.
+#: The states a job ends in: a check for ended jobs asks for these alone, so the master sends no dicts of
+#: the many still pending or running.
 FINISHED_STATES = tuple(state.value for state in JobState if state.finished)
 
 

@@ -330,7 +330,8 @@ class ClientRequests:
         return job
 
     def on_queue(self, body: dict) -> tuple:
-        """List jobs (active ones, or all with ``all``; filtered by owner, states, ids) and nodes."""
+        """List jobs (active ones, or all with ``all``; filtered by owner, states, ids) and nodes (none with
+        ``nodes: false``)."""
         everything = bool(body.get("all"))
         owner, states, ids = body.get("owner"), body.get("states"), body.get("job_ids")
         if ids is not None:

@@ -280,7 +280,7 @@ class ClusterState:
     arrays: dict[str, list[str]] = field(default_factory=dict)  # array id -> its task ids
     dependents: dict[str, set[str]] = field(default_factory=dict)  # job id -> pending jobs --after it
     next_seq: int = 0
-    nodes_version: int = 0   # bumped whenever a node's GPUs are recorded (it registered, or was restored)
+    nodes_version: int = 0   # bumped whenever a node's GPUs and reserve are recorded (registered, restored)
 
     def route(self, node_id: str) -> bytes:
         """The routing id that reaches a node's agent."""

@@ -128,8 +128,8 @@ class Store:
                     self.db.execute("DELETE FROM envs WHERE env_id NOT IN (SELECT env_id FROM jobs)")
                     kept = {env_id for (env_id,) in self.db.execute("SELECT env_id FROM envs")}
                 if self.dirty_nodes:
-                    self.db.executemany("INSERT OR REPLACE INTO nodes VALUES (?, ?)",
-                                        [(n.node_id, json.dumps(self._node_data(n))) for n in self.dirty_nodes.values()])
+                    rows = [(n.node_id, json.dumps(self._node_data(n))) for n in self.dirty_nodes.values()]
+                    self.db.executemany("INSERT OR REPLACE INTO nodes VALUES (?, ?)", rows)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write the job database: {exc}") from None
         if kept is not None:

@@ -123,6 +123,7 @@ class PendingKills:
         return [self.by_key.pop(key).target for key in ended]
 
     def deadlines(self) -> list[float]:
+        """When each KILL's grace period ends (monotonic): the agent's poll never sleeps past one."""
         return [pending.deadline for pending in self.by_key.values()]
 
 
