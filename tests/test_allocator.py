@@ -35,7 +35,7 @@ def test_cpu_job_goes_to_least_loaded_node():
 
 
 def test_schedule_gives_disjoint_gpus_in_order():
-    starts, waits = schedule([Request(f"j{i}", 1) for i in range(5)], view(FOUR))
+    starts, waits, _ = schedule([Request(f"j{i}", 1) for i in range(5)], view(FOUR))
     assert [j for j, _ in starts] == ["j0", "j1", "j2", "j3"]
     assert sorted(p[0][1][0] for _, p in starts) == [0, 1, 2, 3]
     assert waits == {"j4": WaitReason.RESOURCES}
@@ -51,8 +51,8 @@ def test_blocked_job_without_known_start_blocks_everyone_behind_it():
             seen.append(req.job_id)
             yield req
 
-    starts, waits = schedule(pending(), v)
-    assert starts == []
+    starts, waits, stopped = schedule(pending(), v)
+    assert (starts, stopped) == ([], "big")
     assert waits == {"big": WaitReason.RESOURCES}
     # Nothing behind it could start, so the pass did not even read the rest of a long queue.
     assert seen == ["big"]
@@ -60,14 +60,14 @@ def test_blocked_job_without_known_start_blocks_everyone_behind_it():
 
 def test_backfill_that_must_happen_short_job_ends_before_the_reservation():
     v = view({"a": [0, 1]}, FOUR, running=[Running([("a", [2, 3])], end=1000.0)], now=0.0)
-    starts, waits = schedule([Request("big", 4), Request("short", 1, time_limit=500)], v)
+    starts, waits, _ = schedule([Request("big", 4), Request("short", 1, time_limit=500)], v)
     assert [j for j, _ in starts] == ["short"]
     assert waits == {"big": WaitReason.RESOURCES}
 
 
 def test_backfill_that_must_not_happen_long_or_unlimited_jobs_would_delay_it():
     v = view({"a": [0, 1]}, FOUR, running=[Running([("a", [2, 3])], end=1000.0)], now=0.0)
-    starts, waits = schedule([Request("big", 4), Request("long", 1, time_limit=5000),
+    starts, waits, _ = schedule([Request("big", 4), Request("long", 1, time_limit=5000),
                               Request("nolimit", 1)], v)
     assert starts == []
     assert waits == {"big": WaitReason.RESOURCES, "long": WaitReason.PRIORITY,
@@ -80,7 +80,7 @@ def test_long_job_may_backfill_onto_gpus_the_reservation_does_not_need():
     capacity = {"a": [0, 1, 2, 3], "b": [0, 1]}
     running = [Running([("a", [2, 3])], end=100.0)]
     pending = [Request("big", 4, {"a": [0, 1, 2, 3]}), Request("long", 2, time_limit=10_000)]
-    starts, waits = schedule(pending, view(free, capacity, running=running))
+    starts, waits, _ = schedule(pending, view(free, capacity, running=running))
     assert starts == [("long", [("b", [0, 1])])]
     assert waits == {"big": WaitReason.PINNED_GPUS_BUSY}
 
@@ -89,7 +89,7 @@ def test_starvation_avoided_a_stream_of_small_jobs_cannot_pass_a_big_one_forever
     # Each small job's limit runs past the reservation, so none may take the GPUs the big job waits for.
     running = [Running([("a", [1, 2, 3])], end=50.0)]
     pending = [Request("big", 4)] + [Request(f"s{i}", 1, time_limit=100) for i in range(5)]
-    starts, waits = schedule(pending, view({"a": [0]}, FOUR, running=running))
+    starts, waits, _ = schedule(pending, view({"a": [0]}, FOUR, running=running))
     assert starts == []
     assert waits["big"] is WaitReason.RESOURCES
     assert all(waits[f"s{i}"] is WaitReason.PRIORITY for i in range(5))
@@ -98,7 +98,7 @@ def test_starvation_avoided_a_stream_of_small_jobs_cannot_pass_a_big_one_forever
 def test_per_user_cap_holds_only_that_users_jobs():
     running = [Running([("a", [0])], user="ann")]
     pending = [Request("ann2", 2, user="ann"), Request("bob1", 2, user="bob")]
-    starts, waits = schedule(pending, view({"a": [1, 2, 3]}, FOUR, running=running, user_gpu_limit=2))
+    starts, waits, _ = schedule(pending, view({"a": [1, 2, 3]}, FOUR, running=running, user_gpu_limit=2))
     assert [j for j, _ in starts] == ["bob1"]
     assert waits == {"ann2": WaitReason.USER_GPU_LIMIT}
 
@@ -107,14 +107,14 @@ def test_array_limit_and_dependency_hold_jobs_without_blocking():
     running = [Running([("a", [0])], array_id="arr")]
     pending = [Request("arr_1", 1, array_id="arr", array_limit=1),
                Request("dep", 1, hold=WaitReason.DEPENDENCY), Request("free", 1)]
-    starts, waits = schedule(pending, view({"a": [1, 2, 3]}, FOUR, running=running))
+    starts, waits, _ = schedule(pending, view({"a": [1, 2, 3]}, FOUR, running=running))
     assert [j for j, _ in starts] == ["free"]
     assert waits == {"arr_1": WaitReason.ARRAY_LIMIT, "dep": WaitReason.DEPENDENCY}
 
 
 def test_array_limit_counts_tasks_started_in_the_same_pass():
     pending = [Request(f"arr_{i}", 1, array_id="arr", array_limit=2) for i in range(4)]
-    starts, waits = schedule(pending, view(FOUR))
+    starts, waits, _ = schedule(pending, view(FOUR))
     assert len(starts) == 2
     assert set(waits.values()) == {WaitReason.ARRAY_LIMIT}
 
@@ -122,7 +122,7 @@ def test_array_limit_counts_tasks_started_in_the_same_pass():
 def test_node_down_pins_and_too_big_for_usable_nodes_do_not_block():
     capacity = {"a": [0, 1, 2, 3]}
     pending = [Request("pinned", 1, {"b": [0]}), Request("huge", 6), Request("ok", 1)]
-    starts, waits = schedule(pending, view(FOUR, capacity))
+    starts, waits, _ = schedule(pending, view(FOUR, capacity))
     assert [j for j, _ in starts] == ["ok"]
     assert waits == {"pinned": WaitReason.NODE_DOWN, "huge": WaitReason.NODE_DOWN}
 
@@ -160,7 +160,7 @@ def test_pending_queue_orders_by_priority_then_submission():
 def test_schedule_follows_the_order_it_is_given():
     # The queue decides the order (priority first); the pass starts jobs in that order while GPUs last.
     pending = [Request("urgent", 2), Request("first", 2), Request("low", 1)]
-    starts, waits = schedule(pending, view({"a": [0, 1, 2]}))
+    starts, waits, _ = schedule(pending, view({"a": [0, 1, 2]}))
     assert [j for j, _ in starts] == ["urgent"]
     assert waits == {"first": WaitReason.RESOURCES}
 
@@ -174,7 +174,7 @@ def shared(job_id: str, mib: int, gpus: int = 1, **kw) -> Request:
 
 def test_two_jobs_in_one_pass_never_share_the_same_free_memory():
     # 15 GiB of room: one 10 GiB job fits, the second must wait although each alone would fit.
-    starts, waits = schedule([shared("a", 10240), shared("b", 10240)],
+    starts, waits, _ = schedule([shared("a", 10240), shared("b", 10240)],
                              view({"n": [0]}, room={"n": {0: 15360}}))
     assert starts == [("a", [("n", [0])])]
     assert waits == {"b": WaitReason.RESOURCES}
@@ -182,13 +182,13 @@ def test_two_jobs_in_one_pass_never_share_the_same_free_memory():
 
 def test_shared_jobs_fill_the_fullest_gpu_first_and_keep_whole_gpus_free():
     room = {"n": {0: 4000, 1: 15000}}
-    starts, _ = schedule([shared("a", 3000), Request("x", 1)], view({"n": [1]}, room=room))
+    starts, _, _ = schedule([shared("a", 3000), Request("x", 1)], view({"n": [1]}, room=room))
     # "a" goes beside whoever uses GPU 0, so GPU 1 stays whole for the exclusive job.
     assert dict(starts) == {"a": [("n", [0])], "x": [("n", [1])]}
 
 
 def test_exclusive_job_never_takes_a_gpu_a_shared_job_took_this_pass():
-    starts, waits = schedule([shared("a", 1000), Request("x", 1)], view({"n": [0]}, room={"n": {0: 15000}}))
+    starts, waits, _ = schedule([shared("a", 1000), Request("x", 1)], view({"n": [0]}, room={"n": {0: 15000}}))
     assert starts == [("a", [("n", [0])])] and waits == {"x": WaitReason.RESOURCES}
 
 
@@ -200,7 +200,7 @@ def test_multi_gpu_shared_job_needs_room_on_each_gpu():
 
 
 def test_gpus_used_by_others_is_the_reason_when_they_alone_block():
-    starts, waits = schedule([Request("x", 2), Request("y", 3)],
+    starts, waits, _ = schedule([Request("x", 2), Request("y", 3)],
                              view({"n": [0]}, capacity={"n": [0, 1, 2]}, others={"n": [1]}))
     assert starts == [] and waits["x"] is WaitReason.GPUS_IN_USE_BY_OTHERS
 

@@ -416,7 +416,7 @@ class _Waiter:
 
     def _expand(self) -> None:
         """The first check: every given id's jobs (an array's tasks in index order); unknown ids fail."""
-        found = self.client.queue(all=True, job_ids=self.job_ids)["jobs"]
+        found = self.client.queue(all=True, job_ids=self.job_ids, nodes=False)["jobs"]
         for job_id in self.job_ids:
             matches = sorted((job for job in found if job_id in (job["job_id"], job.get("array_job_id"))),
                              key=lambda job: job.get("array_task_id") or 0)
@@ -433,7 +433,7 @@ class _Waiter:
                 self._take(job)
 
     def _receive(self, sub) -> None:
-        """Published state changes of our jobs; anything else is dropped."""
+        """Published ends of our jobs; anything else is dropped."""
         for msg in published(sub, SUB_BATCH):
             if msg.type is MsgType.JOB_STATE and msg.body["job_id"] in self.jobs:
                 self._take(msg.body)
@@ -443,12 +443,13 @@ class _Waiter:
         import zmq
 
         self.client._learn_pub_port()
-        # Subscribed before the snapshot, so an end between the two is not missed.
-        sub = self.client._subscriber(*(protocol.job_topic(job_id, "state") for job_id in self.job_ids))
+        # Subscribed before the snapshot, so an end between the two is not missed; to the ends alone (the
+        # topic ended.<ID>.state), since only they change what a wait returns.
+        sub = self.client._subscriber(*(protocol.end_topic(job_id) for job_id in self.job_ids))
         try:
             self._expand()
             for task_id in set(self.jobs) - set(self.job_ids):
-                sub.setsockopt(zmq.SUBSCRIBE, protocol.job_topic(task_id, "state"))
+                sub.setsockopt(zmq.SUBSCRIBE, protocol.end_topic(task_id))
             next_check = time.monotonic() + CHECK_INTERVAL
             while self.unfinished:
                 now = time.monotonic()

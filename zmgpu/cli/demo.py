@@ -141,7 +141,7 @@ def _walk_through(args: argparse.Namespace, workdir: str, daemons: list) -> None
 
         width = shutil.get_terminal_size().columns
         _heading("zmgpu queue --all")
-        print(format_queue(client.queue(all=True)["jobs"], time.time(), width))
+        print(format_queue(client.queue(all=True, nodes=False)["jobs"], time.time(), width))
         _heading("zmgpu nodes")
         print(format_nodes(client.nodes(), width))
     _heading("Stopping the node and the master (SIGTERM)")

@@ -113,7 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Print the job (or the array's tasks)."""
     with make_client(client_config(args)) as client:
-        jobs = client.queue(all=True, job_ids=[args.job_id])["jobs"]
+        jobs = client.queue(all=True, job_ids=[args.job_id], nodes=False)["jobs"]
     if not jobs:
         raise ClientError(ErrorCode.UNKNOWN_JOB.value, f"unknown job id '{args.job_id}'")
     one_job = len(jobs) == 1 and jobs[0]["job_id"] == args.job_id

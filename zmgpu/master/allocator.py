@@ -94,8 +94,8 @@ def infeasible(request: Request, nodes: list[NodeCapacity]) -> str | None:
     """A sentence saying why no set of registered nodes could ever run ``request``, or None."""
     if not nodes:
         return "no node agent has registered with this master yet; start zmgpu-node first"
-    by_id = {n.node_id: n for n in nodes}
     if request.pins:
+        by_id = {n.node_id: n for n in nodes}
         for node_id, indices in request.pins.items():
             node = by_id.get(node_id)
             if node is None:
@@ -202,14 +202,16 @@ class Reservation:
     gpus: frozenset[tuple[str, int]]
 
 
-def schedule(pending: Iterable[Request], view: View) -> tuple[list[tuple[str, Placement]], dict[str, WaitReason]]:
+def schedule(pending: Iterable[Request],
+             view: View) -> tuple[list[tuple[str, Placement]], dict[str, WaitReason], str | None]:
     """One pass over ``pending`` (already in priority order).
 
-    Returns the jobs to start with their placements, and a wait reason for each
-    job it looked at.  Once the first blocked job's start is unknown nothing
-    behind it may start, so the pass stops there and does not read the rest of
-    ``pending`` (it may be a generator): a long queue costs one step per job
-    that can still move.  ``view`` is not changed.
+    Returns the jobs to start with their placements, a wait reason for each job
+    it looked at, and the job it stopped at (None: it read them all).  Once the
+    first blocked job's start is unknown nothing behind it may start, so the pass
+    stops there and does not read the rest of ``pending`` (it may be a
+    generator): a long queue costs one step per job that can still move.
+    ``view`` is not changed.
     """
     free = {n: list(idx) for n, idx in view.free.items()}
     room = {n: dict(gpus) for n, gpus in view.room.items()}
@@ -234,7 +236,7 @@ def schedule(pending: Iterable[Request], view: View) -> tuple[list[tuple[str, Pl
             if reservation is None:
                 reservation = _reserve(req, free, view)
             if reservation.start is None:
-                break
+                return starts, waits, req.job_id
             continue
         starts.append((req.job_id, placement))
         _take(placement, req.gpu_mem if req.gpus else None, free, room)
@@ -242,7 +244,7 @@ def schedule(pending: Iterable[Request], view: View) -> tuple[list[tuple[str, Pl
             load[node] = load.get(node, 0) + 1
         user_gpus[req.user] += req.gpus
         array_running[req.array_id] += 1
-    return starts, waits
+    return starts, waits, None
 
 
 def _fits_usable(req: Request, view: View, capacity_total: int) -> bool:

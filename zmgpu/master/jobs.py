@@ -117,11 +117,9 @@ class JobService:
         self.stop_key = None
         if not len(self.state.pending):
             return
-        try:
-            starts, waits = allocator.schedule(self._requests(), self._view())
-        except Exception:
-            self.stop_key = None   # where it stopped says nothing
-            raise
+        starts, waits, stopped = allocator.schedule(self._requests(), self._view())
+        if stopped is not None:
+            self.stop_key = self.state.jobs[stopped].queue_key
         for job_id, reason in waits.items():
             self._set_reason(self.state.jobs[job_id], reason)
         # Jobs the pass did not reach wait behind a blocked one: new ones, and a former head of the line.
@@ -142,16 +140,13 @@ class JobService:
         """Pending jobs as allocator requests, in queue order, built only as far as the pass reads.
 
         Reading changes nothing (failed dependencies are settled when they end), so the queue is
-        walked in place, not copied.  Where the pass stopped short of the end is left in
-        :attr:`stop_key`: the queue key of the job it stopped at.
+        walked in place, not copied.
         """
         for job_id in self.state.pending:
             job = self.state.jobs[job_id]
-            self.stop_key = job.queue_key
             hold = allocator.WaitReason.DEPENDENCY if self._waits_for_dependency(job) else None
             yield allocator.Request(job.job_id, job.gpus, job.pins, job.user, job.time_limit,
                                     job.array_job_id, job.array_limit, hold, job.gpu_mem_mb)
-        self.stop_key = None   # read to the end: a job added later may start
 
     def _set_reason(self, job: JobRecord, reason: allocator.WaitReason) -> None:
         """Tell subscribers why a job waits; not stored: after a restart the first pass says it again."""
@@ -349,7 +344,7 @@ class JobService:
                 self.store.job_changed(job)
                 self.log.info("job %s reached its time limit of %s", job.job_id, format_duration(job.time_limit))
                 self.kill_ranks(job, "time limit reached")
-            elif (job.cancel_by or job.timed_out) and now - job.kill_sent > self.kill_grace + 5:
+            elif now - job.kill_sent > self.kill_grace + 5:
                 self.repeat_kill(job)
 
     def repeat_kill(self, job: JobRecord) -> None:

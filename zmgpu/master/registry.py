@@ -57,7 +57,6 @@ class NodeRegistry:
                 if node.suspect:
                     self.log.info("node %s is answering again", node.node_id)
                 node.suspect, node.reachable = False, True
-                self.jobs.dirty = True
                 self.publish(node)
         return True
 
@@ -114,7 +113,6 @@ class NodeRegistry:
         self.reactor.send(identity, MsgType.REGISTERED, {"heartbeat_interval": self.heartbeat_interval,
                                                          "dead_timeout": lease})
         self.publish(node)
-        self.jobs.dirty = True
 
     def _impostor(self, node: NodeRecord, instance, previous) -> bool:
         """A second live agent under the same node id (not the same agent, nor its restarted successor)."""
@@ -232,14 +230,12 @@ class NodeRegistry:
                 self._node_down(node)
             elif node.up and not node.suspect and silent > self.node_timeout:
                 node.suspect = True
-                self.jobs.dirty = True   # no longer usable: what waited behind a job that needs it may start
                 self.log.warning("node %s suspect: no heartbeat for %g s; nothing new goes there, its jobs go on",
                                  node.node_id, self.node_timeout)
                 self.publish(node)
 
     def _node_down(self, node: NodeRecord) -> None:
         node.state = NodeState.DOWN
-        self.jobs.dirty = True   # as for a suspect node, even with no rank of a job there
         reason = f"node {node.node_id} stopped responding (no heartbeat for {self.dead_timeout:g} s)"
         self.log.warning("node %s down: no heartbeat for %g s; %d job rank(s) lost",
                          node.node_id, self.dead_timeout, len(node.ranks))
@@ -252,10 +248,11 @@ class NodeRegistry:
         node.drain_reason = reason
         self.log.info("node %s %s by %s%s", node.node_id, "drained" if reason else "resumed", user,
                       f": {reason}" if reason else "")
-        self.jobs.dirty = True
         self.publish(node)
 
     def publish(self, node: NodeRecord) -> None:
-        """Tell subscribers, and have the store write the node at the end of the turn."""
+        """The node's state changed: tell subscribers, have the store write the node at the end of the turn,
+        and make a pass due (what it may take, or what waited on it, changed)."""
+        self.jobs.dirty = True
         self.jobs.store.node_changed(node)
         self.reactor.publish(node_topic(node.node_id), MsgType.NODE_STATE, node.to_dict)

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from .. import protocol
-from ..model import format_duration, has_type, is_job_id, parse_array_spec, parse_node_gpu_ids
+from ..model import format_duration, gpu_room, has_type, is_job_id, parse_array_spec, parse_node_gpu_ids
 from ..protocol import CHUNK_BYTES, ErrorCode, Message, MsgType, error_reply, ok_reply
 from . import allocator
 from .access import Access
@@ -239,7 +239,8 @@ class ClientRequests:
         (on a thousand nodes a rebuild took longer than the rest of a submit)."""
         if self._capacity_of != self.state.nodes_version:
             self._capacity_list = [allocator.NodeCapacity(n.node_id, tuple(g.index for g in n.gpus),
-                                                          tuple(g.memory_mb - n.reserve_mb for g in n.gpus))
+                                                          tuple(gpu_room(g.memory_mb, n.reserve_mb, 0, 0)
+                                                                for g in n.gpus))
                                    for n in self.state.nodes.values()]
             self._capacity_of = self.state.nodes_version
         return self._capacity_list
@@ -350,9 +351,9 @@ class ClientRequests:
         if owner is not None and not isinstance(owner, str):
             raise RequestError(ErrorCode.BAD_REQUEST, "owner must be a user name")
         wanted = set(states) if states is not None else None
+        # (The active jobs are never finished ones: a job leaves pending and running before it ends.)
         jobs = [self.jobs.job_dict(j) for j in candidates
-                if (everything or ids is not None or not j.state.finished)
-                and (owner is None or j.user == owner) and (wanted is None or j.state.value in wanted)]
+                if (owner is None or j.user == owner) and (wanted is None or j.state.value in wanted)]
         # A caller that only follows jobs (Client.wait) leaves out the nodes, which are costly on a big cluster.
         nodes = [n.to_dict() for n in self.state.nodes.values()] if body.get("nodes", True) is not False else []
         return ({"jobs": jobs, "nodes": nodes},)

@@ -113,7 +113,8 @@ class Store:
         jobs = list(self.dirty_jobs.values())
         envs = {}
         for job in jobs:
-            if job.env_id not in self.known_envs:
+            # Once per environment: an array's ten thousand tasks share one.
+            if job.env_id not in self.known_envs and job.env_id not in envs:
                 envs[job.env_id] = json.dumps(job.env)
         try:
             with self.db:
