@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from ..daemon import SignalPipe, StateDirBusy, lock_state_dir, setup_logging
 from .keeper_link import SPOOL_LAYOUT, Op, encode, on_short_path, socket_path, take_messages, write_status
 from .runner import RankKey
-from .sweep import JobProcesses, boot_ticks, proc_stat
+from .sweep import JobProcesses, boot_ticks, proc_start_time
 from .users import START_ERRORS, Account, Started, start_error, start_rank
 
 LOCK_FILE = "keeper.lock"
@@ -235,8 +235,7 @@ class Keeper:
         if before != after or self.clock_starts is False:
             return None
         if self.clock_starts is None:
-            stat = proc_stat(pid)
-            self.clock_starts = stat is not None and stat[1] == before
+            self.clock_starts = proc_start_time(pid) == before
             if not self.clock_starts:
                 self.log.info("start times in /proc do not follow the boot clock here: reading them from /proc")
         return before if self.clock_starts else None
@@ -251,15 +250,13 @@ class Keeper:
         still its own).  By then its exec is done and the read is cheap; straight after the spawn it waited."""
         for pid, child in self.owed.items():
             if child.start_time is None:
-                stat = proc_stat(pid)
-                child.start_time = stat[1] if stat else None
+                child.start_time = proc_start_time(pid)
 
     def _answer(self, pid: int, then: bytes = b"") -> None:
         """Send the owed answer to ``pid``'s spawn, and ``then`` in the same write."""
         child = self.owed.pop(pid)
         if child.start_time is None:
-            stat = proc_stat(pid)
-            child.start_time = stat[1] if stat else None
+            child.start_time = proc_start_time(pid)
         self._send(child.asker, encode(Op.SPAWNED, spool=child.spool, pid=pid, start_time=child.start_time,
                                        error=None) + then)
 

@@ -41,7 +41,7 @@ def pump(ranks: dict[RankKey, RankProcess], send: Send, dirty_for: Callable[[str
         if rank.pending:
             continue    # JOB_STARTED waits for the keeper's answer
         if not rank.start_reported and not rank.ended:
-            if now < rank.announce_by and not rank.hosts_rendezvous and not rank.has_unsent():
+            if now < rank.announce_by and not rank.has_unsent():
                 continue
             if not send(MsgType.JOB_STARTED, {**key.wire(), "pid": rank.pid, "master_port": rank.master_port}):
                 break
@@ -63,7 +63,7 @@ def pump(ranks: dict[RankKey, RankProcess], send: Send, dirty_for: Callable[[str
             rank.dirty_gpus = dirty_for(key.job_id, rank.gpu_indices)
             if not send(MsgType.JOB_ENDED, rank.ended_body()):
                 break
-            rank.start_reported = sent = True
+            sent = True
             rank.forget()
             del ranks[key]
             reported.append(rank)

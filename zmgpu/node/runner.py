@@ -41,7 +41,7 @@ from ..daemon import write_whole
 from ..model import JOB_ID_PATTERN, is_count, is_job_id
 from ..protocol import CHUNK_BYTES, Stream
 from .keeper_link import STATUS_FILE, KeeperLink, spool_file, write_status
-from .sweep import ATTEMPT_VAR, JOB_ID_VAR, proc_stat
+from .sweep import ATTEMPT_VAR, JOB_ID_VAR, proc_start_time, proc_stat
 from .users import START_ERRORS, Refusal, RunAs, missing_directory, start_error, start_rank
 
 #: Seconds a rank's JOB_STARTED waits for its end, so that a rank this short sends one message, not two
@@ -145,10 +145,8 @@ class SpawnRecord:
     def of(cls, pid: int, kill_grace: float, start_time: int | None = None,
            master_port: int | None = None) -> "SpawnRecord":
         """The record of a process just spawned in a session of its own (start time from /proc if not given)."""
-        if start_time is None:
-            stat = proc_stat(pid)
-            start_time = stat[1] if stat else None
-        return cls(pid, pid, start_time, kill_grace, time.time(), master_port)
+        return cls(pid, pid, start_time if start_time is not None else proc_start_time(pid), kill_grace,
+                   time.time(), master_port)
 
     @classmethod
     def load(cls, spool: str) -> "SpawnRecord":
@@ -280,6 +278,8 @@ class RankProcess:
         Raises ValueError when the spool cannot be read.
         """
         spool = key.spool(state_dir)
+        if key.name not in kept and not unreported(spool):
+            return None     # reported already (its record emptied), or never started
         rank_proc = cls(key, spool, kept=True)
         try:
             rank_proc.spawned = SpawnRecord.load(spool)
@@ -351,9 +351,9 @@ class RankProcess:
         rank starts over), so they are left alone here.  Creating a file is the main
         cost of a short job, so nothing is created here; and removing one, even one
         that is not there, locks the directory against the keeper creating the
-        files of other ranks, so nothing is removed that cannot be there.
+        files of other ranks, so nothing is removed that cannot be there.  (The jobs
+        directory is made where the output files are created: see users.start_rank.)
         """
-        os.makedirs(os.path.dirname(self.spool), exist_ok=True)
         if not fresh:
             for name in (STATUS_FILE, PROCESS_FILE):
                 remove_file(spool_file(self.spool, name))
@@ -371,7 +371,9 @@ class RankProcess:
 
     def _begin(self, pid: int, start_time: int | None) -> None:
         """The rank just started as ``pid``: record who it is and read its output from now on."""
-        self.announce_by = time.monotonic() + START_HOLD
+        # The rendezvous host of a multi-node job is never held: its other nodes wait for the port it reports.
+        # (0: before any turn's clock reading, which may be older than this start.)
+        self.announce_by = 0.0 if self.hosts_rendezvous else time.monotonic() + START_HOLD
         self._record_spawn(pid, start_time)
         try:
             self._open_readers()

@@ -172,6 +172,12 @@ def proc_stat(pid: int) -> tuple[str, int] | None:
         return None
 
 
+def proc_start_time(pid: int) -> int | None:
+    """The start time of ``pid`` (clock ticks after boot), from /proc; None if there is no such process."""
+    stat = proc_stat(pid)
+    return stat[1] if stat else None
+
+
 def _signal(pids: list[int], *signums: int) -> None:
     """Send each signal, in order, to each process; one that is gone already is skipped."""
     for pid in pids:

@@ -155,7 +155,8 @@ def start_rank(spool: str, command: str, env: dict, account: Account | None, cwd
 
     The one way ranks start, by the keeper or (without one) by the agent itself.  A caller whose
     every descriptor but 0, 1 and 2 is close-on-exec (``all_cloexec``: the keeper, started with
-    close_fds and opening nothing inheritable) starts its own user's ranks with posix_spawn, about half
+    close_fds and opening nothing inheritable; it passes its own open /dev/null as ``stdin``) starts its
+    own user's ranks with posix_spawn, about half
     the CPU of a Popen (no error pipe, no sweep of descriptors); it enters the working directory
     around the spawn, so it must have no other thread using relative paths.  Otherwise, and for
     another user's rank (its uid, gid and groups), Popen.
@@ -163,17 +164,26 @@ def start_rank(spool: str, command: str, env: dict, account: Account | None, cwd
     outputs = []
     try:
         for stream in Stream:
-            outputs.append(os.open(spool_file(spool, stream.value), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+            outputs.append(_create_output(spool_file(spool, stream.value)))
         argv = ["/bin/sh", "-c", command]
         if account is not None or not all_cloexec:
             return subprocess.Popen(argv, env=env, stdin=stdin, stdout=outputs[0], stderr=outputs[1],
                                     start_new_session=True, close_fds=True, **popen_options(account, cwd))
-        if stdin == subprocess.DEVNULL:
-            outputs.append(stdin := os.open(os.devnull, os.O_RDONLY))
-        return SpawnedRank(_spawn_in(cwd, argv, env, [stdin, *outputs[:2]]))
+        return SpawnedRank(_spawn_in(cwd, argv, env, [stdin, *outputs]))
     finally:
         for fd in outputs:
             os.close(fd)
+
+
+def _create_output(path: str) -> int:
+    """One of a rank's output files, created empty; its directory too if it went missing (the agent makes it at
+    start: looking for it at every rank would lock its parent for nothing)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    try:
+        return os.open(path, flags, 0o644)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return os.open(path, flags, 0o644)
 
 
 def _spawn_in(cwd: str, argv: list[str], env: dict, stdio: list[int]) -> int:
