@@ -32,11 +32,10 @@ import zmq
 from zmgpu import Client, iothreads
 from zmgpu.config import default_state_dir
 from zmgpu.daemon import module_env
-from zmgpu.model import FINISHED_STATES, JobState
+from zmgpu.model import FINISHED_STATES
 from zmgpu.protocol import ENDED_PREFIX, MsgType
 from zmgpu.stream import published
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: How long a daemon may take to come up, and to stop after SIGTERM before SIGKILL.
 START_TIMEOUT = 30.0
@@ -453,7 +452,7 @@ class StateWatcher:
         """Take the published ends; return the ids of the jobs they ended."""
         ended = []
         for msg in published(self.sub):
-            if msg.type is MsgType.JOB_STATE and JobState(msg.body["state"]).finished:
+            if msg.type is MsgType.JOB_STATE:   # under ended.: only final states are published there
                 self.finished[msg.body["job_id"]] = msg.body
                 ended.append(msg.body["job_id"])
         return ended

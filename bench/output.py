@@ -130,7 +130,7 @@ def _slowdown(name: str, run: Run, what: str) -> Figure:
 def run(ctx: Context) -> Iterator[Figure]:
     size = ctx.pick(200_000_000, 20_000_000)
     with Cluster(NAME, ctx, nodes=1, gpus=4) as cluster, cluster.client() as client:
-        limit = pipe_mb_per_s(size, os.path.join(cluster.work_dir, "pipe.time"), payload.sha256_of(size))
+        limit = pipe_mb_per_s(size, os.path.join(cluster.work_dir, "pipe.time"), payload.sha256_of(size, "blocks"))
         blocks = through_zmgpu(ctx, cluster, client, "blocks", size, runs=3)
         lines = through_zmgpu(ctx, cluster, client, "lines", size, runs=ctx.pick(2, 1))
     mb = size / 1e6

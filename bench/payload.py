@@ -49,6 +49,7 @@ KINDS = {"blocks": (blocks, False), "lines": (lines, True)}
 
 
 @functools.lru_cache(maxsize=None)   # the output benchmark checks each kind against it more than once
+# (called with the kind always given: the cache keys on the arguments as passed)
 def sha256_of(size: int, kind: str = "blocks") -> str:
     pieces, text = KINDS[kind]
     digest = hashlib.sha256()

@@ -26,7 +26,7 @@ import pytest
 import yaml
 import zmq
 
-from zmgpu.model import JobState
+from zmgpu.model import FINISHED_STATES
 from zmgpu.protocol import MsgType, decode, encode
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,7 +36,7 @@ NODE_TIMEOUT = 1.5
 KILL_GRACE = 2
 CLI_TIMEOUT = 60
 #: States a job never leaves.
-FINISHED = tuple(state.value for state in JobState if state.finished)
+FINISHED = FINISHED_STATES
 
 
 #: A home directory with nothing in it, for every daemon and command the tests start.

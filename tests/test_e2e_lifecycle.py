@@ -16,7 +16,6 @@ import pytest
 from conftest import (FINISHED, KILL_GRACE, NODE_TIMEOUT, as_user, make_cluster, one_line_error, pid_alive,
                       poll, queue_table, written)
 from helpers import hold_sh, release
-from zmgpu.model import FINISHED_STATES
 from zmgpu.protocol import MsgType
 
 DEFAULT_LIMIT, MAX_LIMIT = 300, 600
@@ -292,7 +291,7 @@ def test_a_check_for_ended_jobs_gets_only_those_and_no_nodes(life, workdir):
     life.wait_job_state(ended, "COMPLETED")
     life.wait_job_state(running, "RUNNING")
     with life.client() as client:
-        checked = client.queue(all=True, job_ids=[running, ended], states=FINISHED_STATES, nodes=False)
+        checked = client.queue(all=True, job_ids=[running, ended], states=FINISHED, nodes=False)
         assert ([job["job_id"] for job in checked["jobs"]], checked["nodes"]) == ([ended], [])
         assert client.queue(job_ids=[running])["nodes"], "nodes are listed unless left out"
     release(workdir, "check")

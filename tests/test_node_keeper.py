@@ -11,9 +11,11 @@ import logging
 import os
 import signal
 import socket
+import time
 
 from conftest import FINISHED, pid_alive, poll, written
 from helpers import STDERR_MARKER, hold_sh, job_command, pattern_chunks, release, wait_for_file_sh
+from zmgpu.node.keeper import SPAWNED_HOLD
 from zmgpu.node.keeper_link import SPOOL_LAYOUT, KeeperLink, on_short_path, spool_file
 from zmgpu.node.runner import RankKey, RankProcess
 from zmgpu.node.sweep import boot_ticks, proc_stat
@@ -207,8 +209,11 @@ def test_the_keeper_answers_a_spawn_at_the_rank_end_or_after_the_hold(tmp_path):
         assert [type(e).__name__ for e in events] == ["Spawned", "Exited"] and events[0].pid == events[1].pid
         assert events[0].start_time and events[0].error is None
         events.clear()
+        asked = time.monotonic()
         link.spawn("0000000b.0.0", wait_for_file_sh(str(tmp_path / "go")), str(tmp_path), env)
         [spawned] = poll(lambda: events.extend(link.events()) or events, 10, "the running rank's answer")
+        # Not before the hold is over (the monotonic clock is the same in both processes), and there is one.
+        assert SPAWNED_HOLD > 0 and time.monotonic() >= asked + SPAWNED_HOLD
         assert type(spawned).__name__ == "Spawned" and pid_alive(spawned.pid)
         # The start time is the one /proc gives: an agent restarted later tells the rank from a new pid by it.
         assert spawned.start_time == proc_stat(spawned.pid)[1]
@@ -216,6 +221,7 @@ def test_the_keeper_answers_a_spawn_at_the_rank_end_or_after_the_hold(tmp_path):
         poll(lambda: events.extend(link.events()) or len(events) >= 2, 10, "the running rank's end")
         assert type(events[1]).__name__ == "Exited" and events[1].exit_code == 0
     finally:
+        (tmp_path / "go").touch()
         link.close()
         if link.process is not None:
             link.process.terminate()

@@ -10,7 +10,7 @@ import zmq
 
 from conftest import poll
 from zmgpu.master.reactor import PUB_HWM, Reactor
-from zmgpu.protocol import MsgType, decode
+from zmgpu.protocol import MsgType, decode, encode
 
 
 @pytest.fixture
@@ -27,11 +27,13 @@ def wired():
             reactor._read_subscriptions()
         return reactor.wants(b"t.x")
 
-    poll(subscribed, 10, "the subscription to reach the master")
-    yield reactor, sub
-    sub.close(0)
-    ctx.term()
-    reactor.close()
+    try:
+        poll(subscribed, 10, "the subscription to reach the master")
+        yield reactor, sub
+    finally:
+        sub.close(0)
+        ctx.term()
+        reactor.close()
 
 
 def received(sub, count: int) -> list[int]:
@@ -42,19 +44,25 @@ def received(sub, count: int) -> list[int]:
     return got
 
 
+def event(n: int) -> dict:
+    return {"job_id": f"{n:08x}", "state": "PENDING", "n": n}
+
+
 def test_events_wait_for_the_end_of_the_turn_and_keep_their_order(wired):
     reactor, sub = wired
     for n in range(3):
-        reactor.publish(b"t.x", MsgType.JOB_STATE, lambda n=n: {"job_id": f"{n:08x}", "state": "PENDING", "n": n})
+        reactor.publish(b"t.x", MsgType.JOB_STATE, lambda n=n: event(n))
     assert len(reactor.unpublished) == 3
-    assert not sub.poll(300), "an event went out before the turn ended"
+    # A marker sent straight on the socket now: the subscriber sees it first only if none of the three
+    # went out before the end of the turn (one connection keeps the order).
+    reactor.pub.send_multipart([b"t.x", *encode(MsgType.JOB_STATE, event(-1))])
     reactor.send_published()
-    assert received(sub, 3) == [0, 1, 2]
+    assert received(sub, 4) == [-1, 0, 1, 2]
 
 
 def test_a_burst_goes_out_at_the_high_water_mark_without_waiting_for_the_turn(wired):
     reactor, sub = wired
     for n in range(PUB_HWM):
-        reactor.publish(b"t.x", MsgType.JOB_STATE, lambda n=n: {"job_id": f"{n:08x}", "state": "PENDING", "n": n})
+        reactor.publish(b"t.x", MsgType.JOB_STATE, lambda n=n: event(n))
     assert not reactor.unpublished
     assert received(sub, PUB_HWM) == list(range(PUB_HWM))

@@ -15,17 +15,18 @@ def test_an_equal_environment_is_the_same_checked_one():
     again = envs.checked("alice", dict(reversed(ENV.items())))
     assert again is first and first.env_id == env_id(ENV)
     # Another user's equal environment hashes the same, and is checked on its own.
-    assert envs.checked("bob", dict(ENV)).env_id == first.env_id
+    bobs = envs.checked("bob", dict(ENV))
+    assert bobs is not first and bobs.env_id == first.env_id
 
 
 @pytest.mark.parametrize("bad", [None, ["PATH=/bin"], {"PATH": 5}, {7: "x"}])
 def test_a_malformed_environment_is_refused_after_a_good_one(bad):
     envs = Environments(max_bytes=4096)
-    envs.checked("alice", dict(ENV))
+    first = envs.checked("alice", dict(ENV))
     with pytest.raises(ValueError, match="must map names to strings"):
         envs.checked("alice", bad)
-    # What was refused did not replace what the user last had accepted.
-    assert envs.checked("alice", dict(ENV)).env == ENV
+    # What was refused did not replace what the user last had accepted: that one is still the checked one.
+    assert envs.checked("alice", dict(ENV)) is first
 
 
 def test_an_environment_over_the_limit_is_too_large():
