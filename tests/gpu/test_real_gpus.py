@@ -62,7 +62,7 @@ import json, os, subprocess, torch
 count = torch.cuda.device_count()
 uuid = str(getattr(torch.cuda.get_device_properties(0), "uuid", "") or "") if count else ""
 via = "torch"
-if not uuid:
+if count and not uuid:
     via = "nvidia-smi"
     uuid = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader",
                            "-i", os.environ["CUDA_VISIBLE_DEVICES"]],
@@ -236,6 +236,17 @@ def test_torch_job_sees_only_its_gpu(cluster, torch_cuda, workdir):
     assert result["count"] == 1, result
     assert result["cuda_visible_devices"] == str(index), result
     assert bare_uuid(result["uuid"]) == bare_uuid(node_gpus(cluster)[index]["uuid"]), (result, index)
+
+
+def test_cpu_job_sees_no_gpu(cluster, torch_cuda, workdir):
+    """A --gpus 0 job sees no CUDA device, even submitted from a shell that had one visible."""
+    script = workdir / "sees_one_gpu.py"
+    script.write_text(SEES_ONE_GPU)
+    job_id = cluster.submit(python_job(script), "--gpus", "0", cwd=workdir,
+                            env={"CUDA_VISIBLE_DEVICES": "0"})
+    stdout = finished_ok(cluster, job_id)
+    result = json.loads(next(line[len("RESULT "):] for line in stdout.splitlines() if line.startswith("RESULT ")))
+    assert result["count"] == 0 and result["cuda_visible_devices"] == "", result
 
 
 def test_memory_released_after_cancel(cluster, torch_cuda, nvml, workdir):
