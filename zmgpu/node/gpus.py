@@ -98,6 +98,7 @@ class NvmlSource(GpuSource):
         self.handles: dict[int, object] = {}
         self.info: list[GpuInfo] = []
         self._warned: set[tuple[int, str]] = set()
+        self._memory_kw: dict | None = None    # nvmlDeviceGetMemoryInfo's keywords, once a GPU told them
         try:
             count = self.nvml.nvmlDeviceGetCount()
         except self.nvml.NVMLError as exc:
@@ -106,11 +107,14 @@ class NvmlSource(GpuSource):
         for index in range(count):
             try:
                 handle = self.nvml.nvmlDeviceGetHandleByIndex(index)
+                if self._memory_kw is None:
+                    self._memory_kw = _memory_keywords(self.nvml, handle)
+                memory = self.nvml.nvmlDeviceGetMemoryInfo(handle, **self._memory_kw)
                 self.info.append(GpuInfo(
                     index=index,
                     name=_text(self.nvml.nvmlDeviceGetName(handle)),
                     uuid=_text(self.nvml.nvmlDeviceGetUUID(handle)),
-                    memory_mb=int(self.nvml.nvmlDeviceGetMemoryInfo(handle).total) // _MIB,
+                    memory_mb=(int(memory.total) - int(getattr(memory, "reserved", 0))) // _MIB,
                 ))
                 self.handles[index] = handle
             except self.nvml.NVMLError as exc:
@@ -129,7 +133,7 @@ class NvmlSource(GpuSource):
         nvml = self.nvml
         sample = GpuSample(index)
         try:
-            sample.used_mb = int(nvml.nvmlDeviceGetMemoryInfo(handle).used) // _MIB
+            sample.used_mb = int(nvml.nvmlDeviceGetMemoryInfo(handle, **self._memory_kw).used) // _MIB
             sample.processes = [GpuProcess(int(p.pid), int(p.usedGpuMemory or 0) // _MIB)
                                 for p in nvml.nvmlDeviceGetComputeRunningProcesses(handle)]
         except nvml.NVMLError as exc:
@@ -168,6 +172,23 @@ class NvmlSource(GpuSource):
             self.nvml.nvmlShutdown()
         except self.nvml.NVMLError:
             pass
+
+
+def _memory_keywords(nvml, handle) -> dict:
+    """The keywords that get NVML's memory figures in version 2, where the driver and pynvml have it.
+
+    Version 1 counts as used what the driver reserves for itself (about 600 MiB of an idle H200): an idle
+    GPU would look in use, and that memory would pass for a foreign process's.  Version 2 gives it apart,
+    as nvidia-smi does, so a GPU offers its total less that reserve and shows nvidia-smi's used memory.
+    """
+    version = {"version": getattr(nvml, "nvmlMemory_v2", None)}
+    if version["version"] is None:
+        return {}
+    try:
+        nvml.nvmlDeviceGetMemoryInfo(handle, **version)
+    except (TypeError, nvml.NVMLError):     # a pynvml without the keyword, or a driver without version 2
+        return {}
+    return version
 
 
 def _lost(exc) -> bool:

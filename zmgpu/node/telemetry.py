@@ -14,7 +14,10 @@ thousand idle nodes cost the master almost nothing.
 
 Release check: once a job rank has ended, its GPUs are looked at again; any of
 the job's processes still listed there makes the GPU *dirty* (the master gives
-it to no one) and is killed again, until NVML lists none of them.
+it to no one) and is killed again, until NVML lists none of them.  On real GPUs
+a cancelled job's CUDA process is often still listed for a moment while the
+driver takes its memory back, so a GPU dirty for a moment is routine (an INFO
+line); one still dirty after :data:`DIRTY_WARN_AFTER` seconds gets a warning.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 from ..model import gpu_room
@@ -33,6 +37,8 @@ DEAD_BAND = {"used_mb": 64, "foreign_mb": 64, "utilization": 5, "temperature": 2
 #: Every this many samples the master hears every field again, whatever it heard before: a change lost
 #: on the way (a dropped heartbeat, a reconnect) cannot stay wrong for long.
 FULL_REPORT_EVERY = 60
+#: Seconds a GPU may stay dirty before the log warns of it: past the driver's usual clean-up of an ended process.
+DIRTY_WARN_AFTER = 5.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,7 @@ class Telemetry:
         self.memory = {gpu.index: gpu.memory_mb for gpu in self.devices}
         self.owners: dict[int, tuple[int | None, str | None]] = {}  # pid -> (start time, job id or None)
         self.dirty: dict[int, str] = {}        # GPU index -> job id whose processes still hold it
+        self.warn_dirty_at: dict[int, float] = {}   # dirty GPU index -> when (monotonic) to warn, once, of it
         self.current: dict[int, dict] = {}     # GPU index -> its state as of the last sample
         self.sent: dict[int, dict] = {}        # GPU index -> its state as the master last heard it
         self.samples = 0
@@ -197,12 +204,13 @@ class Telemetry:
         held = [i for i in indices if any(p["job_id"] == job_id for p in self.current.get(i, {}).get("processes", ()))]
         if held:
             self.dirty.update(dict.fromkeys(held, job_id))
+            self.warn_dirty_at.update(dict.fromkeys(held, time.monotonic() + DIRTY_WARN_AFTER))
             for index in held:
                 self.current[index]["dirty"] = job_id
             killed = self._kill_leftovers(job_id, held)
-            self.log.warning("job %s ended but GPU(s) %s still list its processes: marked dirty (not given to any "
-                             "job until clean); SIGKILL to %d process(es) of it", job_id,
-                             ",".join(map(str, held)), killed)
+            self.log.info("job %s ended but GPU(s) %s still list its processes: marked dirty (not given to any "
+                          "job until clean); SIGKILL to %d process(es) of it", job_id, ",".join(map(str, held)),
+                          killed)
         return held
 
     def recheck_dirty(self) -> list[int]:
@@ -213,10 +221,17 @@ class Telemetry:
         clean = []
         for index, job_id in list(self.dirty.items()):
             state = self.current.get(index, {})
-            if any(p["job_id"] == job_id for p in state.get("processes", ())):
+            left = [p["pid"] for p in state.get("processes", ()) if p["job_id"] == job_id]
+            if left:
                 self._kill_leftovers(job_id, [index])
+                if time.monotonic() >= self.warn_dirty_at.get(index, float("inf")):
+                    del self.warn_dirty_at[index]
+                    self.log.warning("GPU %d still lists process(es) %s of job %s over %g s after it ended: "
+                                     "not given to any job until they are gone", index,
+                                     ", ".join(map(str, left)), job_id, DIRTY_WARN_AFTER)
                 continue
             del self.dirty[index]
+            self.warn_dirty_at.pop(index, None)
             state["dirty"] = None
             clean.append(index)
             self.log.info("GPU %d is clean again: no process of job %s is left on it", index, job_id)
