@@ -151,6 +151,9 @@ class Client:
         import zmq
 
         sock = self._socket(zmq.SUB)
+        # A SUB sends only its subscriptions, and past the send high-water mark (1,000) ZeroMQ drops them
+        # unsaid: a wait on a 3,000-task array heard the ends of 1,000 tasks and found the rest by polling.
+        sock.setsockopt(zmq.SNDHWM, 0)
         # Subscribed before connecting, so the subscription travels with the connection.
         for topic in topics:
             sock.setsockopt(zmq.SUBSCRIBE, topic)

@@ -59,6 +59,37 @@ class Timer:
     due: float = 0.0
 
 
+class Prefixes:
+    """Topic prefixes that clients subscribed to, asked whether any begins a topic.
+
+    One set lookup per distinct prefix length, however many prefixes: a client
+    waiting on a 10,000-task array subscribes to each task's end, and a scan of
+    every prefix at each event made the master's CPU per job double.
+    """
+
+    def __init__(self):
+        self.prefixes: set[bytes] = set()
+        self.lengths: dict[int, int] = {}     # prefix length -> how many prefixes have it
+
+    def add(self, prefix: bytes) -> None:
+        if prefix not in self.prefixes:
+            self.prefixes.add(prefix)
+            self.lengths[len(prefix)] = self.lengths.get(len(prefix), 0) + 1
+
+    def discard(self, prefix: bytes) -> None:
+        if prefix in self.prefixes:
+            self.prefixes.remove(prefix)
+            self.lengths[len(prefix)] -= 1
+            if not self.lengths[len(prefix)]:
+                del self.lengths[len(prefix)]
+
+    def match(self, topic: bytes) -> bool:
+        """Whether a prefix begins ``topic`` (a length over the topic's slices the topic whole, which is in the
+        set only as a prefix of its own length, so it needs no check)."""
+        prefixes = self.prefixes
+        return any(topic[:length] in prefixes for length in self.lengths)
+
+
 class BindError(Exception):
     """A socket could not be bound; the message names the address."""
 
@@ -102,7 +133,7 @@ class Reactor:
         self.pub_port = self._bind(self.pub, host, pub_port)
         self.poller.register(self.router, zmq.POLLIN)
         self.poller.register(self.pub, zmq.POLLIN)
-        self.subscriptions: set[bytes] = set()   # topic prefixes at least one client subscribed to
+        self.subscriptions = Prefixes()          # topic prefixes at least one client subscribed to
         self.unpublished: list[list[bytes]] = []   # this turn's events, sent at its end (see publish)
         self.admit: Admit = lambda identity, key, msg: None
         self.may_subscribe: Callable[[bytes, bytes], bool] = lambda key, topic: True
@@ -159,7 +190,7 @@ class Reactor:
 
         Always True with keys: in manual mode the master cannot tell which grants are still in force.
         """
-        return self.keys is not None or any(topic.startswith(prefix) for prefix in self.subscriptions)
+        return self.keys is not None or self.subscriptions.match(topic)
 
     def publish(self, topics: bytes | list[bytes], msg_type: MsgType, make_body: Callable[[], dict],
                 *payload: bytes) -> None:
