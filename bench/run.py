@@ -16,7 +16,7 @@ if __package__ in (None, ""):
     # Run as a script (python bench/run.py): make the repository root importable.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import cli, latency, output, scale, throughput  # noqa: E402
+from bench import cli, latency, output, scale, scale_limits, throughput  # noqa: E402
 from bench.harness import Context, machine  # noqa: E402
 
 #: Benchmark name -> (module with run(ctx) yielding Figures, time budget in seconds: full run, --quick).
@@ -25,6 +25,7 @@ BENCHMARKS = {
     throughput.NAME: (throughput, (120, 40)),
     cli.NAME: (cli, (120, 40)),
     scale.NAME: (scale, (200, 60)),
+    scale_limits.NAME: (scale_limits, (200, 60)),
     output.NAME: (output, (120, 40)),
 }
 

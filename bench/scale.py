@@ -17,6 +17,11 @@ figure is empty; the note says so.
 
 Issue 6's targets have no machine limit to compare with, so these figures
 carry no ``limit``.
+
+``scale_limits`` (bench/scale_limits.py) runs the same with a one-hour time
+limit on every job, as under a master's ``default_time_limit``: every running
+job then has a known end, the first blocked job a known start, and a pass may
+no longer stop there, so it reads the queue on to what could backfill.
 """
 
 from __future__ import annotations
@@ -73,22 +78,22 @@ class LoadGenerator:
         return json.loads(line)
 
 
-def _submit_queue(client, total: int, cwd: str) -> float:
+def _submit_queue(client, total: int, cwd: str, time_limit: int | None) -> float:
     """Submit ``total`` trivial 1-GPU jobs as arrays; the seconds the master took to accept them."""
     start = time.perf_counter()
     left = total
     while left:
         size = min(left, ARRAY_CHUNK)
-        client.submit("true", gpus=1, cwd=cwd, array=f"0-{size - 1}")
+        client.submit("true", gpus=1, cwd=cwd, array=f"0-{size - 1}", time_limit=time_limit)
         left -= size
     return time.perf_counter() - start
 
 
-def _submit_rate(client, cwd: str, seconds: float) -> tuple[float, int]:
+def _submit_rate(client, cwd: str, seconds: float, time_limit: int | None) -> tuple[float, int]:
     """Single submits accepted per second over a window of about ``seconds``."""
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        client.submit("true", gpus=1, cwd=cwd)
+        client.submit("true", gpus=1, cwd=cwd, time_limit=time_limit)
         count += 1
     return count / (time.perf_counter() - start), count
 
@@ -110,70 +115,73 @@ def _observe(client, pid: int, seconds: float) -> tuple[float, list[float]]:
     return 100 * (cpu_seconds(pid) - cpu0) / (time.monotonic() - start), pings
 
 
-def _pass_figure(name: str, churn: dict, pending: int, timeout: float, target: float | None) -> Figure:
+def _pass_figure(bench: str, name: str, churn: dict, pending: int, timeout: float,
+                 target: float | None) -> Figure:
     samples = churn["samples"]
     cut = f"; no DISPATCH came within {timeout:.0f} s of a JOB_ENDED, so the rest were skipped" \
         if churn["timed_out"] else ""
-    return Figure(NAME, name, 1000 * median(samples) if samples else None, "ms", Better.LOWER, target=target,
+    return Figure(bench, name, 1000 * median(samples) if samples else None, "ms", Better.LOWER, target=target,
                   note=f"JOB_ENDED sent -> next DISPATCH received, median of {len(samples)} (max "
                        f"{1000 * max(samples, default=0):.0f} ms) with {pending} jobs pending{cut}")
 
 
-def _observed_figures(prefix: str, observed: tuple[float, list[float]], what: str) -> Iterator[Figure]:
+def _observed_figures(bench: str, prefix: str, observed: tuple[float, list[float]],
+                      what: str) -> Iterator[Figure]:
     cpu, pings = observed
-    yield Figure(NAME, f"{prefix}_cpu_percent", cpu, "% of one core", Better.LOWER,
+    yield Figure(bench, f"{prefix}_cpu_percent", cpu, "% of one core", Better.LOWER,
                  target=TARGET_HEARTBEAT_CPU_PERCENT, note=what)
-    yield Figure(NAME, f"{prefix}_ping_max_ms", 1000 * max(pings), "ms", Better.LOWER,
+    yield Figure(bench, f"{prefix}_ping_max_ms", 1000 * max(pings), "ms", Better.LOWER,
                  note=f"longest of {len(pings)} PING round trips (median {1000 * median(pings):.1f} ms) "
                       f"over the same window: the longest turn of the master's loop")
 
 
-def run(ctx: Context) -> Iterator[Figure]:
+def run(ctx: Context, bench: str = NAME, time_limit: int | None = None) -> Iterator[Figure]:
+    """The figures; ``time_limit`` (seconds) is every job's, under the name ``bench``."""
     nodes, gpus = ctx.pick(1000, 50), 8
     capacity, queued = nodes * gpus, ctx.pick(100_000, 5_000)
     first_queue = queued // 10
     window, churns = ctx.pick(5.0, 3.0), ctx.pick(10, 5)
     where = f"{nodes} nodes x {gpus} GPUs"
-    with Cluster(NAME, ctx, nodes=0) as cluster, \
+    with Cluster(bench, ctx, nodes=0) as cluster, \
             LoadGenerator(cluster, nodes, gpus) as gen, cluster.client(timeout=ctx.budget) as client:
         pid, cwd = cluster.master_pid, cluster.work_dir
         reg = gen.request("register", timeout=60)
         if reg["registered"] < nodes:
             raise BenchError(f"only {reg['registered']} of {nodes} simulated nodes registered within 60 s")
-        yield Figure(NAME, "register_all_s", reg["seconds"], "s", Better.LOWER, note=f"{where} registering at once")
-        yield from _observed_figures("heartbeat", _observe(client, pid, window),
+        yield Figure(bench, "register_all_s", reg["seconds"], "s", Better.LOWER, note=f"{where} registering at once")
+        yield from _observed_figures(bench, "heartbeat", _observe(client, pid, window),
                                      f"{where} heartbeating every 1 s with every GPU's telemetry changed, no jobs; {window:g} s window")
 
         # A tenth of the queue first, for a second point of the pass time against the queue's length.
-        accept = _submit_queue(client, capacity + first_queue, cwd)
+        accept = _submit_queue(client, capacity + first_queue, cwd, time_limit)
         fill = gen.request("fill", count=capacity, timeout=max(10.0, ctx.remaining() / 4))
-        yield Figure(NAME, "dispatch_fill_s", accept + fill["seconds"], "s", Better.LOWER,
+        yield Figure(bench, "dispatch_fill_s", accept + fill["seconds"], "s", Better.LOWER,
                      note=f"{capacity + first_queue} jobs submitted as arrays until {fill['running']} of {capacity} "
                           f"GPUs run a job")
         timeout = min(PASS_TIMEOUT, max(5.0, ctx.remaining() / 4))
         churn = gen.request("churn", count=churns, timeout=timeout, budget=timeout)
-        yield _pass_figure("scheduling_pass_tenth_ms", churn, first_queue, timeout, None)
+        yield _pass_figure(bench, "scheduling_pass_tenth_ms", churn, first_queue, timeout, None)
 
-        accept = _submit_queue(client, queued - first_queue, cwd)
-        yield Figure(NAME, "array_submit_s", accept, "s", Better.LOWER,
+        accept = _submit_queue(client, queued - first_queue, cwd, time_limit)
+        yield Figure(bench, "array_submit_s", accept, "s", Better.LOWER,
                      note=f"{queued - first_queue} more jobs as arrays of up to {ARRAY_CHUNK}, until the last reply")
-        yield Figure(NAME, "master_rss_mb", rss_mb(pid), "MiB", Better.LOWER, target=TARGET_RSS_MB,
+        yield Figure(bench, "master_rss_mb", rss_mb(pid), "MiB", Better.LOWER, target=TARGET_RSS_MB,
                      note=f"{queued} jobs pending, {capacity} running, {where}")
-        yield from _observed_figures("queued", _observe(client, pid, window),
+        yield from _observed_figures(bench, "queued", _observe(client, pid, window),
                                      f"{window:g} s once {queued} jobs are pending and every GPU busy, only "
                                      f"heartbeats arriving: what the master still does with a full queue")
         # Keep time for the submit window after the churn.
         timeout = min(PASS_TIMEOUT, max(5.0, ctx.remaining() - window - 20))
         churn = gen.request("churn", count=churns, timeout=timeout, budget=timeout)
-        yield _pass_figure("scheduling_pass_ms", churn, queued, timeout, TARGET_PASS_MS)
+        yield _pass_figure(bench, "scheduling_pass_ms", churn, queued, timeout, TARGET_PASS_MS)
 
-        rate, count = _submit_rate(client, cwd, min(window, max(1.0, ctx.remaining() - 20)))
-        yield Figure(NAME, "submits_per_s", rate, "jobs/s", Better.HIGHER,
+        rate, count = _submit_rate(client, cwd, min(window, max(1.0, ctx.remaining() - 20)), time_limit)
+        yield Figure(bench, "submits_per_s", rate, "jobs/s", Better.HIGHER,
                      note=f"{count} single Client.submit calls in a row with {queued} pending")
         stats = gen.request("stats")
         statuses = Counter(node["status"] for node in client.nodes())
         unusable = statuses[NodeStatus.SUSPECT.value] + statuses[NodeStatus.DOWN.value]
-        yield Figure(NAME, "nodes_unusable", unusable, "count", Better.LOWER, target=0,
+        yield Figure(bench, "nodes_unusable", unusable, "count", Better.LOWER, target=0,
                      note=f"nodes suspect or down at the end though every one heartbeats each second "
                           f"({dict(statuses)}); {stats['declared_dead']} were told to register again; "
                           f"{stats.get('dispatches', 0)} dispatches, {stats.get('kills', 0)} KILLs")

@@ -216,3 +216,58 @@ def test_gpu_mem_larger_than_any_gpu_is_refused_at_submit():
     nodes = [NodeCapacity("n", (0, 1), (15872, 15872))]
     assert "can never be satisfied" in infeasible(shared("a", 20000), nodes)
     assert infeasible(shared("a", 15000, gpus=2), nodes) is None
+
+
+def test_counts_follow_what_the_pass_took_shared_and_reserved_gpus_included():
+    # Three free GPUs; a shared job takes one of them (and one already shared, not free): two stay free for
+    # exclusive jobs, so a 2-GPU job starts and a 1-GPU job behind it finds none.
+    room = {"n": {0: 9000, 1: 15000, 2: 15000, 3: 15000}}
+    starts, waits, _ = schedule([shared("s", 8000, gpus=2), Request("two", 2), Request("one", 1)],
+                                view({"n": [1, 2, 3]}, {"n": [0, 1, 2, 3]}, room=room))
+    assert dict(starts) == {"s": [("n", [0, 1])], "two": [("n", [2, 3])]}
+    assert waits == {"one": WaitReason.RESOURCES}
+
+
+def test_backfill_outside_the_reservation_takes_exactly_the_spare_gpus():
+    # big waits for a's GPUs 2,3 (ending at 100) and takes a then; b's two GPUs are spare.
+    free = {"a": [0, 1], "b": [0, 1]}
+    capacity = {"a": [0, 1, 2, 3], "b": [0, 1]}
+    running = [Running([("a", [2, 3])], end=100.0)]
+    pending = [Request("big", 4, {"a": [0, 1, 2, 3]}), Request("short", 2, time_limit=50),
+               Request("three", 3, time_limit=10_000), Request("two", 2, time_limit=10_000),
+               Request("more", 1, time_limit=10_000)]
+    starts, waits, _ = schedule(pending, view(free, capacity, running=running))
+    # A job that ends before the reservation takes reserved GPUs, which leaves the spare ones spare; three
+    # long GPUs are more than those two; two fit there; then none is spare.
+    assert dict(starts) == {"short": [("a", [0, 1])], "two": [("b", [0, 1])]}
+    assert waits["three"] is waits["more"] is WaitReason.PRIORITY
+
+
+def test_a_full_cluster_is_not_walked_for_each_job_in_a_long_queue(monkeypatch):
+    # With time limits every pending job is looked at (none stops the pass); none can start, and placement,
+    # which walks every node, is asked only for the reservation.
+    from zmgpu.master import allocator
+
+    calls = []
+    real_place = allocator.place
+    monkeypatch.setattr(allocator, "place", lambda *a, **kw: calls.append(a[0].job_id) or real_place(*a, **kw))
+    nodes = {f"n{i}": [0, 1] for i in range(50)}
+    running = [Running([(n, [i])], end=100.0 + k) for k, (n, i) in enumerate((n, i) for n in nodes for i in (0, 1))]
+    pending = [Request("big", 4, time_limit=10)] + [Request(f"j{k}", 1, time_limit=1000) for k in range(200)]
+    starts, waits, stopped = schedule(pending, view({n: [] for n in nodes}, nodes, running=running))
+    assert starts == [] and stopped is None and len(waits) == 201
+    assert set(calls) == {"big"}, f"placement asked for {len(calls)} job(s)"
+
+
+def test_with_no_gpu_free_a_pass_of_gpu_jobs_stops_after_the_reservation():
+    nodes = {"a": [0, 1, 2]}
+    running = [Running([("a", [1, 2])], end=100.0)]
+    pending = [Request("one", 1, time_limit=10), Request("big", 2, time_limit=10)] + [
+        Request(f"j{k}", 1, time_limit=1000) for k in range(3)]
+    full = view({"a": [0]}, nodes, running=running, all_need_a_free_gpu=True)
+    starts, waits, stopped = schedule(pending, full)
+    # "one" takes the last free GPU, "big" gets its reservation, and nothing behind is read.
+    assert starts == [("one", [("a", [0])])] and waits == {"big": WaitReason.RESOURCES} and stopped == "j0"
+    # A CPU-only or --gpu-mem job may be among them: then all are read.
+    starts, waits, stopped = schedule(pending, view({"a": [0]}, nodes, running=running))
+    assert stopped is None and set(waits) == {"big", "j0", "j1", "j2"}

@@ -102,6 +102,17 @@ def test_a_failing_rank_stops_the_others_and_is_named(duo):
     assert job["exit_code"] == 3
 
 
+def test_a_failing_rank_stops_each_node_once_not_once_per_rank(duo):
+    """The ranks stopped because one failed end failed too; only the first failure sends KILLs."""
+    job_id = duo.submit('if [ "$RANK" = 3 ]; then exit 5; fi; exec sleep 300', "--gpus", "4", "--per-gpu")
+    job = duo.wait_job_state(job_id, ["FAILED"], timeout=30)
+    assert job["reason"] == "rank 3 on n2: exited with code 5"
+    for node in ("n1", "n2"):
+        stops = [line for line in (duo.root / f"node-{node}.log").read_text().splitlines()
+                 if f"job {job_id}: stopping" in line]
+        assert len(stops) == 1, stops
+
+
 def test_the_first_nodes_rank_ending_at_once_settles_the_others(duo, tmp_path):
     """Rank 0 names the rendezvous port to the other nodes; ending before that port went out changes nothing."""
     job_id = duo.submit('if [ "$NODE_RANK" = 0 ]; then exit 4; fi; exec sleep 300', "--gpus", "4")

@@ -1,8 +1,9 @@
 """When the master runs a scheduling pass: a job that joins the queue behind the job the last pass stopped at
 (blocked, with an unknown start) cannot start before it, and costs no pass until something else changes.
+And when it sends KILLs for a gang job whose rank failed: once per node, again only if unheeded.
 
 In-process: the master's own JobService, Reactor (on loopback), Store and OutputSpool; the allocator is
-wrapped only to count its passes.
+wrapped only to count its passes, the reactor's send only to see the KILLs.
 """
 
 import logging
@@ -72,3 +73,54 @@ def test_gpus_given_back_by_a_job_put_back_in_line_make_a_pass_due(service):
     service.undo_start(low, "its node could not be reached")
     service.schedule()
     assert (high.state, low.state, low.reason) == (JobState.RUNNING, JobState.PENDING, "Resources")
+
+
+def test_with_no_gpu_free_jobs_behind_cost_no_pass_unless_they_need_none(service):
+    """A pass stops once no GPU is free and the first blocked job has its reservation (time limits known):
+    GPU jobs that join behind cost no pass; a CPU-only job does, and starts."""
+    def queued(name, seq, gpus=1):
+        job = JobRecord(job_id=name, seq=seq, user="u", command="true", cwd="/", env={}, gpus=gpus,
+                        time_limit=100)
+        service.enqueue(job)
+        service.schedule()
+        return job
+
+    running = queued("0000000a", 1)
+    blocked = queued("0000000b", 2)
+    behind = queued("0000000c", 3)
+    assert (running.state, blocked.reason, behind.reason, service.passes) == (JobState.RUNNING, "Resources",
+                                                                              "Priority", 3)
+    later = queued("0000000d", 4)
+    assert (later.reason, service.passes) == ("Priority", 3)
+    cpu = queued("0000000e", 5, gpus=0)
+    assert (cpu.state, service.passes) == (JobState.RUNNING, 4)
+
+
+def test_a_failed_rank_stops_each_node_once_and_again_only_when_unheeded(service, monkeypatch):
+    service.state.nodes = {node: NodeRecord(node, "host", "127.0.0.1", [GpuInfo(i, "sim", f"GPU-{node}-{i}", 16000,
+                                                                               simulated=True) for i in (0, 1)],
+                                            route=node.encode())
+                           for node in ("n1", "n2")}
+    kills = []
+    real_send = service.reactor.send
+    monkeypatch.setattr(service.reactor, "send", lambda route, msg_type, body: (
+        kills.append(route.decode()) if msg_type is jobs_module.MsgType.KILL else None) or real_send(route, msg_type, body))
+    job = JobRecord(job_id="0000000a", seq=1, user="u", command="true", cwd="/", env={}, gpus=4, per_gpu=True)
+    service.enqueue(job)
+    service.schedule()
+    service.to_dispatch.clear()                       # as if the dispatches had gone out
+    assert [rank.node_id for rank in job.ranks] == ["n1", "n1", "n2", "n2"]
+    for rank in job.ranks:
+        rank.held_back = False                        # as if rank 0's port had reached the other node
+
+    service.end_rank(job, 3, exit_code=5)
+    assert sorted(kills) == ["n1", "n2"]
+    service.end_rank(job, 2, signal=15)               # stopped by that KILL: failed too, but says nothing new
+    service.end_rank(job, 0, signal=15)
+    assert sorted(kills) == ["n1", "n2"]
+
+    job.kill_sent -= 3600                             # n1 never heeded it (its KILL was lost on the way)
+    service.check_time_limits()
+    assert sorted(kills) == ["n1", "n1", "n2"]
+    service.end_rank(job, 1, signal=15)
+    assert job.state is JobState.FAILED and job.reason.startswith("rank 3 on n2")

@@ -79,6 +79,9 @@ class View:
     user_gpu_limit: int | None = None
     room: RoomMap = field(default_factory=dict)   # usable nodes -> room for --gpu-mem jobs per GPU
     others: GpuMap = field(default_factory=dict)  # usable nodes -> GPUs free of jobs but used by others
+    # Every pending job needs GPUs of its own (none is CPU-only or --gpu-mem): once the first blocked job has
+    # its reservation and no GPU is left free, nothing behind can start, and the pass stops there.
+    all_need_a_free_gpu: bool = False
 
 
 @dataclass(frozen=True)
@@ -181,17 +184,57 @@ def _place_shared(request: Request, room: RoomMap) -> Placement | None:
     return None
 
 
-def _take(placement: Placement, gpu_mem: int | None, free: GpuMap, room: RoomMap) -> None:
-    """Mark a placement's GPUs as taken in the pass's own copies of ``free`` and ``room``."""
-    for node, indices in placement:
-        taken = set(indices)
-        free[node] = [i for i in free.get(node, ()) if i not in taken]
-        gpus = room.get(node, {})
-        for i in taken:
-            if gpu_mem is None:
-                gpus.pop(i, None)
-            elif i in gpus:
-                gpus[i] -= gpu_mem
+@dataclass
+class _Pool:
+    """What a pass may still hand out: its own copies of the free GPUs, the room and the load, and counts.
+
+    Without pins or --gpu-mem a request fits exactly when enough GPUs are free
+    (it may span nodes), and outlasting the reservation, when enough are free
+    that the reservation will not take.  The counts answer that at once, so a
+    long queue facing a full cluster costs a comparison per job, not a walk
+    over every node (with time limits every job is looked at: 1,000 full nodes
+    and 2,000 pending took 0.77 s a pass).
+    """
+
+    free: GpuMap
+    room: RoomMap
+    load: dict[str, int]
+    count: int = 0                          # free GPUs
+    spare: int = 0                          # free GPUs the reservation will not take
+    reserved: frozenset = frozenset()       # (node, index) the reservation will take
+
+    @classmethod
+    def of(cls, view: View) -> "_Pool":
+        free = {n: list(idx) for n, idx in view.free.items()}
+        count = sum(len(idx) for idx in free.values())
+        return cls(free, {n: dict(gpus) for n, gpus in view.room.items()}, dict(view.load), count, count)
+
+    def reserve(self, reservation: Reservation) -> None:
+        self.reserved = reservation.gpus
+        self.spare = self.count - sum(1 for n, i in reservation.gpus if i in self.free.get(n, ()))
+
+    def cannot_fit(self, req: Request, spare_only: bool) -> bool:
+        """Whether ``req`` surely fits nowhere (False: placement must tell)."""
+        if req.gpus == 0 or req.pins or req.gpu_mem is not None:
+            return False
+        return req.gpus > (self.spare if spare_only else self.count)
+
+    def take(self, placement: Placement, gpu_mem: int | None) -> None:
+        """Mark a placement's GPUs as taken."""
+        for node, indices in placement:
+            taken = set(indices)
+            free = self.free.get(node, [])
+            was_free = [i for i in free if i in taken]
+            self.free[node] = [i for i in free if i not in taken]
+            self.count -= len(was_free)
+            self.spare -= sum((node, i) not in self.reserved for i in was_free)
+            gpus = self.room.get(node, {})
+            for i in taken:
+                if gpu_mem is None:
+                    gpus.pop(i, None)
+                elif i in gpus:
+                    gpus[i] -= gpu_mem
+            self.load[node] = self.load.get(node, 0) + 1
 
 
 @dataclass(frozen=True)
@@ -210,12 +253,12 @@ def schedule(pending: Iterable[Request],
     it looked at, and the job it stopped at (None: it read them all).  Once the
     first blocked job's start is unknown nothing behind it may start, so the pass
     stops there and does not read the rest of ``pending`` (it may be a
-    generator): a long queue costs one step per job that can still move.
+    generator): a long queue costs one step per job that can still move.  It
+    stops likewise once no GPU is left free, when every pending job needs GPUs
+    of its own (``view.all_need_a_free_gpu``).
     ``view`` is not changed.
     """
-    free = {n: list(idx) for n, idx in view.free.items()}
-    room = {n: dict(gpus) for n, gpus in view.room.items()}
-    load = dict(view.load)
+    pool = _Pool.of(view)
     user_gpus: Counter = Counter()
     array_running: Counter = Counter()
     for run in view.running:
@@ -226,22 +269,25 @@ def schedule(pending: Iterable[Request],
     starts: list[tuple[str, Placement]] = []
     waits: dict[str, WaitReason] = {}
     for req in pending:
+        if view.all_need_a_free_gpu and reservation is not None and not pool.count:
+            # With time limits every job is otherwise read: 100,000 pending made each pass (one per job end,
+            # and per submit) take 0.3 s.
+            return starts, waits, req.job_id
         held = _held(req, view, capacity_total, user_gpus, array_running)
         if held is not None:
             waits[req.job_id] = held
             continue
-        placement = _backfill(req, free, load, reservation, view.now, room)
+        placement = _backfill(req, pool, reservation, view.now)
         if placement is None:
-            waits[req.job_id] = _why_not(req, reservation, free, view.others)
+            waits[req.job_id] = _why_not(req, reservation, pool.free, view.others)
             if reservation is None:
-                reservation = _reserve(req, free, view)
+                reservation = _reserve(req, pool.free, view)
+                pool.reserve(reservation)
             if reservation.start is None:
                 return starts, waits, req.job_id
             continue
         starts.append((req.job_id, placement))
-        _take(placement, req.gpu_mem if req.gpus else None, free, room)
-        for node, _ in placement:
-            load[node] = load.get(node, 0) + 1
+        pool.take(placement, req.gpu_mem if req.gpus else None)
         user_gpus[req.user] += req.gpus
         array_running[req.array_id] += 1
     return starts, waits, None
@@ -269,21 +315,24 @@ def _held(req: Request, view: View, capacity_total: int, user_gpus: Counter,
     return None
 
 
-def _backfill(req: Request, free: GpuMap, load: dict[str, int], reservation: Reservation | None,
-              now: float, room: RoomMap) -> Placement | None:
+def _backfill(req: Request, pool: _Pool, reservation: Reservation | None, now: float) -> Placement | None:
     """Where ``req`` may start now without delaying the reserved job, or None."""
-    if reservation is None:
-        return place(req, free, load, room)
-    if reservation.start is None or req.time_limit is None:
+    if reservation is not None:
+        if reservation.start is None or req.time_limit is None:
+            return None
+        if now + req.time_limit > reservation.start:
+            # It would outlast the reservation: only GPUs the reserved job will not need are fair game.
+            if pool.cannot_fit(req, spare_only=True):
+                return None
+            spare = {n: [i for i in idx if (n, i) not in reservation.gpus] for n, idx in pool.free.items()}
+            if req.gpu_mem is None:
+                return place(req, spare, pool.load)
+            spare_room = {n: {i: mb for i, mb in gpus.items() if (n, i) not in reservation.gpus}
+                          for n, gpus in pool.room.items()}
+            return place(req, spare, pool.load, spare_room)
+    if pool.cannot_fit(req, spare_only=False):
         return None
-    if now + req.time_limit <= reservation.start:
-        return place(req, free, load, room)
-    # It would outlast the reservation: only GPUs the reserved job will not need are fair game.
-    spare = {n: [i for i in idx if (n, i) not in reservation.gpus] for n, idx in free.items()}
-    if req.gpu_mem is None:
-        return place(req, spare, load)
-    spare_room = {n: {i: mb for i, mb in gpus.items() if (n, i) not in reservation.gpus} for n, gpus in room.items()}
-    return place(req, spare, load, spare_room)
+    return place(req, pool.free, pool.load, pool.room)
 
 
 def _reserve(req: Request, free: GpuMap, view: View) -> Reservation:

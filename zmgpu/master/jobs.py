@@ -16,7 +16,7 @@ from ..protocol import Message, MsgType
 from . import allocator
 from .output import STREAMS, OutputSpool
 from .reactor import Reactor
-from .state import ClusterState, JobRecord, RankRecord
+from .state import ClusterState, JobRecord, RankRecord, starts_without_free_gpu
 from .store import Store
 
 
@@ -71,8 +71,9 @@ class JobService:
         self.track_dependencies(job)
         # A job that joins behind the one where the last pass stopped cannot start before it: until something
         # else changes, a pass would only tell it to wait, which schedule() does without one.  This spares a
-        # submit behind a long queue a pass over the running jobs.
-        if self.stop_key is None or job.queue_key < self.stop_key:
+        # submit behind a long queue a pass over the running jobs.  Unless it could start with no GPU free
+        # (a pass that stopped for want of free GPUs says nothing of it).
+        if self.stop_key is None or job.queue_key < self.stop_key or starts_without_free_gpu(job):
             self.dirty = True
         self.publish_job(job)
         self.cancel_if_dependency_failed(job)
@@ -164,7 +165,8 @@ class JobService:
             load={node_id: len(nodes[node_id].ranks) for node_id in places},
             running=running, now=time.time(), user_gpu_limit=self.user_gpu_limit,
             room={node_id: p.room for node_id, p in places.items()},
-            others={node_id: p.others for node_id, p in places.items() if p.others})
+            others={node_id: p.others for node_id, p in places.items() if p.others},
+            all_need_a_free_gpu=self.state.pending.all_need_a_free_gpu)
 
     def track_dependencies(self, job: JobRecord) -> None:
         """Index ``job`` under each job it waits for, so their end settles it wherever it is in the queue."""
@@ -348,9 +350,12 @@ class JobService:
                 self.repeat_kill(job)
 
     def repeat_kill(self, job: JobRecord) -> None:
-        """Send a cancelled or timed-out job's KILL again (the first may have been lost)."""
+        """Send the KILL of a job cancelled, timed out or with a failed rank again (the first may be lost)."""
         if job.cancel_by or job.timed_out:
             self.kill_ranks(job, "cancelled" if job.cancel_by else "time limit reached")
+        elif job.first_failed is not None:
+            failed = job.ranks[job.first_failed]
+            self.kill_ranks(job, f"rank {job.first_failed} on {failed.node_id} failed")
 
     def purge_finished(self) -> None:
         """Forget finished jobs older than the retention time, with their output.
@@ -497,9 +502,12 @@ class JobService:
         self.store.job_changed(job)
         if part.failed and job.first_failed is None:
             job.first_failed = rank
-        if part.failed and job.live_ranks() and job.cancel_by is None:
-            # One rank failing dooms a gang job: stop the others rather than let them hang.
-            self.kill_ranks(job, f"rank {rank} on {part.node_id} failed")
+            if job.live_ranks() and job.cancel_by is None:
+                # One rank failing dooms a gang job: stop the others rather than let them hang.  Only the
+                # first failure says so: the others end failed too, as they are stopped, and each saying it
+                # again made a KILL per rank per node (65,920 for a 1,024-rank job on 128 nodes), each
+                # one a read of every process on the node.  A lost KILL is repeated (repeat_kill).
+                self.kill_ranks(job, f"rank {rank} on {part.node_id} failed")
         self._end_if_done(job)
 
     def _end_if_done(self, job: JobRecord) -> None:

@@ -234,25 +234,35 @@ class JobRecord:
 
 
 class PendingQueue:
-    """Pending job ids kept sorted by :attr:`JobRecord.queue_key`, so a pass never sorts; counted per user."""
+    """Pending job ids kept sorted by :attr:`JobRecord.queue_key`, so a pass never sorts; counted per user,
+    and counted apart when they could start with no GPU free (CPU-only and --gpu-mem jobs)."""
 
     def __init__(self):
         self._keys: list[tuple[int, int, str]] = []
-        self._by_id: dict[str, tuple[tuple[int, int, str], str]] = {}   # job id -> (queue key, user)
+        self._by_id: dict[str, tuple[tuple[int, int, str], str, bool]] = {}   # id -> (queue key, user, such a job)
         self._per_user: Counter[str] = Counter()
+        self._without_free_gpu = 0
 
     def add(self, job: JobRecord) -> None:
         key = job.queue_key
         bisect.insort(self._keys, key)
-        self._by_id[job.job_id] = (key, job.user)
+        flexible = starts_without_free_gpu(job)
+        self._by_id[job.job_id] = (key, job.user, flexible)
         self._per_user[job.user] += 1
+        self._without_free_gpu += flexible
 
     def remove(self, job_id: str) -> None:
-        key, user = self._by_id.pop(job_id)
+        key, user, flexible = self._by_id.pop(job_id)
         del self._keys[bisect.bisect_left(self._keys, key)]
         self._per_user[user] -= 1
         if not self._per_user[user]:
             del self._per_user[user]
+        self._without_free_gpu -= flexible
+
+    @property
+    def all_need_a_free_gpu(self) -> bool:
+        """Whether every pending job needs GPUs of its own: with none free, none of them can start."""
+        return not self._without_free_gpu
 
     def count(self, user: str) -> int:
         """How many jobs of ``user`` wait."""
@@ -267,6 +277,11 @@ class PendingQueue:
 
     def __len__(self) -> int:
         return len(self._keys)
+
+
+def starts_without_free_gpu(job: JobRecord) -> bool:
+    """A CPU-only job, or one that shares GPUs by memory (--gpu-mem): either may start with no GPU free."""
+    return job.gpus == 0 or job.gpu_mem_mb is not None
 
 
 @dataclass
