@@ -117,6 +117,26 @@ ARRAY_TASK = ('echo "$ZMGPU_ARRAY_JOB_ID $ZMGPU_ARRAY_TASK_ID $(date +%s.%N)" > 
               + hold_sh("release.$ZMGPU_ARRAY_TASK_ID", "date +%s.%N > end.$ZMGPU_ARRAY_TASK_ID"))
 
 
+def test_an_array_after_an_array_waits_for_every_task_and_one_failure_cancels_it(life, workdir):
+    first = life.submit(hold_sh("release.$ZMGPU_ARRAY_TASK_ID", 'test "$ZMGPU_ARRAY_TASK_ID" != 2'),
+                        "--array", "0-2", cwd=workdir)
+    strict = life.submit("true", "--array", "0-3", "--after", first, cwd=workdir)
+    lenient = life.submit("true", "--array", "0-1", "--after", first, "--after-any", cwd=workdir)
+    waiting = [f"{strict}_{i}" for i in range(4)] + [f"{lenient}_{i}" for i in range(2)]
+    release(workdir, "release.0", "release.1")
+    life.wait_jobs_ended([f"{first}_0", f"{first}_1"])
+    # The array id stands for every task, and one of them still runs.
+    assert {(job["state"], job["reason"], tuple(job["after"])) for job in map(life.job, waiting)} == {
+        ("PENDING", "Dependency", (first,))}
+
+    release(workdir, "release.2")
+    done = life.wait_jobs_ended([f"{first}_2", *waiting])
+    assert done[f"{first}_2"]["state"] == "FAILED"
+    assert {(done[j]["state"], done[j]["reason"]) for j in waiting[:4]} == {
+        ("CANCELLED", f"dependency {first}_2 ended FAILED")}
+    assert {done[j]["state"] for j in waiting[4:]} == {"COMPLETED"}
+
+
 def test_array_never_runs_more_than_its_limit(life, workdir):
     """Four GPUs are free, so only the %2 keeps the array at two tasks at once."""
     array_id = life.submit(ARRAY_TASK, "--array", "0-7%2", "--gpus", "1", cwd=workdir)

@@ -420,9 +420,13 @@ class _Waiter:
     def _expand(self) -> None:
         """The first check: every given id's jobs (an array's tasks in index order); unknown ids fail."""
         found = self.client.queue(all=True, job_ids=self.job_ids, nodes=False)["jobs"]
+        # Indexed once: a wait on each of 10,000 tasks by its id must not look through every job for each.
+        by_id: dict[str, list] = {}
+        for job in found:
+            for key in {job["job_id"], job.get("array_job_id")} - {None}:
+                by_id.setdefault(key, []).append(job)
         for job_id in self.job_ids:
-            matches = sorted((job for job in found if job_id in (job["job_id"], job.get("array_job_id"))),
-                             key=lambda job: job.get("array_task_id") or 0)
+            matches = sorted(by_id.get(job_id, ()), key=lambda job: job.get("array_task_id") or 0)
             if not matches:
                 raise ClientError(protocol.ErrorCode.UNKNOWN_JOB.value, f"unknown job id '{job_id}'")
             for job in matches:

@@ -16,6 +16,7 @@ from ..protocol import Message, MsgType
 from . import allocator
 from .output import STREAMS, OutputSpool
 from .reactor import Reactor
+from .dependencies import Dependencies
 from .state import ClusterState, JobRecord, RankRecord, starts_without_free_gpu
 from .store import Store
 
@@ -43,6 +44,7 @@ class JobService:
         self.head: str | None = None        # the job first in line waiting for Resources
         self.stop_key: tuple | None = None  # queue key of the job the last pass stopped at; None: it read all
         self.running_views: dict[str, allocator.Running] = {}   # job id -> its cached allocator view
+        self.dependencies = Dependencies(state)
 
     def handlers(self) -> dict:
         return {
@@ -68,7 +70,7 @@ class JobService:
         self.state.jobs[job.job_id] = job
         self.state.pending.add(job)
         self.unreasoned.add(job.job_id)
-        self.track_dependencies(job)
+        self.dependencies.track(job)
         # A job that joins behind the one where the last pass stopped cannot start before it: until something
         # else changes, a pass would only tell it to wait, which schedule() does without one.  This spares a
         # submit behind a long queue a pass over the running jobs.  Unless it could start with no GPU free
@@ -84,9 +86,8 @@ class JobService:
         if job.job_id in self.state.pending:
             self.state.pending.remove(job.job_id)
         self.unreasoned.discard(job.job_id)
-        for dep in job.after:
-            self.state.dependents.get(dep, set()).discard(job.job_id)
         self._drop_from_array(job)
+        self.dependencies.forget(job)
         self.store.forget_unsaved([job.job_id])
 
     def _drop_from_array(self, job: JobRecord) -> None:
@@ -145,7 +146,7 @@ class JobService:
         """
         for job_id in self.state.pending:
             job = self.state.jobs[job_id]
-            hold = allocator.WaitReason.DEPENDENCY if self._waits_for_dependency(job) else None
+            hold = allocator.WaitReason.DEPENDENCY if self.dependencies.waits(job) else None
             yield allocator.Request(job.job_id, job.gpus, job.pins, job.user, job.time_limit,
                                     job.array_job_id, job.array_limit, hold, job.gpu_mem_mb)
 
@@ -168,17 +169,14 @@ class JobService:
             others={node_id: p.others for node_id, p in places.items() if p.others},
             all_need_a_free_gpu=self.state.pending.all_need_a_free_gpu)
 
-    def track_dependencies(self, job: JobRecord) -> None:
-        """Index ``job`` under each job it waits for, so their end settles it wherever it is in the queue."""
-        for dep in job.after:
-            self.state.dependents.setdefault(dep, set()).add(job.job_id)
-
     def _settle_dependents(self, dep: JobRecord) -> None:
         """A job ended: cancel the pending jobs that needed it to complete (unless --after-any)."""
-        for job_id in sorted(self.state.dependents.pop(dep.job_id, ())):
-            job = self.state.jobs.get(job_id)
-            if job is not None:
-                self.cancel_if_dependency_failed(job)
+        settled = self.dependencies.ended(dep)
+        if dep.state is not JobState.COMPLETED:
+            for job_id in settled:
+                job = self.state.jobs.get(job_id)
+                if job is not None:
+                    self.cancel_if_dependency_failed(job)
 
     def _running_view(self, job: JobRecord) -> allocator.Running:
         """What the allocator needs of a running job, rebuilt only when one of its ranks ends."""
@@ -189,19 +187,14 @@ class JobService:
                 job.gpu_mem_mb)
         return view
 
-    def _waits_for_dependency(self, job: JobRecord) -> bool:
-        """An --after job of ``job`` has not ended yet."""
-        return any(not dep.state.finished for dep in map(self.state.jobs.get, job.after) if dep is not None)
-
     def cancel_if_dependency_failed(self, job: JobRecord) -> None:
         """Without --after-any, one --after job that ended badly cancels ``job`` at once."""
-        if job.state is not JobState.PENDING or job.after_any:
+        if job.state is not JobState.PENDING:
             return
-        bad = next((dep for dep in map(self.state.jobs.get, job.after)
-                    if dep is not None and dep.state.finished and dep.state is not JobState.COMPLETED), None)
-        if bad is not None:
+        why = self.dependencies.failure(job)
+        if why is not None:
             self.state.pending.remove(job.job_id)
-            self._finish(job, JobState.CANCELLED, f"dependency {bad.job_id} ended {bad.state.value}")
+            self._finish(job, JobState.CANCELLED, why)
 
     def _start(self, job: JobRecord, placement: allocator.Placement) -> None:
         """Hold the GPUs and mark the job running; its DISPATCH goes out once that is stored.
@@ -368,6 +361,7 @@ class JobService:
             del self.state.jobs[job.job_id]
             self.store.job_deleted(job.job_id)
             self._drop_from_array(job)
+            self.dependencies.forget(job)
         self.spool.discard({job.job_id for job in old})
         if old:
             self.log.info("forgot %d job(s) that ended more than %s ago", len(old), format_duration(self.retention))

@@ -285,10 +285,11 @@ class ClientRequests:
         after = spec.get("after") or []
         if not isinstance(after, list) or not all(isinstance(a, str) for a in after):
             raise ValueError("--after must list job ids")
-        deps = [task for dep in after for task in self.state.expand(dep)]
-        unknown = next((d for d in deps if d not in self.state.jobs), None)
+        # Kept as given, an array id standing for all its tasks (see dependencies.py).
+        unknown = next((task for dep in after for task in self.state.expand(dep) if task not in self.state.jobs), None)
         if unknown is not None:
             raise ValueError(f"unknown job id '{unknown}' in --after")
+        deps = list(dict.fromkeys(after))
         name = spec.get("name")
         if name is not None and not isinstance(name, str):
             raise ValueError("--name must be a string")

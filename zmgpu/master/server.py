@@ -75,7 +75,7 @@ class Master:
                 self.state.arrays.setdefault(job.array_job_id, []).append(job.job_id)
             if job.state is JobState.PENDING:
                 self.state.pending.add(job)
-                self.jobs.track_dependencies(job)
+                self.jobs.dependencies.track(job)
             elif job.state is JobState.RUNNING:
                 self._hold(job)
         for job in jobs:
