@@ -45,6 +45,7 @@ class JobService:
         self.stop_key: tuple | None = None  # queue key of the job the last pass stopped at; None: it read all
         self.running_views: dict[str, allocator.Running] = {}   # job id -> its cached allocator view
         self.dependencies = Dependencies(state)
+        self.requests: dict[str, allocator.Request] = {}   # pending job id -> its request (see _requests)
 
     def handlers(self) -> dict:
         return {
@@ -84,7 +85,7 @@ class JobService:
         """Undo :meth:`enqueue` for a job never acknowledged (its submit could not be stored)."""
         del self.state.jobs[job.job_id]
         if job.job_id in self.state.pending:
-            self.state.pending.remove(job.job_id)
+            self._leave_queue(job)
         self.unreasoned.discard(job.job_id)
         self._drop_from_array(job)
         self.dependencies.forget(job)
@@ -100,7 +101,7 @@ class JobService:
     def cancel(self, job: JobRecord, user: str) -> None:
         """End a pending job now, or ask the nodes of a running one to stop it."""
         if job.state is JobState.PENDING:
-            self.state.pending.remove(job.job_id)
+            self._leave_queue(job)
             self._finish(job, JobState.CANCELLED, f"cancelled by {user}")
         else:
             job.cancel_by = user
@@ -142,13 +143,24 @@ class JobService:
         """Pending jobs as allocator requests, in queue order, built only as far as the pass reads.
 
         Reading changes nothing (failed dependencies are settled when they end), so the queue is
-        walked in place, not copied.
+        walked in place, not copied.  A job's request is built once while it waits, and again only
+        when its dependencies stop holding it: a pass reads every job held by its array's %N limit,
+        and building them all again made each pass after a task's end of a 10,000-task array take 18 ms.
         """
+        jobs, requests, waits = self.state.jobs, self.requests, self.dependencies.waits
         for job_id in self.state.pending:
-            job = self.state.jobs[job_id]
-            hold = allocator.WaitReason.DEPENDENCY if self.dependencies.waits(job) else None
-            yield allocator.Request(job.job_id, job.gpus, job.pins, job.user, job.time_limit,
-                                    job.array_job_id, job.array_limit, hold, job.gpu_mem_mb)
+            job = jobs[job_id]
+            hold = allocator.WaitReason.DEPENDENCY if job.after and waits(job) else None
+            req = requests.get(job_id)
+            if req is None or req.hold is not hold:
+                req = requests[job_id] = allocator.Request(job.job_id, job.gpus, job.pins, job.user, job.time_limit,
+                                                           job.array_job_id, job.array_limit, hold, job.gpu_mem_mb)
+            yield req
+
+    def _leave_queue(self, job: JobRecord) -> None:
+        """``job`` no longer waits (it starts, or ends without starting)."""
+        self.state.pending.remove(job.job_id)
+        self.requests.pop(job.job_id, None)
 
     def _set_reason(self, job: JobRecord, reason: allocator.WaitReason) -> None:
         """Tell subscribers why a job waits; not stored: after a restart the first pass says it again."""
@@ -193,7 +205,7 @@ class JobService:
             return
         why = self.dependencies.failure(job)
         if why is not None:
-            self.state.pending.remove(job.job_id)
+            self._leave_queue(job)
             self._finish(job, JobState.CANCELLED, why)
 
     def _start(self, job: JobRecord, placement: allocator.Placement) -> None:
@@ -209,7 +221,7 @@ class JobService:
         job.ranks = [RankRecord(node_id, indices, held_back=node_id != first) for node_id, indices in placement]
         self.spool.starts_empty(job.job_id, len(job.ranks))
         job.master_port = None
-        self.state.pending.remove(job.job_id)
+        self._leave_queue(job)
         self.state.running.add(job.job_id)
         job.state, job.reason, job.start_time = JobState.RUNNING, None, time.time()
         for rank in range(len(job.ranks)):
