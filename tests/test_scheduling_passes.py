@@ -1,6 +1,7 @@
 """When the master runs a scheduling pass: a job that joins the queue behind the job the last pass stopped at
-(blocked, with an unknown start) cannot start before it, and costs no pass until something else changes.
-And when it sends KILLs for a gang job whose rank failed: once per node, again only if unheeded.
+(blocked, with an unknown start) cannot start before it, and costs no pass until something else changes;
+the reasons of jobs a pass did not reach.  And when it sends KILLs for a gang job whose rank failed: once per
+node, again only if unheeded, and never to a later attempt.
 
 In-process: the master's own JobService, Reactor (on loopback), Store and OutputSpool; the allocator is
 wrapped only to count its passes, the reactor's send only to see the KILLs.
@@ -96,7 +97,28 @@ def test_with_no_gpu_free_jobs_behind_cost_no_pass_unless_they_need_none(service
     assert (cpu.state, service.passes) == (JobState.RUNNING, 4)
 
 
-def test_a_failed_rank_stops_each_node_once_and_again_only_when_unheeded(service, monkeypatch):
+def test_reasons_behind_a_stop_for_want_of_free_gpus_follow_the_dependencies(service):
+    def queued(name, seq, after=()):
+        job = JobRecord(job_id=name, seq=seq, user="u", command="true", cwd="/", env={}, gpus=1,
+                        time_limit=100, after=list(after))
+        service.enqueue(job)
+        service.schedule()
+        return job
+
+    running = queued("0000000a", 1)
+    blocked = queued("0000000b", 2)
+    second = queued("0000000c", 3)
+    after = queued("0000000d", 4, after=[running.job_id])    # not reached by the pass: held all the same
+    assert (blocked.reason, second.reason, after.reason) == ("Resources", "Priority", "Dependency")
+    service.end_rank(running, 0, exit_code=0)
+    service.schedule()
+    # The blocked job took the GPU, the next one is blocked, and the pass stopped there: the last one waits
+    # no longer for its dependency.
+    assert (blocked.state, second.reason, after.reason) == (JobState.RUNNING, "Resources", "Priority")
+
+
+def two_node_gang(service, monkeypatch) -> tuple[JobRecord, list[str]]:
+    """A --per-gpu job running on two nodes of two GPUs, and the nodes that KILLs went to."""
     service.state.nodes = {node: NodeRecord(node, "host", "127.0.0.1", [GpuInfo(i, "sim", f"GPU-{node}-{i}", 16000,
                                                                                simulated=True) for i in (0, 1)],
                                             route=node.encode())
@@ -112,6 +134,11 @@ def test_a_failed_rank_stops_each_node_once_and_again_only_when_unheeded(service
     assert [rank.node_id for rank in job.ranks] == ["n1", "n1", "n2", "n2"]
     for rank in job.ranks:
         rank.held_back = False                        # as if rank 0's port had reached the other node
+    return job, kills
+
+
+def test_a_failed_rank_stops_each_node_once_and_again_only_when_unheeded(service, monkeypatch):
+    job, kills = two_node_gang(service, monkeypatch)
 
     service.end_rank(job, 3, exit_code=5)
     assert sorted(kills) == ["n1", "n2"]
@@ -124,3 +151,16 @@ def test_a_failed_rank_stops_each_node_once_and_again_only_when_unheeded(service
     assert sorted(kills) == ["n1", "n1", "n2"]
     service.end_rank(job, 1, signal=15)
     assert job.state is JobState.FAILED and job.reason.startswith("rank 3 on n2")
+
+
+def test_an_attempt_put_back_in_line_is_not_stopped_for_the_last_ones_failed_rank(service, monkeypatch):
+    job, kills = two_node_gang(service, monkeypatch)
+    service.end_rank(job, 0, exit_code=1)
+    service.undo_start(job, "node n2 refused rank 2")     # back in line before its gang ended
+    service.schedule()
+    service.to_dispatch.clear()
+    kills.clear()
+    assert (job.state, job.attempt, job.first_failed) == (JobState.RUNNING, 1, None)
+    job.kill_sent -= 3600
+    service.check_time_limits()
+    assert kills == []

@@ -133,10 +133,13 @@ class JobService:
             self._start(self.state.jobs[job_id], placement)
 
     def _wait_behind(self, job_ids) -> None:
-        """These jobs, if still pending, wait behind a job that cannot start (Slurm's reason: Priority)."""
+        """These jobs, if still pending, wait behind a job that cannot start (Slurm's reason: Priority), or
+        for their dependencies first."""
         for job_id in job_ids:
             if job_id in self.state.pending:
-                self._set_reason(self.state.jobs[job_id], allocator.WaitReason.PRIORITY)
+                job = self.state.jobs[job_id]
+                waits = job.after and self.dependencies.waits(job)
+                self._set_reason(job, allocator.WaitReason.DEPENDENCY if waits else allocator.WaitReason.PRIORITY)
         self.unreasoned.clear()
 
     def _requests(self):
@@ -189,6 +192,10 @@ class JobService:
                 job = self.state.jobs.get(job_id)
                 if job is not None:
                     self.cancel_if_dependency_failed(job)
+        else:
+            # Those no longer held get a new reason even if the next pass stops before them.
+            self.unreasoned.update(job_id for job_id in settled if job_id in self.state.pending
+                                   and not self.dependencies.waits(self.state.jobs[job_id]))
 
     def _running_view(self, job: JobRecord) -> allocator.Running:
         """What the allocator needs of a running job, rebuilt only when one of its ranks ends."""
@@ -268,7 +275,9 @@ class JobService:
         # Ranks of this attempt may have written output already: the next one starts its own.
         self.spool.set_aside(job.job_id, len(job.ranks), job.attempt)
         job.attempt += 1
-        job.ranks, job.state, job.start_time = [], JobState.PENDING, None
+        # A rank of this attempt may have failed already: the next attempt starts with a clean record (else
+        # repeat_kill would stop it for this one's failure).
+        job.ranks, job.state, job.start_time, job.first_failed = [], JobState.PENDING, None, None
         self.enqueue(job)
 
     def _dispatch(self, job: JobRecord, rank: int) -> bool:
