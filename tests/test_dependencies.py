@@ -38,17 +38,18 @@ def test_an_array_waits_as_one_for_each_task_it_names_and_learns_of_each_end():
     for task in waiting:
         deps.track(task)
     # One entry per dependency, for the array as a whole: not one per task that waits.
-    assert {dep: state.dependents[dep] for dep in state.dependents} == {
-        **{task.job_id: {"bbbbbbbb"} for task in first}, "cccccccc": {"bbbbbbbb"}}
+    assert deps.dependents == {**{task.job_id: {"bbbbbbbb"} for task in first}, "cccccccc": {"bbbbbbbb"}}
     assert deps.unmet == {"bbbbbbbb": 4}
+    waiting_ids = [task.job_id for task in waiting]
 
-    assert end(state, deps, first[0], JobState.COMPLETED) == [task.job_id for task in waiting]
+    # Only an end that changes something for the waiting tasks hands them back: not one of several.
+    assert end(state, deps, first[0], JobState.COMPLETED) == []
     assert end(state, deps, first[0], JobState.COMPLETED) == []       # an end is counted once
     assert deps.waits(waiting[7]) and deps.failure(waiting[7]) is None
-    end(state, deps, single, JobState.TIMEOUT)
+    assert end(state, deps, single, JobState.TIMEOUT) == waiting_ids    # the first to fail
     assert deps.failure(waiting[7]) == "dependency cccccccc ended TIMEOUT"
-    for task in first[1:]:
-        end(state, deps, task, JobState.COMPLETED)
+    assert end(state, deps, first[1], JobState.COMPLETED) == []
+    assert end(state, deps, first[2], JobState.COMPLETED) == waiting_ids   # the last
     assert not deps.waits(waiting[7])
 
 

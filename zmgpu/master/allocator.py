@@ -201,7 +201,7 @@ class _Pool:
     load: dict[str, int]
     count: int = 0                          # free GPUs
     spare: int = 0                          # free GPUs the reservation will not take
-    reserved: frozenset = frozenset()       # (node, index) the reservation will take
+    reservation: Reservation | None = None  # the first blocked job's, once there is one
 
     @classmethod
     def of(cls, view: View) -> "_Pool":
@@ -210,7 +210,7 @@ class _Pool:
         return cls(free, {n: dict(gpus) for n, gpus in view.room.items()}, dict(view.load), count, count)
 
     def reserve(self, reservation: Reservation) -> None:
-        self.reserved = reservation.gpus
+        self.reservation = reservation
         self.spare = self.count - sum(1 for n, i in reservation.gpus if i in self.free.get(n, ()))
 
     def cannot_fit(self, req: Request, spare_only: bool) -> bool:
@@ -227,7 +227,8 @@ class _Pool:
             was_free = [i for i in free if i in taken]
             self.free[node] = [i for i in free if i not in taken]
             self.count -= len(was_free)
-            self.spare -= sum((node, i) not in self.reserved for i in was_free)
+            reserved = self.reservation.gpus if self.reservation else ()
+            self.spare -= sum((node, i) not in reserved for i in was_free)
             gpus = self.room.get(node, {})
             for i in taken:
                 if gpu_mem is None:
@@ -265,11 +266,10 @@ def schedule(pending: Iterable[Request],
         user_gpus[run.user] += sum(len(idx) for _, idx in run.placement)
         array_running[run.array_id] += 1
     capacity_total = sum(len(idx) for idx in view.capacity.values())
-    reservation: Reservation | None = None
     starts: list[tuple[str, Placement]] = []
     waits: dict[str, WaitReason] = {}
     for req in pending:
-        if view.all_need_a_free_gpu and reservation is not None and not pool.count:
+        if view.all_need_a_free_gpu and pool.reservation is not None and not pool.count:
             # With time limits every job is otherwise read: 100,000 pending made each pass (one per job end,
             # and per submit) take 0.3 s.
             return starts, waits, req.job_id
@@ -277,13 +277,12 @@ def schedule(pending: Iterable[Request],
         if held is not None:
             waits[req.job_id] = held
             continue
-        placement = _backfill(req, pool, reservation, view.now)
+        placement = _backfill(req, pool, view.now)
         if placement is None:
-            waits[req.job_id] = _why_not(req, reservation, pool.free, view.others)
-            if reservation is None:
-                reservation = _reserve(req, pool.free, view)
-                pool.reserve(reservation)
-            if reservation.start is None:
+            waits[req.job_id] = _why_not(req, pool.reservation, pool.free, view.others)
+            if pool.reservation is None:
+                pool.reserve(_reserve(req, pool.free, view))
+            if pool.reservation.start is None:
                 return starts, waits, req.job_id
             continue
         starts.append((req.job_id, placement))
@@ -315,8 +314,9 @@ def _held(req: Request, view: View, capacity_total: int, user_gpus: Counter,
     return None
 
 
-def _backfill(req: Request, pool: _Pool, reservation: Reservation | None, now: float) -> Placement | None:
+def _backfill(req: Request, pool: _Pool, now: float) -> Placement | None:
     """Where ``req`` may start now without delaying the reserved job, or None."""
+    reservation = pool.reservation
     if reservation is not None:
         if reservation.start is None or req.time_limit is None:
             return None

@@ -18,10 +18,11 @@ from .state import ClusterState, JobRecord
 
 
 class Dependencies:
-    """The ``--after`` state of every waiter, on top of ``ClusterState.dependents``."""
+    """The ``--after`` state of every waiter."""
 
     def __init__(self, state: ClusterState):
         self.state = state
+        self.dependents: dict[str, set[str]] = {}       # job id -> the waiters --after it, until it ends
         self.unmet: dict[str, int] = {}                 # waiter -> its dependencies not ended yet
         self.failed: dict[str, tuple[str, str]] = {}   # waiter -> (job id, state) of one that did not complete
 
@@ -43,27 +44,30 @@ class Dependencies:
                 continue   # forgotten: it ended long ago, and whatever it did is no reason to wait
             if not dep.state.finished:
                 unmet += 1
-                self.state.dependents.setdefault(dep_id, set()).add(key)
+                self.dependents.setdefault(dep_id, set()).add(key)
             elif dep.state is not JobState.COMPLETED:
                 self.failed.setdefault(key, (dep_id, dep.state.value))
         self.unmet[key] = unmet
 
     def ended(self, dep: JobRecord) -> list[str]:
-        """``dep`` ended: one dependency fewer for each of its waiters (a failed one, unless it completed);
-        those waiters' job ids."""
+        """``dep`` ended: one dependency fewer for each of its waiters.  The job ids of the waiters it
+        settles: those it failed first, and those it was the last one of; the others are not looked at,
+        since nothing changed for them (a dependency's end costs one step per waiter, not per task)."""
         settled = []
-        for key in sorted(self.state.dependents.pop(dep.job_id, ())):
+        for key in sorted(self.dependents.pop(dep.job_id, ())):
             if key not in self.unmet:
                 continue   # its jobs are gone (never acknowledged, or forgotten)
             self.unmet[key] -= 1
-            if dep.state is not JobState.COMPLETED:
-                self.failed.setdefault(key, (dep.job_id, dep.state.value))
-            settled.extend(self.state.expand(key))
+            failed_first = dep.state is not JobState.COMPLETED and key not in self.failed
+            if failed_first:
+                self.failed[key] = (dep.job_id, dep.state.value)
+            if failed_first or not self.unmet[key]:
+                settled.extend(self.state.expand(key))
         return settled
 
     def waits(self, job: JobRecord) -> bool:
         """A dependency of ``job`` has not ended yet."""
-        return self.unmet.get(self.waiter(job), 0) > 0
+        return bool(job.after) and self.unmet.get(self.waiter(job), 0) > 0
 
     def failure(self, job: JobRecord) -> str | None:
         """Why ``job`` can never run, as a reason: a dependency ended other than COMPLETED (not --after-any)."""

@@ -138,8 +138,7 @@ class JobService:
         for job_id in job_ids:
             if job_id in self.state.pending:
                 job = self.state.jobs[job_id]
-                waits = job.after and self.dependencies.waits(job)
-                self._set_reason(job, allocator.WaitReason.DEPENDENCY if waits else allocator.WaitReason.PRIORITY)
+                self._set_reason(job, self._dependency_hold(job) or allocator.WaitReason.PRIORITY)
         self.unreasoned.clear()
 
     def _requests(self):
@@ -150,15 +149,18 @@ class JobService:
         when its dependencies stop holding it: a pass reads every job held by its array's %N limit,
         and building them all again made each pass after a task's end of a 10,000-task array take 18 ms.
         """
-        jobs, requests, waits = self.state.jobs, self.requests, self.dependencies.waits
+        jobs, requests = self.state.jobs, self.requests
         for job_id in self.state.pending:
             job = jobs[job_id]
-            hold = allocator.WaitReason.DEPENDENCY if job.after and waits(job) else None
+            hold = self._dependency_hold(job)
             req = requests.get(job_id)
             if req is None or req.hold is not hold:
                 req = requests[job_id] = allocator.Request(job.job_id, job.gpus, job.pins, job.user, job.time_limit,
                                                            job.array_job_id, job.array_limit, hold, job.gpu_mem_mb)
             yield req
+
+    def _dependency_hold(self, job: JobRecord) -> allocator.WaitReason | None:
+        return allocator.WaitReason.DEPENDENCY if self.dependencies.waits(job) else None
 
     def _leave_queue(self, job: JobRecord) -> None:
         """``job`` no longer waits (it starts, or ends without starting)."""
@@ -186,16 +188,12 @@ class JobService:
 
     def _settle_dependents(self, dep: JobRecord) -> None:
         """A job ended: cancel the pending jobs that needed it to complete (unless --after-any)."""
-        settled = self.dependencies.ended(dep)
-        if dep.state is not JobState.COMPLETED:
-            for job_id in settled:
-                job = self.state.jobs.get(job_id)
-                if job is not None:
-                    self.cancel_if_dependency_failed(job)
-        else:
-            # Those no longer held get a new reason even if the next pass stops before them.
-            self.unreasoned.update(job_id for job_id in settled if job_id in self.state.pending
-                                   and not self.dependencies.waits(self.state.jobs[job_id]))
+        for job_id in self.dependencies.ended(dep):
+            if job_id in self.state.pending:
+                job = self.state.jobs[job_id]
+                self.cancel_if_dependency_failed(job)
+                # One no longer held gets a new reason even if the next pass stops before it.
+                self.unreasoned.add(job_id)
 
     def _running_view(self, job: JobRecord) -> allocator.Running:
         """What the allocator needs of a running job, rebuilt only when one of its ranks ends."""
@@ -272,12 +270,16 @@ class JobService:
             self._release(job, rank)
         self.state.running.discard(job.job_id)
         self.log.info("job %s goes back to the queue: %s", job.job_id, why)
-        # Ranks of this attempt may have written output already: the next one starts its own.
+        self._next_attempt(job)
+
+    def _next_attempt(self, job: JobRecord) -> None:
+        """Back to the queue as a new attempt, with a clean record: the old attempt's output is set aside
+        (the next one starts its own), and a rank of it that failed or timed out is not the new one's (else
+        repeat_kill would stop the new attempt for it)."""
         self.spool.set_aside(job.job_id, len(job.ranks), job.attempt)
         job.attempt += 1
-        # A rank of this attempt may have failed already: the next attempt starts with a clean record (else
-        # repeat_kill would stop it for this one's failure).
-        job.ranks, job.state, job.start_time, job.first_failed = [], JobState.PENDING, None, None
+        job.ranks, job.first_failed, job.timed_out = [], None, False
+        job.state, job.reason, job.start_time = JobState.PENDING, None, None
         self.enqueue(job)
 
     def _dispatch(self, job: JobRecord, rank: int) -> bool:
@@ -542,14 +544,10 @@ class JobService:
     def _requeue(self, job: JobRecord) -> None:
         """Back to the queue with the same id after a node failure; the old attempt's output is set aside."""
         lost = next(r for r in job.ranks if r.lost)
-        self.spool.set_aside(job.job_id, len(job.ranks), job.attempt)
         self.log.info("job %s requeued (%d of at most %d): %s", job.job_id, job.requeue_count + 1,
                       self.max_requeue, lost.reason)
         job.requeue_count += 1
-        job.attempt += 1
-        job.ranks, job.first_failed, job.timed_out = [], None, False
-        job.state, job.reason, job.start_time = JobState.PENDING, None, None
-        self.enqueue(job)
+        self._next_attempt(job)
 
     def _verdict(self, job: JobRecord) -> tuple[JobState, str | None]:
         """Final state and reason once every rank has ended."""

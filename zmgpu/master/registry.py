@@ -53,12 +53,19 @@ class NodeRegistry:
             return False
         if node.up and node.registered:
             node.heard, node.last_seen = time.monotonic(), time.time()
-            if node.suspect or not node.reachable:
-                if node.suspect:
-                    self.log.info("node %s is answering again", node.node_id)
-                node.suspect, node.reachable = False, True
+            self._set_reachable(node, True)
+            if node.suspect:
+                self.log.info("node %s is answering again", node.node_id)
+                node.suspect = False
                 self.publish(node)
         return True
+
+    def _set_reachable(self, node: NodeRecord, reachable: bool) -> None:
+        """Whether a send to the node can go out (not published: no node dict shows it); a change makes a
+        pass due, since jobs may start there, or no longer."""
+        if node.reachable != reachable:
+            node.reachable = reachable
+            self.jobs.dirty = True
 
     def restore(self, node: NodeRecord) -> None:
         """A node known before a master restart: suspect until it registers, dead if it never does."""
@@ -216,10 +223,7 @@ class NodeRegistry:
         for node in self.state.nodes.values():
             if node.up:
                 # A failed send means its connection is gone: place nothing there until it speaks again.
-                reachable = self.reactor.send(node.route, MsgType.HEARTBEAT, {})
-                if reachable != node.reachable:
-                    node.reachable = reachable
-                    self.jobs.dirty = True   # jobs that wait for it may now wait elsewhere (NodeDown)
+                self._set_reachable(node, self.reactor.send(node.route, MsgType.HEARTBEAT, {}))
 
     def check_expiry(self) -> None:
         """Mark silent nodes suspect, then dead; a dead node's job ranks are lost."""

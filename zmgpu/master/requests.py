@@ -285,8 +285,9 @@ class ClientRequests:
         after = spec.get("after") or []
         if not isinstance(after, list) or not all(isinstance(a, str) for a in after):
             raise ValueError("--after must list job ids")
-        # Kept as given, an array id standing for all its tasks (see dependencies.py).
-        unknown = next((task for dep in after for task in self.state.expand(dep) if task not in self.state.jobs), None)
+        # Kept as given, an array id standing for all its tasks (see dependencies.py): an array's tasks are
+        # known as long as it is.
+        unknown = next((dep for dep in after if dep not in self.state.jobs and dep not in self.state.arrays), None)
         if unknown is not None:
             raise ValueError(f"unknown job id '{unknown}' in --after")
         deps = list(dict.fromkeys(after))

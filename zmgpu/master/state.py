@@ -293,7 +293,6 @@ class ClusterState:
     pending: PendingQueue = field(default_factory=PendingQueue)
     running: set[str] = field(default_factory=set)           # job ids holding GPUs or processes now
     arrays: dict[str, list[str]] = field(default_factory=dict)  # array id -> its task ids
-    dependents: dict[str, set[str]] = field(default_factory=dict)  # job id -> waiters --after it (dependencies.py)
     next_seq: int = 0
     nodes_version: int = 0   # bumped whenever a node's GPUs and reserve are recorded (registered, restored)
 
