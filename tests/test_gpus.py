@@ -37,6 +37,13 @@ class NVMLError_GpuIsLost(NVMLError):
         return "GPU is lost"
 
 
+class NVMLError_FunctionNotFound(NVMLError):
+    value = 13
+
+    def __str__(self):
+        return "Function Not Found"
+
+
 @dataclass
 class Device:
     name: str | bytes
@@ -49,6 +56,7 @@ class Device:
     processes: list = field(default_factory=list)   # (pid, bytes or None)
     ecc: int | None = 0                   # None: not supported (a consumer GPU)
     lost: bool = False                    # fell off the bus after discovery
+    reserved: int = 0                     # what the driver keeps for itself (version 1 counts it as used)
 
 
 @dataclass
@@ -58,6 +66,7 @@ class FakeNvml:
     devices: list[Device] = field(default_factory=list)
     init_error: Exception | None = None
     calls: list[str] = field(default_factory=list)
+    memory_v2: str = "yes"                # or "old pynvml" (no such keyword), "old driver" (no such call)
 
     def module(self) -> types.ModuleType:
         mod = types.ModuleType("pynvml")
@@ -72,8 +81,11 @@ class FakeNvml:
         mod.nvmlDeviceGetHandleByIndex = self.handle
         mod.nvmlDeviceGetName = lambda dev: dev.name
         mod.nvmlDeviceGetUUID = lambda dev: dev.uuid
-        mod.nvmlDeviceGetMemoryInfo = lambda dev: types.SimpleNamespace(
-            total=dev.total, free=dev.total - self._alive(dev).used, used=dev.used)
+        if self.memory_v2 == "old pynvml":
+            mod.nvmlDeviceGetMemoryInfo = lambda dev: self.memory(dev)
+        else:
+            mod.nvmlMemory_v2 = 0x2000028
+            mod.nvmlDeviceGetMemoryInfo = self.memory
         mod.nvmlDeviceGetComputeRunningProcesses = lambda dev: [
             types.SimpleNamespace(pid=pid, usedGpuMemory=mem) for pid, mem in self._alive(dev).processes]
         mod.nvmlDeviceGetUtilizationRates = lambda dev: types.SimpleNamespace(
@@ -81,6 +93,17 @@ class FakeNvml:
         mod.nvmlDeviceGetTemperature = lambda dev, sensor: self._alive(dev).temperature
         mod.nvmlDeviceGetTotalEccErrors = lambda dev, kind, counter: self._supported(self._alive(dev).ecc)
         return mod
+
+    def memory(self, dev: Device, version=None):
+        """Version 1 counts the driver's reserve as used; version 2 gives it apart."""
+        used = self._alive(dev).used
+        if not version:
+            return types.SimpleNamespace(total=dev.total, free=dev.total - dev.reserved - used,
+                                         used=used + dev.reserved)
+        if self.memory_v2 == "old driver":
+            raise NVMLError_FunctionNotFound()
+        return types.SimpleNamespace(version=version, total=dev.total, reserved=dev.reserved,
+                                     free=dev.total - dev.reserved - used, used=used)
 
     @staticmethod
     def _alive(dev: Device) -> Device:
@@ -165,6 +188,29 @@ def test_ecc_errors_and_a_lost_gpu_make_it_unhealthy(nvml):
     ecc, lost = source.sample()
     assert "2 uncorrected ECC error" in ecc.unhealthy
     assert "lost" in lost.unhealthy
+
+
+@pytest.mark.parametrize("v2", ["yes", "old pynvml", "old driver"])
+def test_memory_as_nvidia_smi_counts_it_without_the_drivers_reserve(nvml, v2, monkeypatch):
+    """Version 2 where there is one: the total less the driver's reserve, and only what is used in it."""
+    nvml.memory_v2 = v2
+    monkeypatch.setitem(sys.modules, "pynvml", nvml.module())
+    nvml.devices = [Device("NVIDIA H200", "GPU-aaaa", 143771 * MIB, used=1000 * MIB, reserved=616 * MIB)]
+    source = gpus.open_source(None, "node001", LOG)
+    try:
+        [gpu], [sample] = source.devices(), source.sample()
+    finally:
+        source.close()
+    assert (gpu.memory_mb, sample.used_mb) == ((143155, 1000) if v2 == "yes" else (143771, 1616))
+
+
+def test_a_gpu_lost_at_discovery_does_not_decide_the_memory_call_for_the_others(nvml, caplog):
+    for device in nvml.devices:
+        device.reserved = 616 * MIB
+    nvml.devices[0].lost = True
+    assert [(g.uuid, g.memory_mb) for g in discover()] == [("GPU-bbbb", 143155)]
+    [warning] = warnings_of(caplog)
+    assert "GPU 0" in warning and "GPU is lost" in warning
 
 
 def test_bytes_from_older_pynvml_become_text(nvml):

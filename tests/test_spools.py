@@ -67,10 +67,11 @@ def test_spools_of_an_older_layout_are_taken_over(tmp_path):
         for part, text in parts.items():
             (jobs / name / part).write_text(text)
     log = logging.getLogger("test.spools")
-    adopted = adopt_leftovers(str(tmp_path), {}, log)
+    adopted, names = adopt_leftovers(str(tmp_path), {}, log)
     assert sorted(os.listdir(jobs)) == sorted(f"{name}.{part}" for name, parts in files.items()
                                               for part in parts if not part.startswith("status."))
     assert spool_keys(str(tmp_path)) == [RankKey("0000000a", 0, 0), RankKey("0000000b", 0, 1)]
+    assert names == set(files)      # every spool on disk, reported or not: each may have an end there
     # The reported one stays reported; the one whose end was never reported is, with the exit status it had.
     [(key, rank)] = adopted.items()
     assert key == RankKey("0000000b", 0, 1) and rank.poll() and rank.exit_code == 3
@@ -89,7 +90,8 @@ def test_the_agent_records_an_end_the_keeper_did_not(tmp_path):
     gone.wait()
     open(spool_file(spool, PROCESS_FILE), "w").write(json.dumps(
         {"pid": gone.pid, "pgid": gone.pid, "start_time": 1, "kill_grace": 1.0, "spawned_at": time.time()}))
-    [rank] = adopt_leftovers(str(tmp_path), {key.name: gone.pid}, logging.getLogger("test.spools")).values()
+    adopted, _ = adopt_leftovers(str(tmp_path), {key.name: gone.pid}, logging.getLogger("test.spools"))
+    [rank] = adopted.values()
     rank.exited(5, None)
     assert rank.poll() and load_status(spool)["exit_code"] == 5
     rank.close()

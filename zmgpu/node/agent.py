@@ -48,7 +48,7 @@ from ..keys import CurveClient
 from .identity import new_instance, read_instance, route_address, routing_id, write_instance
 from .keeper_link import Exited, KeeperLink, KeeperLost, Spawned
 from .pump import pump, rewind
-from .runner import RankKey, RankProcess, declared_memory, free_port, spool_keys
+from .runner import RankKey, RankProcess, declared_memory, free_port
 from .spools import adopt_leftovers, prune_spools, recent_ends
 from .sweep import JobProcesses, PendingKills
 from .telemetry import Telemetry
@@ -138,8 +138,8 @@ class Agent:
         """Serve until SIGTERM or SIGINT (0) or a refused registration (2); running jobs are left running."""
         signals = SignalPipe((signal.SIGCHLD, signal.SIGTERM, signal.SIGINT))
         self.poller.register(signals.fileno(), zmq.POLLIN)
-        self.ranks.update(adopt_leftovers(self.config.state_dir, self._open_keeper(time.monotonic()), self.log))
-        self.spooled = {key.name for key in spool_keys(self.config.state_dir)}
+        adopted, self.spooled = adopt_leftovers(self.config.state_dir, self._open_keeper(time.monotonic()), self.log)
+        self.ranks.update(adopted)
         self._connect(time.monotonic())
         try:
             while not self.stopping:

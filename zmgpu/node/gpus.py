@@ -27,6 +27,9 @@ SIMULATED_MEMORY_MB = 16384
 _MIB = 1024 * 1024
 #: NVML's error code for a GPU that fell off the bus (NVML_ERROR_GPU_IS_LOST).
 _GPU_IS_LOST = 15
+#: NVML's answers from a driver without the version-2 memory call: not supported, function not found,
+#: argument version mismatch.
+_NO_MEMORY_V2 = frozenset({3, 13, 25})
 
 
 class NvmlUnavailable(Exception):
@@ -98,7 +101,7 @@ class NvmlSource(GpuSource):
         self.handles: dict[int, object] = {}
         self.info: list[GpuInfo] = []
         self._warned: set[tuple[int, str]] = set()
-        self._memory_kw: dict | None = None    # nvmlDeviceGetMemoryInfo's keywords, once a GPU told them
+        self._memory_kw: dict | None = None    # nvmlDeviceGetMemoryInfo's keywords, once known (see _memory)
         try:
             count = self.nvml.nvmlDeviceGetCount()
         except self.nvml.NVMLError as exc:
@@ -107,9 +110,7 @@ class NvmlSource(GpuSource):
         for index in range(count):
             try:
                 handle = self.nvml.nvmlDeviceGetHandleByIndex(index)
-                if self._memory_kw is None:
-                    self._memory_kw = _memory_keywords(self.nvml, handle)
-                memory = self.nvml.nvmlDeviceGetMemoryInfo(handle, **self._memory_kw)
+                memory = self._memory(handle)
                 self.info.append(GpuInfo(
                     index=index,
                     name=_text(self.nvml.nvmlDeviceGetName(handle)),
@@ -123,6 +124,30 @@ class NvmlSource(GpuSource):
     def devices(self) -> list[GpuInfo]:
         return list(self.info)
 
+    def _memory(self, handle):
+        """A GPU's memory figures, in NVML's version 2 where the driver and pynvml have it.
+
+        Version 1 counts as used what the driver reserves for itself (about 600 MiB of an idle H200): an
+        idle GPU would look in use, and that memory would pass for a foreign process's.  Version 2 gives it
+        apart, as nvidia-smi does, so a GPU offers its total less that reserve and shows nvidia-smi's used
+        memory.  Which one works is learnt from the first answer that tells (a GPU's own error does not).
+        """
+        nvml = self.nvml
+        if self._memory_kw is None:
+            version = {"version": getattr(nvml, "nvmlMemory_v2", None)}
+            try:
+                if version["version"] is not None:
+                    memory = nvml.nvmlDeviceGetMemoryInfo(handle, **version)
+                    self._memory_kw = version
+                    return memory
+            except TypeError:       # a pynvml without the keyword
+                pass
+            except nvml.NVMLError as exc:
+                if getattr(exc, "value", None) not in _NO_MEMORY_V2:
+                    raise
+            self._memory_kw = {}
+        return nvml.nvmlDeviceGetMemoryInfo(handle, **self._memory_kw)
+
     def sample(self, indices=None) -> list[GpuSample]:
         if indices is None:
             return [self._sample(index, handle, quick=False) for index, handle in self.handles.items()]
@@ -133,7 +158,7 @@ class NvmlSource(GpuSource):
         nvml = self.nvml
         sample = GpuSample(index)
         try:
-            sample.used_mb = int(nvml.nvmlDeviceGetMemoryInfo(handle, **self._memory_kw).used) // _MIB
+            sample.used_mb = int(self._memory(handle).used) // _MIB
             sample.processes = [GpuProcess(int(p.pid), int(p.usedGpuMemory or 0) // _MIB)
                                 for p in nvml.nvmlDeviceGetComputeRunningProcesses(handle)]
         except nvml.NVMLError as exc:
@@ -172,23 +197,6 @@ class NvmlSource(GpuSource):
             self.nvml.nvmlShutdown()
         except self.nvml.NVMLError:
             pass
-
-
-def _memory_keywords(nvml, handle) -> dict:
-    """The keywords that get NVML's memory figures in version 2, where the driver and pynvml have it.
-
-    Version 1 counts as used what the driver reserves for itself (about 600 MiB of an idle H200): an idle
-    GPU would look in use, and that memory would pass for a foreign process's.  Version 2 gives it apart,
-    as nvidia-smi does, so a GPU offers its total less that reserve and shows nvidia-smi's used memory.
-    """
-    version = {"version": getattr(nvml, "nvmlMemory_v2", None)}
-    if version["version"] is None:
-        return {}
-    try:
-        nvml.nvmlDeviceGetMemoryInfo(handle, **version)
-    except (TypeError, nvml.NVMLError):     # a pynvml without the keyword, or a driver without version 2
-        return {}
-    return version
 
 
 def _lost(exc) -> bool:

@@ -64,6 +64,12 @@ class Child:
     answer_by: float = 0.0               # when the answer goes out if the rank has not ended (monotonic)
     start_time: int | None = None        # its /proc start time, known at the spawn or read before the answer
 
+    def read_start_time(self) -> int | None:
+        """Its start time, read from /proc once if the spawn did not give it (its pid must still be its own)."""
+        if self.start_time is None:
+            self.start_time = proc_start_time(self.popen.pid)
+        return self.start_time
+
 
 @dataclass
 class Peer:
@@ -220,7 +226,7 @@ class Keeper:
             # This loop is the keeper's only thread, so entering the rank's directory around the spawn is safe.
             before = boot_ticks()
             popen = start_rank(os.path.join(self.jobs_dir, name), msg["command"], msg["env"], account, msg["cwd"],
-                               stdin=self.devnull, all_cloexec=True)
+                               devnull=self.devnull)
             after = boot_ticks()
         except START_ERRORS as exc:
             self._spawned(peer, name, error=start_error(exc, account, msg["cwd"]))
@@ -248,16 +254,13 @@ class Keeper:
     def _read_start_times(self) -> None:
         """The start time of each child still owed an answer, read before any can be reaped (while its pid is
         still its own).  By then its exec is done and the read is cheap; straight after the spawn it waited."""
-        for pid, child in self.owed.items():
-            if child.start_time is None:
-                child.start_time = proc_start_time(pid)
+        for child in self.owed.values():
+            child.read_start_time()
 
     def _answer(self, pid: int, then: bytes = b"") -> None:
         """Send the owed answer to ``pid``'s spawn, and ``then`` in the same write."""
         child = self.owed.pop(pid)
-        if child.start_time is None:
-            child.start_time = proc_start_time(pid)
-        self._send(child.asker, encode(Op.SPAWNED, spool=child.spool, pid=pid, start_time=child.start_time,
+        self._send(child.asker, encode(Op.SPAWNED, spool=child.spool, pid=pid, start_time=child.read_start_time(),
                                        error=None) + then)
 
     def _spawned(self, peer: Peer, name: str, error: str) -> None:

@@ -244,6 +244,10 @@ class RankProcess:
             rank_proc._fail(f"working directory {cwd} does not exist on node {node_id}")
             return rank_proc
         env = {**{str(k): str(v) for k, v in env.items()}, **_job_marks(key, gpu_indices, node_id)}
+        # Held from the asking, not from the keeper's answer (itself held until the rank ends or 10 ms pass).
+        # The rendezvous host of a multi-node job is never held: its other nodes wait for the port it reports
+        # (0: before any turn's clock reading, which may be older than this start).
+        rank_proc.announce_by = 0.0 if hosts_rendezvous else time.monotonic() + START_HOLD
         if keeper is not None:
             keeper.spawn(key.name, command, cwd, env, run_as.wire() if run_as else None)
             rank_proc.kept = True
@@ -371,9 +375,6 @@ class RankProcess:
 
     def _begin(self, pid: int, start_time: int | None) -> None:
         """The rank just started as ``pid``: record who it is and read its output from now on."""
-        # The rendezvous host of a multi-node job is never held: its other nodes wait for the port it reports.
-        # (0: before any turn's clock reading, which may be older than this start.)
-        self.announce_by = 0.0 if self.hosts_rendezvous else time.monotonic() + START_HOLD
         self._record_spawn(pid, start_time)
         try:
             self._open_readers()

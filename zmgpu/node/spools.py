@@ -19,14 +19,17 @@ from .runner import (SPOOL_PARTS, RankKey, RankProcess, file_size, load_status, 
                      unreported)
 
 
-def adopt_leftovers(state_dir: str, kept: dict[str, int], log: logging.Logger) -> dict[RankKey, RankProcess]:
-    """The ranks a previous agent started and did not report ended, taken over so that REGISTER reports them.
+def adopt_leftovers(state_dir: str, kept: dict[str, int],
+                    log: logging.Logger) -> tuple[dict[RankKey, RankProcess], set[str]]:
+    """The ranks a previous agent started and did not report ended, taken over so that REGISTER reports them;
+    and the names of every spool found (from the same listing of the jobs directory).
 
     ``kept`` is what the keeper runs (spool name -> pid).
     """
     _flatten_older(state_dir, kept, log)
     ranks = {}
-    for key in spool_keys(state_dir):
+    keys = spool_keys(state_dir)
+    for key in keys:
         try:
             rank_proc = RankProcess.adopt(state_dir, key, kept)
         except ValueError as exc:
@@ -41,7 +44,7 @@ def adopt_leftovers(state_dir: str, kept: dict[str, int], log: logging.Logger) -
         else:
             log.info("%s: taken over from the previous node agent (pid %d, started %s%s)", key,
                      rank_proc.pid, started, "" if rank_proc.kept else "; its exit status will be unknown")
-    return ranks
+    return ranks, {key.name for key in keys}
 
 
 def recent_ends(state_dir: str, since: float, skip) -> list[dict]:

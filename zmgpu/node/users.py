@@ -149,27 +149,27 @@ Started = Union[subprocess.Popen, SpawnedRank]
 
 
 def start_rank(spool: str, command: str, env: dict, account: Account | None, cwd: str,
-               stdin: int = subprocess.DEVNULL, all_cloexec: bool = False) -> Started:
+               devnull: int | None = None) -> Started:
     """Start a rank: ``/bin/sh -c COMMAND`` in a session of its own, as ``account`` (None: as this process),
     its stdout and stderr going to the spool's files, emptied first (a re-dispatched rank starts over).
 
     The one way ranks start, by the keeper or (without one) by the agent itself.  A caller whose
-    every descriptor but 0, 1 and 2 is close-on-exec (``all_cloexec``: the keeper, started with
-    close_fds and opening nothing inheritable; it passes its own open /dev/null as ``stdin``) starts its
-    own user's ranks with posix_spawn, about half
-    the CPU of a Popen (no error pipe, no sweep of descriptors); it enters the working directory
-    around the spawn, so it must have no other thread using relative paths.  Otherwise, and for
-    another user's rank (its uid, gid and groups), Popen.
+    every descriptor but 0, 1 and 2 is close-on-exec (the keeper, started with close_fds and opening
+    nothing inheritable) passes its own open /dev/null as ``devnull``, and starts its own user's
+    ranks with posix_spawn, about half the CPU of a Popen (no error pipe, no sweep of descriptors);
+    it enters the working directory around the spawn, so it must have no other thread using
+    relative paths.  Otherwise, and for another user's rank (its uid, gid and groups), Popen.
     """
     outputs = []
     try:
         for stream in Stream:
             outputs.append(_create_output(spool_file(spool, stream.value)))
         argv = ["/bin/sh", "-c", command]
-        if account is not None or not all_cloexec:
-            return subprocess.Popen(argv, env=env, stdin=stdin, stdout=outputs[0], stderr=outputs[1],
-                                    start_new_session=True, close_fds=True, **popen_options(account, cwd))
-        return SpawnedRank(_spawn_in(cwd, argv, env, [stdin, *outputs]))
+        if account is not None or devnull is None:
+            return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL if devnull is None else devnull,
+                                    stdout=outputs[0], stderr=outputs[1], start_new_session=True, close_fds=True,
+                                    **popen_options(account, cwd))
+        return SpawnedRank(_spawn_in(cwd, argv, env, [devnull, *outputs]))
     finally:
         for fd in outputs:
             os.close(fd)
