@@ -264,10 +264,24 @@ def test_with_no_gpu_free_a_pass_of_gpu_jobs_stops_after_the_reservation():
     running = [Running([("a", [1, 2])], end=100.0)]
     pending = [Request("one", 1, time_limit=10), Request("big", 2, time_limit=10)] + [
         Request(f"j{k}", 1, time_limit=1000) for k in range(3)]
-    full = view({"a": [0]}, nodes, running=running, all_need_a_free_gpu=True)
+    full = view({"a": [0]}, nodes, running=running, cpu_only_waits=False)
     starts, waits, stopped = schedule(pending, full)
     # "one" takes the last free GPU, "big" gets its reservation, and nothing behind is read.
     assert starts == [("one", [("a", [0])])] and waits == {"big": WaitReason.RESOURCES} and stopped == "j0"
     # A CPU-only or --gpu-mem job may be among them: then all are read.
     starts, waits, stopped = schedule(pending, view({"a": [0]}, nodes, running=running))
     assert stopped is None and set(waits) == {"big", "j0", "j1", "j2"}
+
+
+def test_with_no_gpu_free_a_pass_reads_on_only_while_a_job_sharing_gpus_could_fit():
+    # GPU 3 is shared by a running --gpu-mem job and has 8,000 MiB of room left.
+    nodes, room = {"a": [0, 1, 2, 3]}, {"a": {0: 16000, 3: 8000}}
+    running = [Running([("a", [1, 2])], end=100.0), Running([("a", [3])], end=100.0, gpu_mem=4000)]
+    pending = [Request("one", 1, time_limit=10), Request("big", 2, time_limit=10),
+               Request("j0", 1, time_limit=1000), shared("small", 4000, time_limit=10)]
+    starts, waits, stopped = schedule(pending, view({"a": [0]}, nodes, running=running, room=room,
+                                                    cpu_only_waits=False, smallest_gpu_mem=9000))
+    assert dict(starts) == {"one": [("a", [0])]} and stopped == "j0"     # 9,000 MiB fit nowhere
+    starts, waits, stopped = schedule(pending, view({"a": [0]}, nodes, running=running, room=room,
+                                                    cpu_only_waits=False, smallest_gpu_mem=4000))
+    assert dict(starts) == {"one": [("a", [0])], "small": [("a", [3])]} and stopped is None

@@ -79,9 +79,10 @@ class View:
     user_gpu_limit: int | None = None
     room: RoomMap = field(default_factory=dict)   # usable nodes -> room for --gpu-mem jobs per GPU
     others: GpuMap = field(default_factory=dict)  # usable nodes -> GPUs free of jobs but used by others
-    # Every pending job needs GPUs of its own (none is CPU-only or --gpu-mem): once the first blocked job has
-    # its reservation and no GPU is left free, nothing behind can start, and the pass stops there.
-    all_need_a_free_gpu: bool = False
+    # What of the pending jobs could start with no GPU free: a CPU-only one, or one sharing GPUs by --gpu-mem
+    # (the least that one declares; None: none waits).  Unknown by default: a pass reads on (see schedule).
+    cpu_only_waits: bool = True
+    smallest_gpu_mem: int | None = None
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,7 @@ class _Pool:
     count: int = 0                          # free GPUs
     spare: int = 0                          # free GPUs the reservation will not take
     reservation: Reservation | None = None  # the first blocked job's, once there is one
+    spent: bool | None = None               # no job that waits can start any more (None: not asked yet)
 
     @classmethod
     def of(cls, view: View) -> "_Pool":
@@ -212,6 +214,16 @@ class _Pool:
     def reserve(self, reservation: Reservation) -> None:
         self.reservation = reservation
         self.spare = self.count - sum(1 for n, i in reservation.gpus if i in self.free.get(n, ()))
+
+    def is_spent(self, view: View) -> bool:
+        """Once the first blocked job has its reservation and no GPU is free: can no waiting job start any more
+        (none is CPU-only, and no GPU has room for the least --gpu-mem declared)?  Asked once a pass: room
+        only shrinks in it, so a pass told to read on reads to the end, as it would anyway."""
+        if self.spent is None and self.reservation is not None and not self.count:
+            need = view.smallest_gpu_mem
+            self.spent = not view.cpu_only_waits and (
+                need is None or all(mb < need for gpus in self.room.values() for mb in gpus.values()))
+        return bool(self.spent)
 
     def cannot_fit(self, req: Request, spare_only: bool) -> bool:
         """Whether ``req`` surely fits nowhere (False: placement must tell)."""
@@ -255,8 +267,8 @@ def schedule(pending: Iterable[Request],
     first blocked job's start is unknown nothing behind it may start, so the pass
     stops there and does not read the rest of ``pending`` (it may be a
     generator): a long queue costs one step per job that can still move.  It
-    stops likewise once no GPU is left free, when every pending job needs GPUs
-    of its own (``view.all_need_a_free_gpu``).
+    stops likewise once no GPU is left free, when no job that could start
+    without one waits, or none fits (``view.cpu_only_waits``, ``smallest_gpu_mem``).
     ``view`` is not changed.
     """
     pool = _Pool.of(view)
@@ -269,7 +281,7 @@ def schedule(pending: Iterable[Request],
     starts: list[tuple[str, Placement]] = []
     waits: dict[str, WaitReason] = {}
     for req in pending:
-        if view.all_need_a_free_gpu and pool.reservation is not None and not pool.count:
+        if pool.is_spent(view):
             # With time limits every job is otherwise read: 100,000 pending made each pass (one per job end,
             # and per submit) take 0.3 s.
             return starts, waits, req.job_id

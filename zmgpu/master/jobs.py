@@ -184,7 +184,7 @@ class JobService:
             running=running, now=time.time(), user_gpu_limit=self.user_gpu_limit,
             room={node_id: p.room for node_id, p in places.items()},
             others={node_id: p.others for node_id, p in places.items() if p.others},
-            all_need_a_free_gpu=self.state.pending.all_need_a_free_gpu)
+            cpu_only_waits=self.state.pending.cpu_only, smallest_gpu_mem=self.state.pending.smallest_gpu_mem)
 
     def _settle_dependents(self, dep: JobRecord) -> None:
         """A job ended: cancel the pending jobs that needed it to complete (unless --after-any)."""

@@ -235,34 +235,44 @@ class JobRecord:
 
 class PendingQueue:
     """Pending job ids kept sorted by :attr:`JobRecord.queue_key`, so a pass never sorts; counted per user,
-    and counted apart when they could start with no GPU free (CPU-only and --gpu-mem jobs)."""
+    and the jobs that could start with no GPU free counted apart: CPU-only ones, and those sharing GPUs by
+    --gpu-mem (per MiB declared)."""
 
     def __init__(self):
         self._keys: list[tuple[int, int, str]] = []
-        self._by_id: dict[str, tuple[tuple[int, int, str], str, bool]] = {}   # id -> (queue key, user, such a job)
+        self._by_id: dict[str, tuple[tuple[int, int, str], JobRecord]] = {}   # job id -> (queue key, job)
         self._per_user: Counter[str] = Counter()
-        self._without_free_gpu = 0
+        self._cpu_only = 0
+        self._gpu_mem: Counter[int] = Counter()   # --gpu-mem MiB -> how many jobs wait with it
 
     def add(self, job: JobRecord) -> None:
         key = job.queue_key
         bisect.insort(self._keys, key)
-        flexible = starts_without_free_gpu(job)
-        self._by_id[job.job_id] = (key, job.user, flexible)
-        self._per_user[job.user] += 1
-        self._without_free_gpu += flexible
+        self._by_id[job.job_id] = (key, job)
+        self._count(job, 1)
 
     def remove(self, job_id: str) -> None:
-        key, user, flexible = self._by_id.pop(job_id)
+        key, job = self._by_id.pop(job_id)
         del self._keys[bisect.bisect_left(self._keys, key)]
-        self._per_user[user] -= 1
-        if not self._per_user[user]:
-            del self._per_user[user]
-        self._without_free_gpu -= flexible
+        self._count(job, -1)
+
+    def _count(self, job: JobRecord, step: int) -> None:
+        for counter, value in ((self._per_user, job.user), (self._gpu_mem, job.gpu_mem_mb if job.gpus else None)):
+            if value is not None:
+                counter[value] += step
+                if not counter[value]:
+                    del counter[value]
+        self._cpu_only += step * (job.gpus == 0)
 
     @property
-    def all_need_a_free_gpu(self) -> bool:
-        """Whether every pending job needs GPUs of its own: with none free, none of them can start."""
-        return not self._without_free_gpu
+    def cpu_only(self) -> bool:
+        """Whether a CPU-only job waits (it may start however busy the GPUs are)."""
+        return bool(self._cpu_only)
+
+    @property
+    def smallest_gpu_mem(self) -> int | None:
+        """The least --gpu-mem that a waiting job declares (None: none shares GPUs); a few distinct values."""
+        return min(self._gpu_mem, default=None)
 
     def count(self, user: str) -> int:
         """How many jobs of ``user`` wait."""
