@@ -62,7 +62,7 @@ def run(ctx: Context) -> Iterator[Figure]:
         # Most of the budget may go to running the history; the timings need a few seconds.
         history = fill_history(cluster, ctx.pick(10_000, 500), time.monotonic() + ctx.remaining() * 0.6)
         env = module_env(ZMGPU_MASTER=f"127.0.0.1:{cluster.port}",
-                             PYTHONPYCACHEPREFIX=os.path.join(cluster.work_dir, "pycache"))
+                         PYTHONPYCACHEPREFIX=os.path.join(cluster.work_dir, "pycache"))
         env.pop("ZMGPU_CONFIG", None)
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         zmgpu = [sys.executable, "-m", "zmgpu.cli"]

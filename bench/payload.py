@@ -48,8 +48,9 @@ def lines(size: int):
 KINDS = {"blocks": (blocks, False), "lines": (lines, True)}
 
 
-@functools.lru_cache(maxsize=None)   # the output benchmark checks each kind against it more than once
-# (called with the kind always given: the cache keys on the arguments as passed)
+# The output benchmark checks each kind against it more than once; it always gives the kind, since the cache
+# keys on the arguments as passed.
+@functools.lru_cache(maxsize=None)
 def sha256_of(size: int, kind: str = "blocks") -> str:
     pieces, text = KINDS[kind]
     digest = hashlib.sha256()

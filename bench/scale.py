@@ -19,9 +19,11 @@ Issue 6's targets have no machine limit to compare with, so these figures
 carry no ``limit``.
 
 ``scale_limits`` (bench/scale_limits.py) runs the same with a one-hour time
-limit on every job, as under a master's ``default_time_limit``: every running
-job then has a known end, the first blocked job a known start, and a pass may
-no longer stop there, so it reads the queue on to what could backfill.
+limit on every job, as under a master's ``default_time_limit``, and one
+``--gpu-mem`` job waiting at the end of the queue: every running job then has
+a known end, the first blocked job a known start, and a pass stops neither
+there nor when no GPU is left free (the job that shares GPUs might fit), so
+it reads the whole queue.
 """
 
 from __future__ import annotations
@@ -135,8 +137,9 @@ def _observed_figures(bench: str, prefix: str, observed: tuple[float, list[float
                       f"over the same window: the longest turn of the master's loop")
 
 
-def run(ctx: Context, bench: str = NAME, time_limit: int | None = None) -> Iterator[Figure]:
-    """The figures; ``time_limit`` (seconds) is every job's, under the name ``bench``."""
+def run(ctx: Context, bench: str = NAME, time_limit: int | None = None, sharer: bool = False) -> Iterator[Figure]:
+    """The figures, under the name ``bench``; ``time_limit`` (seconds) is every job's, and with ``sharer`` a
+    --gpu-mem job waits last in the queue."""
     nodes, gpus = ctx.pick(1000, 50), 8
     capacity, queued = nodes * gpus, ctx.pick(100_000, 5_000)
     first_queue = queued // 10
@@ -154,6 +157,8 @@ def run(ctx: Context, bench: str = NAME, time_limit: int | None = None) -> Itera
 
         # A tenth of the queue first, for a second point of the pass time against the queue's length.
         accept = _submit_queue(client, capacity + first_queue, cwd, time_limit)
+        if sharer:
+            client.submit("true", gpus=1, cwd=cwd, gpu_mem_mb=1024, priority=-1, time_limit=time_limit)
         fill = gen.request("fill", count=capacity, timeout=max(10.0, ctx.remaining() / 4))
         yield Figure(bench, "dispatch_fill_s", accept + fill["seconds"], "s", Better.LOWER,
                      note=f"{capacity + first_queue} jobs submitted as arrays until {fill['running']} of {capacity} "

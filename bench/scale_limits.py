@@ -1,9 +1,11 @@
-"""Scale with time limits: bench/scale.py's figures with a one-hour limit on every job.
+"""Scale with time limits: bench/scale.py's figures with a one-hour limit on every job, and one job that
+shares GPUs (``--gpu-mem``) waiting last in the queue.
 
 Under a master's ``default_time_limit`` every running job has a known end, so
 the first job that cannot start gets a known start, and a scheduling pass
-reads on past it for jobs that could backfill; these figures show what a full
-cluster and a long queue cost then.
+reads on past it for jobs that could backfill.  It would stop once no GPU is
+free, but not while a job that could share a GPU waits: then every pass reads
+the whole queue, which these figures show on a full cluster.
 """
 
 from __future__ import annotations
@@ -18,4 +20,4 @@ TIME_LIMIT_S = 3600
 
 
 def run(ctx: Context) -> Iterator[Figure]:
-    return scale.run(ctx, NAME, TIME_LIMIT_S)
+    return scale.run(ctx, NAME, TIME_LIMIT_S, sharer=True)

@@ -159,6 +159,9 @@ def test_release_check_marks_a_gpu_dirty_until_the_jobs_processes_are_gone(sim_c
     # Held on, it is a warning, once.
     lingering = f"GPU 0 still lists process(es) {pid} of job {job_id} over"
     poll(lambda: lingering in node_log.read_text(), 30, "the warning of a GPU dirty for long")
+    # Still held at later looks (the master hears of one through a heartbeat: rechecks come every 0.1 s).
+    sim.set(0, processes=[{"pid": pid, "used_mb": 3500}])
+    wait_gpu(cluster, lambda g: [p["used_mb"] for p in g.get("processes") or ()] == [3500], "a later look")
     sim.set(0)   # the driver let go of it
     cluster.wait_job_state(waiting, ["COMPLETED"])
     assert gpu(cluster)["dirty"] is None

@@ -211,7 +211,9 @@ def test_the_keeper_answers_a_spawn_at_the_rank_end_or_after_the_hold(tmp_path):
         events.clear()
         asked = time.monotonic()
         link.spawn("0000000b.0.0", wait_for_file_sh(str(tmp_path / "go")), str(tmp_path), env)
-        [spawned] = poll(lambda: events.extend(link.events()) or events, 10, "the running rank's answer")
+        # Looked for every millisecond, so that an answer that did not wait would be seen before the hold's end.
+        [spawned] = poll(lambda: events.extend(link.events()) or events, 10, "the running rank's answer",
+                         interval=0.001)
         # Not before the hold is over (the monotonic clock is the same in both processes), and there is one.
         assert SPAWNED_HOLD > 0 and time.monotonic() >= asked + SPAWNED_HOLD
         assert type(spawned).__name__ == "Spawned" and pid_alive(spawned.pid)

@@ -41,8 +41,9 @@ def service(tmp_path, monkeypatch):
     reactor.close()
 
 
-def submit(service, name: str, seq: int, priority: int = 0) -> JobRecord:
-    job = JobRecord(job_id=name, seq=seq, user="u", command="true", cwd="/", env={}, gpus=1, priority=priority)
+def submit(service, name: str, seq: int, **fields) -> JobRecord:
+    """A job (one GPU unless ``fields`` say otherwise) queued, and the pass that may follow."""
+    job = JobRecord(job_id=name, seq=seq, user="u", command="true", cwd="/", env={}, **{"gpus": 1, **fields})
     service.enqueue(job)
     service.schedule()
     return job
@@ -79,36 +80,32 @@ def test_gpus_given_back_by_a_job_put_back_in_line_make_a_pass_due(service):
 def test_with_no_gpu_free_jobs_behind_cost_no_pass_unless_they_need_none(service):
     """A pass stops once no GPU is free and the first blocked job has its reservation (time limits known):
     GPU jobs that join behind cost no pass; a CPU-only job does, and starts."""
-    def queued(name, seq, gpus=1):
-        job = JobRecord(job_id=name, seq=seq, user="u", command="true", cwd="/", env={}, gpus=gpus,
-                        time_limit=100)
-        service.enqueue(job)
-        service.schedule()
-        return job
-
-    running = queued("0000000a", 1)
-    blocked = queued("0000000b", 2)
-    behind = queued("0000000c", 3)
+    running = submit(service, "0000000a", 1, time_limit=100)
+    blocked = submit(service, "0000000b", 2, time_limit=100)
+    behind = submit(service, "0000000c", 3, time_limit=100)
     assert (running.state, blocked.reason, behind.reason, service.passes) == (JobState.RUNNING, "Resources",
                                                                               "Priority", 3)
-    later = queued("0000000d", 4)
+    later = submit(service, "0000000d", 4, time_limit=100)
     assert (later.reason, service.passes) == ("Priority", 3)
-    cpu = queued("0000000e", 5, gpus=0)
+    cpu = submit(service, "0000000e", 5, time_limit=100, gpus=0)
     assert (cpu.state, service.passes) == (JobState.RUNNING, 4)
 
 
-def test_reasons_behind_a_stop_for_want_of_free_gpus_follow_the_dependencies(service):
-    def queued(name, seq, after=()):
-        job = JobRecord(job_id=name, seq=seq, user="u", command="true", cwd="/", env={}, gpus=1,
-                        time_limit=100, after=list(after))
-        service.enqueue(job)
-        service.schedule()
-        return job
+def test_with_no_gpu_free_a_job_sharing_gpus_behind_the_blocked_one_still_starts(service):
+    service.state.nodes["n1"].gpus.append(GpuInfo(1, "sim", "GPU-1", 16000, simulated=True))
+    whole = submit(service, "0000000a", 1, time_limit=100)
+    first = submit(service, "0000000b", 2, time_limit=100, gpu_mem_mb=4000)
+    blocked = submit(service, "0000000c", 3, time_limit=100)
+    assert (whole.state, first.state, blocked.reason) == (JobState.RUNNING, JobState.RUNNING, "Resources")
+    second = submit(service, "0000000d", 4, time_limit=100, gpu_mem_mb=4000)    # room for it beside the first
+    assert second.state is JobState.RUNNING and second.ranks[0].gpu_indices == first.ranks[0].gpu_indices
 
-    running = queued("0000000a", 1)
-    blocked = queued("0000000b", 2)
-    second = queued("0000000c", 3)
-    after = queued("0000000d", 4, after=[running.job_id])    # not reached by the pass: held all the same
+
+def test_reasons_behind_a_stop_for_want_of_free_gpus_follow_the_dependencies(service):
+    running = submit(service, "0000000a", 1, time_limit=100)
+    blocked = submit(service, "0000000b", 2, time_limit=100)
+    second = submit(service, "0000000c", 3, time_limit=100)
+    after = submit(service, "0000000d", 4, time_limit=100, after=[running.job_id])   # not reached, held all the same
     assert (blocked.reason, second.reason, after.reason) == ("Resources", "Priority", "Dependency")
     service.end_rank(running, 0, exit_code=0)
     service.schedule()
@@ -127,9 +124,7 @@ def two_node_gang(service, monkeypatch) -> tuple[JobRecord, list[str]]:
     real_send = service.reactor.send
     monkeypatch.setattr(service.reactor, "send", lambda route, msg_type, body: (
         kills.append(route.decode()) if msg_type is jobs_module.MsgType.KILL else None) or real_send(route, msg_type, body))
-    job = JobRecord(job_id="0000000a", seq=1, user="u", command="true", cwd="/", env={}, gpus=4, per_gpu=True)
-    service.enqueue(job)
-    service.schedule()
+    job = submit(service, "0000000a", 1, gpus=4, per_gpu=True)
     service.to_dispatch.clear()                       # as if the dispatches had gone out
     assert [rank.node_id for rank in job.ranks] == ["n1", "n1", "n2", "n2"]
     for rank in job.ranks:

@@ -230,7 +230,7 @@ def test_detected_gpus_match_nvidia_smi(cluster):
         assert (got["uuid"], got["name"]) == (want["uuid"], want["name"]), (got, want)
         assert abs(got["memory_mb"] - (want["total_mb"] - want["reserved_mb"])) <= 2, (got, want)
         # The telemetry's dead band (64 MiB), and whatever else started on the GPU meanwhile.
-        assert abs((got["used_mb"] or 0) - want["used_mb"]) <= 128, (got, want)
+        assert got["used_mb"] is not None and abs(got["used_mb"] - want["used_mb"]) <= 128, (got, want)
         assert got["simulated"] is False, got
         assert got["healthy"] is True, got
         assert not got["dirty"] and not got["job_id"], got
