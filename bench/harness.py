@@ -166,6 +166,40 @@ def popen_true_seconds(count: int, argv: tuple[str, ...] = ("true",)) -> list[fl
     return times
 
 
+def wakeup_round_trip_us(count: int, cpus: tuple[int, int]) -> float:
+    """Mean microseconds for a byte to reach a forked process and come back, over two pipes, the two
+    processes held to ``cpus`` (the same CPU twice, or two): each round trip is two wake-ups.
+
+    Every step of a zmgpu job is such a wake-up (a process, or one of its ZeroMQ I/O threads, woken by
+    another), so this is what the machine charges for each, apart from any work.
+    """
+    down_r, down_w = os.pipe()
+    up_r, up_w = os.pipe()
+    own = os.sched_getaffinity(0)
+    pid = os.fork()
+    if pid == 0:   # only reads, writes and _exit: safe whatever threads the parent has
+        try:
+            os.sched_setaffinity(0, {cpus[1]})
+            for _ in range(count):
+                os.read(down_r, 1)
+                os.write(up_w, b"x")
+        finally:
+            os._exit(0)
+    try:
+        os.sched_setaffinity(0, {cpus[0]})
+        start = time.perf_counter()
+        for _ in range(count):
+            os.write(down_w, b"x")
+            os.read(up_r, 1)
+        elapsed = time.perf_counter() - start
+    finally:
+        os.sched_setaffinity(0, own)
+        for fd in (down_r, down_w, up_r, up_w):
+            os.close(fd)
+        os.waitpid(pid, 0)
+    return elapsed / count * 1e6
+
+
 # -- /proc -----------------------------------------------------------------------------------------
 
 def cpu_seconds(pid: int) -> float:

@@ -15,12 +15,14 @@ against the plain loop).
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Iterator
 
 from zmgpu.client import ClientError
 
-from bench.harness import BenchError, Better, Cluster, Context, Figure, StateWatcher, popen_true_seconds
+from bench.harness import (BenchError, Better, Cluster, Context, Figure, StateWatcher, popen_true_seconds,
+                           wakeup_round_trip_us)
 
 NAME = "throughput"
 TARGET_PER_S = 800.0
@@ -54,6 +56,20 @@ def _figure(name: str, jobs: dict, first_submit: float, cut: str | None, limit: 
     return Figure(NAME, name, rate, "jobs/s", Better.HIGHER, limit=limit, note=note, **targets)
 
 
+def _wakeups(ctx: Context) -> Iterator[Figure]:
+    """What one process waking another costs here, on one CPU and across two (for information)."""
+    count = ctx.pick(5000, 500)
+    cpus = sorted(os.sched_getaffinity(0))
+    pairs = [("wakeup_same_cpu_us", (cpus[0], cpus[0]), f"both on CPU {cpus[0]}")]
+    if len(cpus) > 1:
+        pairs.append(("wakeup_cross_cpu_us", (cpus[0], cpus[1]), f"on CPUs {cpus[0]} and {cpus[1]}"))
+    for figure, pair, where in pairs:
+        yield Figure(NAME, figure, wakeup_round_trip_us(count, pair), "us", Better.LOWER,
+                     note=f"a byte to a forked process and back over pipes, {count} times, {where}: two wake-ups "
+                          f"each, as every step of a job between zmgpu's processes and threads is one (for "
+                          f"information)")
+
+
 def run(ctx: Context) -> Iterator[Figure]:
     count = ctx.pick(2000, 100)
     spawns = popen_true_seconds(min(count, 1000))
@@ -65,6 +81,7 @@ def run(ctx: Context) -> Iterator[Figure]:
     yield Figure(NAME, "popen_sh_true_per_s", shell_rate, "jobs/s", Better.HIGHER,
                  note=f"{len(shelled)} Popen(['/bin/sh', '-c', 'true']).wait() in a loop: each job's own start, "
                       f"for information")
+    yield from _wakeups(ctx)
     with Cluster(NAME, ctx, nodes=1, gpus=4) as cluster, \
             StateWatcher(cluster) as watcher, cluster.client(timeout=120) as client:
         work = cluster.work_dir
