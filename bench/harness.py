@@ -177,14 +177,20 @@ def wakeup_round_trip_us(count: int, cpus: tuple[int, int]) -> float:
     up_r, up_w = os.pipe()
     own = os.sched_getaffinity(0)
     pid = os.fork()
-    if pid == 0:   # only reads, writes and _exit: safe whatever threads the parent has
+    if pid == 0:   # only system calls and _exit: safe whatever threads the parent has
         try:
+            os.close(down_w)
+            os.close(up_r)
             os.sched_setaffinity(0, {cpus[1]})
+            # Until the parent closes its end (EOF), or all the round trips are done.
             for _ in range(count):
-                os.read(down_r, 1)
+                if not os.read(down_r, 1):
+                    break
                 os.write(up_w, b"x")
         finally:
             os._exit(0)
+    os.close(down_r)
+    os.close(up_w)
     try:
         os.sched_setaffinity(0, {cpus[0]})
         start = time.perf_counter()
@@ -194,8 +200,8 @@ def wakeup_round_trip_us(count: int, cpus: tuple[int, int]) -> float:
         elapsed = time.perf_counter() - start
     finally:
         os.sched_setaffinity(0, own)
-        for fd in (down_r, down_w, up_r, up_w):
-            os.close(fd)
+        os.close(down_w)    # the child, if still reading, sees the end and exits
+        os.close(up_r)
         os.waitpid(pid, 0)
     return elapsed / count * 1e6
 
