@@ -170,8 +170,9 @@ def wakeup_round_trip_us(count: int, cpus: tuple[int, int]) -> float:
     """Mean microseconds for a byte to reach a forked process and come back, over two pipes, the two
     processes held to ``cpus`` (the same CPU twice, or two): each round trip is two wake-ups.
 
-    Every step of a zmgpu job is such a wake-up (a process, or one of its ZeroMQ I/O threads, woken by
-    another), so this is what the machine charges for each, apart from any work.
+    Each step of a zmgpu job from one process or thread to another (a daemon, or one of its ZeroMQ I/O
+    threads, woken by another) is such a wake-up, so this is what the machine charges for each, apart from
+    any work.
     """
     down_r, down_w = os.pipe()
     up_r, up_w = os.pipe()
