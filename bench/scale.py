@@ -139,7 +139,7 @@ def _observed_figures(bench: str, prefix: str, observed: tuple[float, list[float
 
 def run(ctx: Context, bench: str = NAME, time_limit: int | None = None, sharer: bool = False) -> Iterator[Figure]:
     """The figures, under the name ``bench``; ``time_limit`` (seconds) is every job's, and with ``sharer`` a
-    --gpu-mem job waits last in the queue."""
+    --gpu-mem job waits last in the queue, and a CPU-only job waits for it."""
     nodes, gpus = ctx.pick(1000, 50), 8
     capacity, queued = nodes * gpus, ctx.pick(100_000, 5_000)
     first_queue = queued // 10
@@ -158,7 +158,10 @@ def run(ctx: Context, bench: str = NAME, time_limit: int | None = None, sharer: 
         # A tenth of the queue first, for a second point of the pass time against the queue's length.
         accept = _submit_queue(client, capacity + first_queue, cwd, time_limit)
         if sharer:
-            client.submit("true", gpus=1, cwd=cwd, gpu_mem_mb=1024, priority=-1, time_limit=time_limit)
+            shared = client.submit("true", gpus=1, cwd=cwd, gpu_mem_mb=1024, priority=-1, time_limit=time_limit)
+            # A CPU-only job waiting for it, as a job that post-processes another's results does: a pass must
+            # not read the whole queue to reach it.
+            client.submit("true", cwd=cwd, after=[shared], priority=-1)
         fill = gen.request("fill", count=capacity, timeout=max(10.0, ctx.remaining() / 4))
         yield Figure(bench, "dispatch_fill_s", accept + fill["seconds"], "s", Better.LOWER,
                      note=f"{capacity + first_queue} jobs submitted as arrays until {fill['running']} of {capacity} "

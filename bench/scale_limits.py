@@ -1,11 +1,13 @@
-"""Scale with time limits: bench/scale.py's figures with a one-hour limit on every job, and one job that
-shares GPUs (``--gpu-mem``) waiting last in the queue.
+"""Scale with time limits: bench/scale.py's figures with a one-hour limit on every job, one job that
+shares GPUs (``--gpu-mem``) waiting last in the queue, and a CPU-only job waiting for that one (``--after``).
 
 Under a master's ``default_time_limit`` every running job has a known end, so
 the first job that cannot start gets a known start, and a scheduling pass
-reads on past it for jobs that could backfill.  It would stop once no GPU is
-free, but not while a job that could share a GPU waits: then every pass reads
-the whole queue, which these figures show on a full cluster.
+reads on past it for jobs that could backfill.  It stops once no GPU is free,
+but not while a job that could share a GPU fits somewhere (here none can), and
+reads on only the CPU-only jobs behind, which may start however busy the GPUs
+are: these figures show that neither waiting job makes every pass read the
+whole queue of a full cluster.
 """
 
 from __future__ import annotations

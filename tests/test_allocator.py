@@ -142,19 +142,26 @@ def test_infeasible_messages():
     assert "no node agent has registered" in infeasible(Request("j", 0), [])
 
 
-def test_pending_queue_orders_by_priority_then_submission():
+def test_pending_queue_orders_by_priority_then_submission_and_finds_the_cpu_only_jobs_behind_one():
     from zmgpu.master.state import JobRecord, PendingQueue
 
-    def job(job_id, seq, priority=0):
-        return JobRecord(job_id=job_id, seq=seq, user="u", command="true", cwd="/", env={}, gpus=1,
+    def job(job_id, seq, priority=0, gpus=1):
+        return JobRecord(job_id=job_id, seq=seq, user="u", command="true", cwd="/", env={}, gpus=gpus,
                          priority=priority)
 
     queue = PendingQueue()
-    for record in [job("first", 1), job("low", 2, -5), job("second", 3), job("urgent", 4, 10)]:
+    for record in [job("first", 1), job("low", 2, -5), job("second", 3), job("urgent", 4, 10),
+                   job("cpu_low", 5, -5, gpus=0), job("cpu", 6, gpus=0), job("cpu_urgent", 7, 10, gpus=0)]:
         queue.add(record)
-    assert list(queue) == ["urgent", "first", "second", "low"]
+    assert list(queue) == ["urgent", "cpu_urgent", "first", "second", "cpu", "low", "cpu_low"]
+    # The CPU-only jobs behind a job, in the same order.
+    assert list(queue.cpu_only_behind("urgent")) == ["cpu_urgent", "cpu", "cpu_low"]
+    assert list(queue.cpu_only_behind("first")) == ["cpu", "cpu_low"]
+    assert list(queue.cpu_only_behind("cpu_low")) == []
     queue.remove("first")
-    assert list(queue) == ["urgent", "second", "low"] and "first" not in queue and len(queue) == 3
+    queue.remove("cpu")
+    assert list(queue) == ["urgent", "cpu_urgent", "second", "low", "cpu_low"] and "first" not in queue
+    assert len(queue) == 5 and list(queue.cpu_only_behind("second")) == ["cpu_low"]
 
 
 def test_schedule_follows_the_order_it_is_given():
@@ -236,16 +243,16 @@ def test_backfill_outside_the_reservation_takes_exactly_the_spare_gpus():
     pending = [Request("big", 4, {"a": [0, 1, 2, 3]}), Request("short", 2, time_limit=50),
                Request("three", 3, time_limit=10_000), Request("two", 2, time_limit=10_000),
                Request("more", 1, time_limit=10_000)]
-    starts, waits, _ = schedule(pending, view(free, capacity, running=running))
+    starts, waits, stopped = schedule(pending, view(free, capacity, running=running))
     # A job that ends before the reservation takes reserved GPUs, which leaves the spare ones spare; three
-    # long GPUs are more than those two; two fit there; then none is spare.
+    # long GPUs are more than those two; two fit there; then none is free, and the pass stops.
     assert dict(starts) == {"short": [("a", [0, 1])], "two": [("b", [0, 1])]}
-    assert waits["three"] is waits["more"] is WaitReason.PRIORITY
+    assert waits["three"] is WaitReason.PRIORITY and stopped == "more" and "more" not in waits
 
 
 def test_a_full_cluster_is_not_walked_for_each_job_in_a_long_queue(monkeypatch):
-    # With time limits every pending job is looked at (none stops the pass); none can start, and placement,
-    # which walks every node, is asked only for the reservation.
+    # With time limits, and room on a shared GPU (where a job sharing GPUs could fit), every pending job is
+    # looked at; none can start, and placement, which walks every node, is asked only for the reservation.
     from zmgpu.master import allocator
 
     calls = []
@@ -254,7 +261,8 @@ def test_a_full_cluster_is_not_walked_for_each_job_in_a_long_queue(monkeypatch):
     nodes = {f"n{i}": [0, 1] for i in range(50)}
     running = [Running([(n, [i])], end=100.0 + k) for k, (n, i) in enumerate((n, i) for n in nodes for i in (0, 1))]
     pending = [Request("big", 4, time_limit=10)] + [Request(f"j{k}", 1, time_limit=1000) for k in range(200)]
-    starts, waits, stopped = schedule(pending, view({n: [] for n in nodes}, nodes, running=running))
+    starts, waits, stopped = schedule(pending, view({n: [] for n in nodes}, nodes, running=running,
+                                                    room={"n0": {0: 8000}}, smallest_gpu_mem=8000))
     assert starts == [] and stopped is None and len(waits) == 201
     assert set(calls) == {"big"}, f"placement asked for {len(calls)} job(s)"
 
@@ -264,13 +272,10 @@ def test_with_no_gpu_free_a_pass_of_gpu_jobs_stops_after_the_reservation():
     running = [Running([("a", [1, 2])], end=100.0)]
     pending = [Request("one", 1, time_limit=10), Request("big", 2, time_limit=10)] + [
         Request(f"j{k}", 1, time_limit=1000) for k in range(3)]
-    full = view({"a": [0]}, nodes, running=running, cpu_only_waits=False)
+    full = view({"a": [0]}, nodes, running=running)
     starts, waits, stopped = schedule(pending, full)
     # "one" takes the last free GPU, "big" gets its reservation, and nothing behind is read.
     assert starts == [("one", [("a", [0])])] and waits == {"big": WaitReason.RESOURCES} and stopped == "j0"
-    # A CPU-only or --gpu-mem job may be among them: then all are read.
-    starts, waits, stopped = schedule(pending, view({"a": [0]}, nodes, running=running))
-    assert stopped is None and set(waits) == {"big", "j0", "j1", "j2"}
 
 
 def test_with_no_gpu_free_a_pass_reads_on_only_while_a_job_sharing_gpus_could_fit():
@@ -280,8 +285,59 @@ def test_with_no_gpu_free_a_pass_reads_on_only_while_a_job_sharing_gpus_could_fi
     pending = [Request("one", 1, time_limit=10), Request("big", 2, time_limit=10),
                Request("j0", 1, time_limit=1000), shared("small", 4000, time_limit=10)]
     starts, waits, stopped = schedule(pending, view({"a": [0]}, nodes, running=running, room=room,
-                                                    cpu_only_waits=False, smallest_gpu_mem=9000))
+                                                    smallest_gpu_mem=9000))
     assert dict(starts) == {"one": [("a", [0])]} and stopped == "j0"     # 9,000 MiB fit nowhere
     starts, waits, stopped = schedule(pending, view({"a": [0]}, nodes, running=running, room=room,
-                                                    cpu_only_waits=False, smallest_gpu_mem=4000))
+                                                    smallest_gpu_mem=4000))
     assert dict(starts) == {"one": [("a", [0])], "small": [("a", [3])]} and stopped is None
+
+
+# -- CPU-only jobs ----------------------------------------------------------------------------------
+
+def cpu_only_behind_in(queue: list[Request]):
+    """``schedule``'s ``cpu_only_behind`` for a queue given as a list."""
+    ids = [r.job_id for r in queue]
+    return lambda job_id: (r for r in queue[ids.index(job_id) + 1:] if not r.gpus)
+
+
+def test_a_cpu_only_job_passes_any_reservation_where_a_gpu_job_without_time_waits():
+    nodes = {"a": [0, 1]}
+    pending = [Request("big", 2, time_limit=10), Request("gpu", 1), Request("cpu", 0)]
+    # The blocked job's start is known: the pass reads on, and only the CPU job may pass it.
+    known = [Running([("a", [0])], end=100.0)]
+    starts, waits, stopped = schedule(pending, view({"a": [1]}, nodes, running=known), cpu_only_behind_in(pending))
+    assert dict(starts) == {"cpu": [("a", [])]} and stopped is None
+    assert waits == {"big": WaitReason.RESOURCES, "gpu": WaitReason.PRIORITY}
+    # Unknown: the pass stops at it, and reads on only the CPU-only jobs behind.
+    unknown = [Running([("a", [0])], end=None)]
+    starts, waits, stopped = schedule(pending, view({"a": [1]}, nodes, running=unknown), cpu_only_behind_in(pending))
+    assert dict(starts) == {"cpu": [("a", [])]} and stopped == "big" and waits == {"big": WaitReason.RESOURCES}
+
+
+def test_a_stopped_pass_reads_on_only_the_cpu_only_jobs_behind():
+    # One free GPU of two; the other's job has no time limit, so "big" blocks with an unknown start.
+    queue = [Request("one", 1), Request("big", 2)] + [Request(f"g{k}", 1) for k in range(50)] + [
+        Request(f"c{k}", 0, array_id="arr", array_limit=2) for k in range(3)] + [Request("last", 1)]
+    read: list[str] = []
+
+    def pending():
+        for req in queue:
+            read.append(req.job_id)
+            yield req
+
+    running = [Running([("a", [0])], end=None, array_id="arr")]
+    starts, waits, stopped = schedule(pending(), view({"a": [1]}, {"a": [0, 1]}, running=running),
+                                      cpu_only_behind_in(queue))
+    # The GPU jobs behind the stop are not read; the CPU-only ones are, and their array's %2 counts the task
+    # already running: one more starts, the others wait.
+    assert read == ["one", "big"] and stopped == "big"
+    assert dict(starts) == {"one": [("a", [1])], "c0": [("a", [])]}
+    assert waits == {"big": WaitReason.RESOURCES, "c1": WaitReason.ARRAY_LIMIT, "c2": WaitReason.ARRAY_LIMIT}
+
+
+def test_a_pass_that_finds_no_gpu_free_still_starts_the_cpu_only_job_it_stops_at():
+    running = [Running([("a", [0])], end=100.0)]
+    pending = [Request("big", 1, time_limit=10), Request("cpu", 0), Request("gpu", 1, time_limit=10)]
+    starts, waits, stopped = schedule(pending, view({"a": []}, {"a": [0]}, running=running),
+                                      cpu_only_behind_in(pending))
+    assert dict(starts) == {"cpu": [("a", [])]} and stopped == "cpu" and waits == {"big": WaitReason.RESOURCES}

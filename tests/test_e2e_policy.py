@@ -1,7 +1,7 @@
 """End to end: queue policy through a real master, real node agents and the real ``zmgpu`` CLI.
 
-Priorities (users may only lower theirs, admins may raise them), EASY backfill, the per-user GPU cap,
-and drain/resume of a node by an admin.  The module's cluster (``policy``: nodes n1 and n2 with four
+Priorities (users may only lower theirs, admins may raise them), EASY backfill (CPU jobs always pass), the
+per-user GPU cap, and drain/resume of a node by an admin.  The module's cluster (``policy``: nodes n1 and n2 with four
 simulated GPUs each, a master whose admin is the user running the tests) is shared, so every test
 leaves it idle and every node resumed; the per-user cap gets a cluster of its own.  Other users are
 played by running the CLI with another login name.
@@ -94,7 +94,7 @@ def test_users_may_only_lower_priority_and_admins_may_raise_it(policy, workdir):
 
 # -- backfill -------------------------------------------------------------------------------------
 
-def test_short_job_backfills_but_a_job_without_time_does_not(policy, workdir):
+def test_short_and_cpu_jobs_backfill_but_a_gpu_job_without_time_does_not(policy, workdir):
     # n1 is taken by a job with no time limit; on n2 a 2-GPU job ends within 30 s.
     filler = policy.submit(hold_sh("filler"), "--gpus", "4", cwd=workdir)
     policy.wait_job_state(filler, "RUNNING")
@@ -113,6 +113,10 @@ def test_short_job_backfills_but_a_job_without_time_does_not(policy, workdir):
     assert [(j["state"], j["reason"]) for j in waiting] == [("PENDING", "Resources"), ("PENDING", "Priority"),
                                                             ("PENDING", "Priority")], waiting
     assert backfilled["start_time"] > waiting[0]["submit_time"]
+    # A CPU job takes no GPU, so it cannot delay the big one: it runs, time limit or not.
+    cpu = policy.submit("true", "--gpus", "0", cwd=workdir)
+    assert policy.wait_job_state(cpu, FINISHED)["state"] == "COMPLETED"
+    assert policy.job(big)["state"] == "PENDING"
 
     finish(policy, workdir, ["filler", "ending", "big", "short", "unbounded", "too_long"],
            [filler, ending, big, short, unbounded, too_long])

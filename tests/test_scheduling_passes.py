@@ -31,9 +31,9 @@ def service(tmp_path, monkeypatch):
     service.passes = 0
     real = jobs_module.allocator.schedule
 
-    def counted(pending, view):
+    def counted(pending, view, cpu_only_behind):
         service.passes += 1
-        return real(pending, view)
+        return real(pending, view, cpu_only_behind)
 
     monkeypatch.setattr(jobs_module.allocator, "schedule", counted)
     yield service
@@ -89,6 +89,30 @@ def test_with_no_gpu_free_jobs_behind_cost_no_pass_unless_they_need_none(service
     assert (later.reason, service.passes) == ("Priority", 3)
     cpu = submit(service, "0000000e", 5, time_limit=100, gpus=0)
     assert (cpu.state, service.passes) == (JobState.RUNNING, 4)
+
+
+def test_a_cpu_only_job_starts_behind_a_blocked_one_whose_start_is_unknown(service):
+    running = submit(service, "0000000a", 1)                   # no time limit: the next one's start is unknown
+    blocked = submit(service, "0000000b", 2)
+    cpu = submit(service, "0000000c", 3, gpus=0)
+    assert (running.state, blocked.reason, cpu.state) == (JobState.RUNNING, "Resources", JobState.RUNNING)
+
+
+def test_a_pass_that_stops_reads_none_of_the_gpu_jobs_behind_while_a_cpu_only_job_waits(service):
+    """With every job's time known, a full cluster and a CPU-only job held by its dependency, a pass reads the
+    queue up to the job after the first blocked one (where it stops), and the CPU-only jobs behind that, not
+    every GPU job (100,000 pending made each such pass take 0.2 s)."""
+    running = submit(service, "0000000a", 1, time_limit=100)
+    for seq in range(2, 502):
+        submit(service, f"{seq:08x}", seq, time_limit=100)
+    held = submit(service, "0000ffff", 600, gpus=0, after=[running.job_id])
+    service.requests.clear()
+    service.dirty = True
+    service.schedule()
+    assert held.reason == "Dependency" and set(service.requests) == {"00000002", "00000003", held.job_id}
+    service.end_rank(running, 0, exit_code=0)      # the dependency completes, and its GPU comes free
+    service.schedule()
+    assert held.state is JobState.RUNNING and service.state.jobs["00000002"].state is JobState.RUNNING
 
 
 def test_with_no_gpu_free_a_job_sharing_gpus_behind_the_blocked_one_still_starts(service):

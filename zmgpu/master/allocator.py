@@ -5,7 +5,8 @@ job that asks for more GPUs than one node has free spans several nodes, all or
 nothing (gang); pinned jobs (``--node-gpu-ids``) get exactly their GPUs.  The
 first job that cannot start gets a reservation at its expected start (EASY
 backfill): later jobs may start ahead of it only when their ``--time`` limit
-proves they cannot delay it, so big jobs never starve.  Per-user GPU caps,
+proves they cannot delay it, so big jobs never starve.  A CPU-only job takes no
+GPU and so can delay no one: it starts whenever a node is up.  Per-user GPU caps,
 array concurrency limits and dependencies hold single jobs back without
 blocking anyone else.
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 import enum
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 Placement = list[tuple[str, list[int]]]   # (node id, GPU indices), one entry per node
 GpuMap = dict[str, list[int]]              # node id -> GPU indices
@@ -79,9 +80,8 @@ class View:
     user_gpu_limit: int | None = None
     room: RoomMap = field(default_factory=dict)   # usable nodes -> room for --gpu-mem jobs per GPU
     others: GpuMap = field(default_factory=dict)  # usable nodes -> GPUs free of jobs but used by others
-    # What of the pending jobs could start with no GPU free: a CPU-only one, or one sharing GPUs by --gpu-mem
-    # (the least that one declares; None: none waits).  Unknown by default: a pass reads on (see schedule).
-    cpu_only_waits: bool = True
+    # The least --gpu-mem that a pending job sharing GPUs declares (None: none waits), for the stop once no GPU
+    # is free (see schedule).
     smallest_gpu_mem: int | None = None
 
 
@@ -216,13 +216,13 @@ class _Pool:
         self.spare = self.count - sum(1 for n, i in reservation.gpus if i in self.free.get(n, ()))
 
     def is_spent(self, view: View) -> bool:
-        """Once the first blocked job has its reservation and no GPU is free: can no waiting job start any more
-        (none is CPU-only, and no GPU has room for the least --gpu-mem declared)?  Asked once a pass: room
-        only shrinks in it, so a pass told to read on reads to the end, as it would anyway."""
+        """Once the first blocked job has its reservation and no GPU is free: can no waiting job that needs a
+        GPU start any more (no GPU has room for the least --gpu-mem declared)?  CPU-only jobs are not asked
+        about: schedule() takes them apart.  Asked once a pass: room only shrinks in it, so a pass told to read
+        on reads to the end, as it would anyway."""
         if self.spent is None and self.reservation is not None and not self.count:
             need = view.smallest_gpu_mem
-            self.spent = not view.cpu_only_waits and (
-                need is None or all(mb < need for gpus in self.room.values() for mb in gpus.values()))
+            self.spent = need is None or all(mb < need for gpus in self.room.values() for mb in gpus.values())
         return bool(self.spent)
 
     def cannot_fit(self, req: Request, spare_only: bool) -> bool:
@@ -258,18 +258,23 @@ class Reservation:
     gpus: frozenset[tuple[str, int]]
 
 
-def schedule(pending: Iterable[Request],
-             view: View) -> tuple[list[tuple[str, Placement]], dict[str, WaitReason], str | None]:
+#: The CPU-only jobs queued behind a job, as requests in queue order (see schedule).
+CpuOnlyBehind = Callable[[str], Iterable[Request]]
+
+
+def schedule(pending: Iterable[Request], view: View, cpu_only_behind: CpuOnlyBehind = lambda job_id: (),
+             ) -> tuple[list[tuple[str, Placement]], dict[str, WaitReason], str | None]:
     """One pass over ``pending`` (already in priority order).
 
     Returns the jobs to start with their placements, a wait reason for each job
     it looked at, and the job it stopped at (None: it read them all).  Once the
-    first blocked job's start is unknown nothing behind it may start, so the pass
-    stops there and does not read the rest of ``pending`` (it may be a
-    generator): a long queue costs one step per job that can still move.  It
-    stops likewise once no GPU is left free, when no job that could start
-    without one waits, or none fits (``view.cpu_only_waits``, ``smallest_gpu_mem``).
-    ``view`` is not changed.
+    first blocked job's start is unknown nothing behind it that needs a GPU may
+    start, so the pass stops there and does not read the rest of ``pending`` (it
+    may be a generator): a long queue costs one step per job that can still
+    move.  It stops likewise once no GPU is left free, unless a job sharing GPUs
+    could fit (``view.smallest_gpu_mem``).  At a stop it reads on only the
+    CPU-only jobs behind (``cpu_only_behind(the job it stopped at)``), which may
+    start whatever GPU jobs wait.  ``view`` is not changed.
     """
     pool = _Pool.of(view)
     user_gpus: Counter = Counter()
@@ -280,27 +285,36 @@ def schedule(pending: Iterable[Request],
     capacity_total = sum(len(idx) for idx in view.capacity.values())
     starts: list[tuple[str, Placement]] = []
     waits: dict[str, WaitReason] = {}
-    for req in pending:
-        if pool.is_spent(view):
-            # With time limits every job is otherwise read: 100,000 pending made each pass (one per job end,
-            # and per submit) take 0.3 s.
-            return starts, waits, req.job_id
+
+    def consider(req: Request) -> bool:
+        """Start ``req`` or say why it waits; False when nothing behind it that needs a GPU may start."""
         held = _held(req, view, capacity_total, user_gpus, array_running)
         if held is not None:
             waits[req.job_id] = held
-            continue
+            return True
         placement = _backfill(req, pool, view.now)
         if placement is None:
             waits[req.job_id] = _why_not(req, pool.reservation, pool.free, view.others)
             if pool.reservation is None:
                 pool.reserve(_reserve(req, pool.free, view))
-            if pool.reservation.start is None:
-                return starts, waits, req.job_id
-            continue
+            return pool.reservation.start is not None
         starts.append((req.job_id, placement))
         pool.take(placement, req.gpu_mem if req.gpus else None)
         user_gpus[req.user] += req.gpus
         array_running[req.array_id] += 1
+        return True
+
+    for req in pending:
+        # With time limits every job is otherwise read: 100,000 pending made each pass (one per job end, and
+        # per submit) take 0.3 s.
+        if pool.is_spent(view):
+            if not req.gpus:
+                consider(req)
+        elif consider(req):
+            continue
+        for cpu_only in cpu_only_behind(req.job_id):
+            consider(cpu_only)
+        return starts, waits, req.job_id
     return starts, waits, None
 
 
@@ -329,7 +343,8 @@ def _held(req: Request, view: View, capacity_total: int, user_gpus: Counter,
 def _backfill(req: Request, pool: _Pool, now: float) -> Placement | None:
     """Where ``req`` may start now without delaying the reserved job, or None."""
     reservation = pool.reservation
-    if reservation is not None:
+    # A CPU-only job takes no GPU, so it cannot delay the reserved job, however long it runs.
+    if reservation is not None and req.gpus:
         if reservation.start is None or req.time_limit is None:
             return None
         if now + req.time_limit > reservation.start:

@@ -120,7 +120,8 @@ class JobService:
         self.stop_key = None
         if not len(self.state.pending):
             return
-        starts, waits, stopped = allocator.schedule(self._requests(), self._view())
+        starts, waits, stopped = allocator.schedule(self._requests(self.state.pending), self._view(),
+                                                    self._cpu_only_behind)
         if stopped is not None:
             self.stop_key = self.state.jobs[stopped].queue_key
         for job_id, reason in waits.items():
@@ -141,8 +142,8 @@ class JobService:
                 self._set_reason(job, self._dependency_hold(job) or allocator.WaitReason.PRIORITY)
         self.unreasoned.clear()
 
-    def _requests(self):
-        """Pending jobs as allocator requests, in queue order, built only as far as the pass reads.
+    def _requests(self, job_ids):
+        """Pending jobs (``job_ids``, in queue order) as allocator requests, built only as far as the pass reads.
 
         Reading changes nothing (failed dependencies are settled when they end), so the queue is
         walked in place, not copied.  A job's request is built once while it waits, and again only
@@ -150,7 +151,7 @@ class JobService:
         and building them all again made each pass after a task's end of a 10,000-task array take 18 ms.
         """
         jobs, requests = self.state.jobs, self.requests
-        for job_id in self.state.pending:
+        for job_id in job_ids:
             job = jobs[job_id]
             hold = self._dependency_hold(job)
             req = requests.get(job_id)
@@ -158,6 +159,10 @@ class JobService:
                 req = requests[job_id] = allocator.Request(job.job_id, job.gpus, job.pins, job.user, job.time_limit,
                                                            job.array_job_id, job.array_limit, hold, job.gpu_mem_mb)
             yield req
+
+    def _cpu_only_behind(self, job_id: str):
+        """The CPU-only jobs queued behind ``job_id``, as requests: what a pass that stopped there reads on."""
+        return self._requests(self.state.pending.cpu_only_behind(job_id))
 
     def _dependency_hold(self, job: JobRecord) -> allocator.WaitReason | None:
         return allocator.WaitReason.DEPENDENCY if self.dependencies.waits(job) else None
@@ -184,7 +189,7 @@ class JobService:
             running=running, now=time.time(), user_gpu_limit=self.user_gpu_limit,
             room={node_id: p.room for node_id, p in places.items()},
             others={node_id: p.others for node_id, p in places.items() if p.others},
-            cpu_only_waits=self.state.pending.cpu_only, smallest_gpu_mem=self.state.pending.smallest_gpu_mem)
+            smallest_gpu_mem=self.state.pending.smallest_gpu_mem)
 
     def _settle_dependents(self, dep: JobRecord) -> None:
         """A job ended: cancel the pending jobs that needed it to complete (unless --after-any)."""

@@ -234,26 +234,32 @@ class JobRecord:
 
 
 class PendingQueue:
-    """Pending job ids kept sorted by :attr:`JobRecord.queue_key`, so a pass never sorts; counted per user,
-    and the jobs that could start with no GPU free counted apart: CPU-only ones, and those sharing GPUs by
-    --gpu-mem (per MiB declared)."""
+    """Pending job ids kept sorted by :attr:`JobRecord.queue_key`, so a pass never sorts; counted per user.
+    The jobs that could start with no GPU free are kept apart: CPU-only ones in their own queue order (a pass
+    that stops for want of GPUs reads on only those), and those sharing GPUs by --gpu-mem counted per MiB
+    declared."""
 
     def __init__(self):
         self._keys: list[tuple[int, int, str]] = []
+        self._cpu_keys: list[tuple[int, int, str]] = []   # the CPU-only jobs' keys, sorted too
         self._by_id: dict[str, tuple[tuple[int, int, str], JobRecord]] = {}   # job id -> (queue key, job)
         self._per_user: Counter[str] = Counter()
-        self._cpu_only = 0
         self._gpu_mem: Counter[int] = Counter()   # --gpu-mem MiB -> how many jobs wait with it
 
     def add(self, job: JobRecord) -> None:
         key = job.queue_key
         bisect.insort(self._keys, key)
+        if job.gpus == 0:
+            bisect.insort(self._cpu_keys, key)
         self._by_id[job.job_id] = (key, job)
         self._count(job, 1)
 
     def remove(self, job_id: str) -> None:
         key, job = self._by_id.pop(job_id)
         del self._keys[bisect.bisect_left(self._keys, key)]
+        at = bisect.bisect_left(self._cpu_keys, key)
+        if at < len(self._cpu_keys) and self._cpu_keys[at] == key:
+            del self._cpu_keys[at]
         self._count(job, -1)
 
     def _count(self, job: JobRecord, step: int) -> None:
@@ -262,12 +268,11 @@ class PendingQueue:
                 counter[value] += step
                 if not counter[value]:
                     del counter[value]
-        self._cpu_only += step * (job.gpus == 0)
 
-    @property
-    def cpu_only(self) -> bool:
-        """Whether a CPU-only job waits (it may start however busy the GPUs are)."""
-        return bool(self._cpu_only)
+    def cpu_only_behind(self, job_id: str):
+        """The CPU-only jobs queued after ``job_id`` (a pending job), in queue order."""
+        keys = self._cpu_keys
+        return (key[2] for key in keys[bisect.bisect_right(keys, self._by_id[job_id][0]):])
 
     @property
     def smallest_gpu_mem(self) -> int | None:
