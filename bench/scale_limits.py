@@ -4,10 +4,10 @@ shares GPUs (``--gpu-mem``) waiting last in the queue, and a CPU-only job waitin
 Under a master's ``default_time_limit`` every running job has a known end, so
 the first job that cannot start gets a known start, and a scheduling pass
 reads on past it for jobs that could backfill.  It stops once no GPU is free,
-but not while a job that could share a GPU fits somewhere (here none can), and
-reads on only the CPU-only jobs behind, which may start however busy the GPUs
-are: these figures show that neither waiting job makes every pass read the
-whole queue of a full cluster.
+and reads on only the jobs behind that need no free GPU: CPU-only ones, and
+those sharing GPUs while some GPU has room for one (here none has).  These
+figures show that neither waiting job makes every pass read the whole queue of
+a full cluster.
 """
 
 from __future__ import annotations

@@ -142,7 +142,7 @@ def test_infeasible_messages():
     assert "no node agent has registered" in infeasible(Request("j", 0), [])
 
 
-def test_pending_queue_orders_by_priority_then_submission_and_finds_the_cpu_only_jobs_behind_one():
+def test_pending_queue_orders_by_priority_then_submission_and_finds_the_startable_jobs_behind_one():
     from zmgpu.master.state import JobRecord, PendingQueue
 
     def job(job_id, seq, priority=0, gpus=1):
@@ -150,18 +150,20 @@ def test_pending_queue_orders_by_priority_then_submission_and_finds_the_cpu_only
                          priority=priority)
 
     queue = PendingQueue()
+    shares = job("shares", 8)
+    shares.gpu_mem_mb = 4000
     for record in [job("first", 1), job("low", 2, -5), job("second", 3), job("urgent", 4, 10),
-                   job("cpu_low", 5, -5, gpus=0), job("cpu", 6, gpus=0), job("cpu_urgent", 7, 10, gpus=0)]:
+                   job("cpu_low", 5, -5, gpus=0), job("cpu", 6, gpus=0), job("cpu_urgent", 7, 10, gpus=0), shares]:
         queue.add(record)
-    assert list(queue) == ["urgent", "cpu_urgent", "first", "second", "cpu", "low", "cpu_low"]
-    # The CPU-only jobs behind a job, in the same order.
-    assert list(queue.cpu_only_behind("urgent")) == ["cpu_urgent", "cpu", "cpu_low"]
-    assert list(queue.cpu_only_behind("first")) == ["cpu", "cpu_low"]
-    assert list(queue.cpu_only_behind("cpu_low")) == []
+    assert list(queue) == ["urgent", "cpu_urgent", "first", "second", "cpu", "shares", "low", "cpu_low"]
+    # The jobs behind one that could start with no GPU free (CPU-only, or sharing GPUs), in the same order.
+    assert list(queue.startable_behind("urgent")) == ["cpu_urgent", "cpu", "shares", "cpu_low"]
+    assert list(queue.startable_behind("first")) == ["cpu", "shares", "cpu_low"]
+    assert list(queue.startable_behind("cpu_low")) == []
     queue.remove("first")
     queue.remove("cpu")
-    assert list(queue) == ["urgent", "cpu_urgent", "second", "low", "cpu_low"] and "first" not in queue
-    assert len(queue) == 5 and list(queue.cpu_only_behind("second")) == ["cpu_low"]
+    assert list(queue) == ["urgent", "cpu_urgent", "second", "shares", "low", "cpu_low"] and "first" not in queue
+    assert len(queue) == 6 and list(queue.startable_behind("second")) == ["shares", "cpu_low"]
 
 
 def test_schedule_follows_the_order_it_is_given():
@@ -177,6 +179,12 @@ def test_schedule_follows_the_order_it_is_given():
 
 def shared(job_id: str, mib: int, gpus: int = 1, **kw) -> Request:
     return Request(job_id, gpus, gpu_mem=mib, **kw)
+
+
+def startable_behind_in(queue: list[Request]):
+    """``schedule``'s ``startable_behind`` for a queue given as a list."""
+    ids = [r.job_id for r in queue]
+    return lambda job_id: (r for r in queue[ids.index(job_id) + 1:] if not r.gpus or r.gpu_mem is not None)
 
 
 def test_two_jobs_in_one_pass_never_share_the_same_free_memory():
@@ -250,19 +258,20 @@ def test_backfill_outside_the_reservation_takes_exactly_the_spare_gpus():
     assert waits["three"] is WaitReason.PRIORITY and stopped == "more" and "more" not in waits
 
 
-def test_a_full_cluster_is_not_walked_for_each_job_in_a_long_queue(monkeypatch):
-    # With time limits, and room on a shared GPU (where a job sharing GPUs could fit), every pending job is
-    # looked at; none can start, and placement, which walks every node, is asked only for the reservation.
+def test_a_nearly_full_cluster_is_not_walked_for_each_job_in_a_long_queue(monkeypatch):
+    # With time limits and a GPU still free every pending job is looked at; none can start (each needs two),
+    # and placement, which walks every node, is asked only for the reservation.
     from zmgpu.master import allocator
 
     calls = []
     real_place = allocator.place
     monkeypatch.setattr(allocator, "place", lambda *a, **kw: calls.append(a[0].job_id) or real_place(*a, **kw))
     nodes = {f"n{i}": [0, 1] for i in range(50)}
-    running = [Running([(n, [i])], end=100.0 + k) for k, (n, i) in enumerate((n, i) for n in nodes for i in (0, 1))]
-    pending = [Request("big", 4, time_limit=10)] + [Request(f"j{k}", 1, time_limit=1000) for k in range(200)]
-    starts, waits, stopped = schedule(pending, view({n: [] for n in nodes}, nodes, running=running,
-                                                    room={"n0": {0: 8000}}, smallest_gpu_mem=8000))
+    running = [Running([(n, [i])], end=100.0 + k) for k, (n, i) in enumerate((n, i) for n in nodes for i in (0, 1))
+               if (n, i) != ("n0", 0)]
+    pending = [Request("big", 4, time_limit=10)] + [Request(f"j{k}", 2, time_limit=1000) for k in range(200)]
+    free = {n: [0] if n == "n0" else [] for n in nodes}
+    starts, waits, stopped = schedule(pending, view(free, nodes, running=running))
     assert starts == [] and stopped is None and len(waits) == 201
     assert set(calls) == {"big"}, f"placement asked for {len(calls)} job(s)"
 
@@ -284,33 +293,29 @@ def test_with_no_gpu_free_a_pass_reads_on_only_while_a_job_sharing_gpus_could_fi
     running = [Running([("a", [1, 2])], end=100.0), Running([("a", [3])], end=100.0, gpu_mem=4000)]
     pending = [Request("one", 1, time_limit=10), Request("big", 2, time_limit=10),
                Request("j0", 1, time_limit=1000), shared("small", 4000, time_limit=10)]
+    behind = startable_behind_in(pending)
     starts, waits, stopped = schedule(pending, view({"a": [0]}, nodes, running=running, room=room,
-                                                    smallest_gpu_mem=9000))
-    assert dict(starts) == {"one": [("a", [0])]} and stopped == "j0"     # 9,000 MiB fit nowhere
+                                                    smallest_gpu_mem=9000), behind)
+    assert dict(starts) == {"one": [("a", [0])]} and stopped == "j0" and "small" not in waits   # 9,000 fit nowhere
+    # The pass stops at j0 all the same, and reads on the jobs that need no free GPU: "small" fits.
     starts, waits, stopped = schedule(pending, view({"a": [0]}, nodes, running=running, room=room,
-                                                    smallest_gpu_mem=4000))
-    assert dict(starts) == {"one": [("a", [0])], "small": [("a", [3])]} and stopped is None
+                                                    smallest_gpu_mem=4000), behind)
+    assert dict(starts) == {"one": [("a", [0])], "small": [("a", [3])]} and stopped == "j0" and "j0" not in waits
 
 
 # -- CPU-only jobs ----------------------------------------------------------------------------------
-
-def cpu_only_behind_in(queue: list[Request]):
-    """``schedule``'s ``cpu_only_behind`` for a queue given as a list."""
-    ids = [r.job_id for r in queue]
-    return lambda job_id: (r for r in queue[ids.index(job_id) + 1:] if not r.gpus)
-
 
 def test_a_cpu_only_job_passes_any_reservation_where_a_gpu_job_without_time_waits():
     nodes = {"a": [0, 1]}
     pending = [Request("big", 2, time_limit=10), Request("gpu", 1), Request("cpu", 0)]
     # The blocked job's start is known: the pass reads on, and only the CPU job may pass it.
     known = [Running([("a", [0])], end=100.0)]
-    starts, waits, stopped = schedule(pending, view({"a": [1]}, nodes, running=known), cpu_only_behind_in(pending))
+    starts, waits, stopped = schedule(pending, view({"a": [1]}, nodes, running=known), startable_behind_in(pending))
     assert dict(starts) == {"cpu": [("a", [])]} and stopped is None
     assert waits == {"big": WaitReason.RESOURCES, "gpu": WaitReason.PRIORITY}
     # Unknown: the pass stops at it, and reads on only the CPU-only jobs behind.
     unknown = [Running([("a", [0])], end=None)]
-    starts, waits, stopped = schedule(pending, view({"a": [1]}, nodes, running=unknown), cpu_only_behind_in(pending))
+    starts, waits, stopped = schedule(pending, view({"a": [1]}, nodes, running=unknown), startable_behind_in(pending))
     assert dict(starts) == {"cpu": [("a", [])]} and stopped == "big" and waits == {"big": WaitReason.RESOURCES}
 
 
@@ -327,7 +332,7 @@ def test_a_stopped_pass_reads_on_only_the_cpu_only_jobs_behind():
 
     running = [Running([("a", [0])], end=None, array_id="arr")]
     starts, waits, stopped = schedule(pending(), view({"a": [1]}, {"a": [0, 1]}, running=running),
-                                      cpu_only_behind_in(queue))
+                                      startable_behind_in(queue))
     # The GPU jobs behind the stop are not read; the CPU-only ones are, and their array's %2 counts the task
     # already running: one more starts, the others wait.
     assert read == ["one", "big"] and stopped == "big"
@@ -339,5 +344,5 @@ def test_a_pass_that_finds_no_gpu_free_still_starts_the_cpu_only_job_it_stops_at
     running = [Running([("a", [0])], end=100.0)]
     pending = [Request("big", 1, time_limit=10), Request("cpu", 0), Request("gpu", 1, time_limit=10)]
     starts, waits, stopped = schedule(pending, view({"a": []}, {"a": [0]}, running=running),
-                                      cpu_only_behind_in(pending))
+                                      startable_behind_in(pending))
     assert dict(starts) == {"cpu": [("a", [])]} and stopped == "cpu" and waits == {"big": WaitReason.RESOURCES}

@@ -20,6 +20,7 @@ one that others' processes use.
 from __future__ import annotations
 
 import enum
+import itertools
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -203,7 +204,6 @@ class _Pool:
     count: int = 0                          # free GPUs
     spare: int = 0                          # free GPUs the reservation will not take
     reservation: Reservation | None = None  # the first blocked job's, once there is one
-    spent: bool | None = None               # no job that waits can start any more (None: not asked yet)
 
     @classmethod
     def of(cls, view: View) -> "_Pool":
@@ -215,15 +215,14 @@ class _Pool:
         self.reservation = reservation
         self.spare = self.count - sum(1 for n, i in reservation.gpus if i in self.free.get(n, ()))
 
-    def is_spent(self, view: View) -> bool:
-        """Once the first blocked job has its reservation and no GPU is free: can no waiting job that needs a
-        GPU start any more (no GPU has room for the least --gpu-mem declared)?  CPU-only jobs are not asked
-        about: schedule() takes them apart.  Asked once a pass: room only shrinks in it, so a pass told to read
-        on reads to the end, as it would anyway."""
-        if self.spent is None and self.reservation is not None and not self.count:
-            need = view.smallest_gpu_mem
-            self.spent = need is None or all(mb < need for gpus in self.room.values() for mb in gpus.values())
-        return bool(self.spent)
+    def is_full(self) -> bool:
+        """The first blocked job has its reservation and no GPU is free: only a job that needs no free GPU
+        (CPU-only, or sharing GPUs by --gpu-mem) may start now."""
+        return self.reservation is not None and not self.count
+
+    def has_room(self, gpu_mem: int | None) -> bool:
+        """Whether some GPU has room for a job sharing GPUs that declares ``gpu_mem`` MiB (None: no)."""
+        return gpu_mem is not None and any(mb >= gpu_mem for gpus in self.room.values() for mb in gpus.values())
 
     def cannot_fit(self, req: Request, spare_only: bool) -> bool:
         """Whether ``req`` surely fits nowhere (False: placement must tell)."""
@@ -258,11 +257,12 @@ class Reservation:
     gpus: frozenset[tuple[str, int]]
 
 
-#: The CPU-only jobs queued behind a job, as requests in queue order (see schedule).
-CpuOnlyBehind = Callable[[str], Iterable[Request]]
+#: The jobs queued behind a job that may start with no GPU free (CPU-only, or sharing GPUs by --gpu-mem), as
+#: requests in queue order (see schedule).
+StartableBehind = Callable[[str], Iterable[Request]]
 
 
-def schedule(pending: Iterable[Request], view: View, cpu_only_behind: CpuOnlyBehind = lambda job_id: (),
+def schedule(pending: Iterable[Request], view: View, startable_behind: StartableBehind = lambda job_id: (),
              ) -> tuple[list[tuple[str, Placement]], dict[str, WaitReason], str | None]:
     """One pass over ``pending`` (already in priority order).
 
@@ -271,10 +271,12 @@ def schedule(pending: Iterable[Request], view: View, cpu_only_behind: CpuOnlyBeh
     first blocked job's start is unknown nothing behind it that needs a GPU may
     start, so the pass stops there and does not read the rest of ``pending`` (it
     may be a generator): a long queue costs one step per job that can still
-    move.  It stops likewise once no GPU is left free, unless a job sharing GPUs
-    could fit (``view.smallest_gpu_mem``).  At a stop it reads on only the
-    CPU-only jobs behind (``cpu_only_behind(the job it stopped at)``), which may
-    start whatever GPU jobs wait.  ``view`` is not changed.
+    move.  It stops likewise once that job has its reservation and no GPU is
+    free.  At a stop it reads on only the jobs behind that may still start
+    (``startable_behind(the job it stopped at)``): CPU-only ones, which take no
+    GPU and so may start whatever GPU jobs wait, and, at a stop for want of free
+    GPUs, those sharing GPUs while some GPU has room for the least such job
+    declares (``view.smallest_gpu_mem``).  ``view`` is not changed.
     """
     pool = _Pool.of(view)
     user_gpus: Counter = Counter()
@@ -306,15 +308,19 @@ def schedule(pending: Iterable[Request], view: View, cpu_only_behind: CpuOnlyBeh
 
     for req in pending:
         # With time limits every job is otherwise read: 100,000 pending made each pass (one per job end, and
-        # per submit) take 0.3 s.
-        if pool.is_spent(view):
-            if not req.gpus:
-                consider(req)
-        elif consider(req):
-            continue
-        for cpu_only in cpu_only_behind(req.job_id):
-            consider(cpu_only)
-        return starts, waits, req.job_id
+        # per submit) take 0.3 s, and a CPU-only job waiting made it read all of them still.
+        if pool.is_full():
+            shared = pool.has_room(view.smallest_gpu_mem)   # room only shrinks in a pass: asked once
+            for startable in itertools.chain([req], startable_behind(req.job_id)):
+                if not startable.gpus or (shared and startable.gpu_mem is not None):
+                    consider(startable)
+            return starts, waits, req.job_id
+        if not consider(req):
+            # The start of the first blocked job is unknown: no job that takes GPUs may pass it.
+            for startable in startable_behind(req.job_id):
+                if not startable.gpus:
+                    consider(startable)
+            return starts, waits, req.job_id
     return starts, waits, None
 
 

@@ -121,7 +121,7 @@ class JobService:
         if not len(self.state.pending):
             return
         starts, waits, stopped = allocator.schedule(self._requests(self.state.pending), self._view(),
-                                                    self._cpu_only_behind)
+                                                    self._startable_behind)
         if stopped is not None:
             self.stop_key = self.state.jobs[stopped].queue_key
         for job_id, reason in waits.items():
@@ -160,9 +160,10 @@ class JobService:
                                                            job.array_job_id, job.array_limit, hold, job.gpu_mem_mb)
             yield req
 
-    def _cpu_only_behind(self, job_id: str):
-        """The CPU-only jobs queued behind ``job_id``, as requests: what a pass that stopped there reads on."""
-        return self._requests(self.state.pending.cpu_only_behind(job_id))
+    def _startable_behind(self, job_id: str):
+        """The jobs queued behind ``job_id`` that could start with no GPU free, as requests: what a pass that
+        stopped there reads on."""
+        return self._requests(self.state.pending.startable_behind(job_id))
 
     def _dependency_hold(self, job: JobRecord) -> allocator.WaitReason | None:
         return allocator.WaitReason.DEPENDENCY if self.dependencies.waits(job) else None

@@ -235,13 +235,13 @@ class JobRecord:
 
 class PendingQueue:
     """Pending job ids kept sorted by :attr:`JobRecord.queue_key`, so a pass never sorts; counted per user.
-    The jobs that could start with no GPU free are kept apart: CPU-only ones in their own queue order (a pass
-    that stops for want of GPUs reads on only those), and those sharing GPUs by --gpu-mem counted per MiB
-    declared."""
+    The jobs that could start with no GPU free (CPU-only ones, and those sharing GPUs by --gpu-mem) are also
+    kept in their own queue order, since a pass that stops for want of GPUs reads on only those, and those
+    sharing GPUs are counted per MiB declared."""
 
     def __init__(self):
         self._keys: list[tuple[int, int, str]] = []
-        self._cpu_keys: list[tuple[int, int, str]] = []   # the CPU-only jobs' keys, sorted too
+        self._startable_keys: list[tuple[int, int, str]] = []   # those jobs' keys, sorted too
         self._by_id: dict[str, tuple[tuple[int, int, str], JobRecord]] = {}   # job id -> (queue key, job)
         self._per_user: Counter[str] = Counter()
         self._gpu_mem: Counter[int] = Counter()   # --gpu-mem MiB -> how many jobs wait with it
@@ -249,17 +249,17 @@ class PendingQueue:
     def add(self, job: JobRecord) -> None:
         key = job.queue_key
         bisect.insort(self._keys, key)
-        if job.gpus == 0:
-            bisect.insort(self._cpu_keys, key)
+        if starts_without_free_gpu(job):
+            bisect.insort(self._startable_keys, key)
         self._by_id[job.job_id] = (key, job)
         self._count(job, 1)
 
     def remove(self, job_id: str) -> None:
         key, job = self._by_id.pop(job_id)
         del self._keys[bisect.bisect_left(self._keys, key)]
-        at = bisect.bisect_left(self._cpu_keys, key)
-        if at < len(self._cpu_keys) and self._cpu_keys[at] == key:
-            del self._cpu_keys[at]
+        at = bisect.bisect_left(self._startable_keys, key)
+        if at < len(self._startable_keys) and self._startable_keys[at] == key:
+            del self._startable_keys[at]
         self._count(job, -1)
 
     def _count(self, job: JobRecord, step: int) -> None:
@@ -269,9 +269,9 @@ class PendingQueue:
                 if not counter[value]:
                     del counter[value]
 
-    def cpu_only_behind(self, job_id: str):
-        """The CPU-only jobs queued after ``job_id`` (a pending job), in queue order."""
-        keys = self._cpu_keys
+    def startable_behind(self, job_id: str):
+        """The jobs queued after ``job_id`` (a pending job) that could start with no GPU free, in queue order."""
+        keys = self._startable_keys
         return (key[2] for key in keys[bisect.bisect_right(keys, self._by_id[job_id][0]):])
 
     @property
