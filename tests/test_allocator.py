@@ -258,6 +258,16 @@ def test_backfill_outside_the_reservation_takes_exactly_the_spare_gpus():
     assert waits["three"] is WaitReason.PRIORITY and stopped == "more" and "more" not in waits
 
 
+def test_the_reservation_counts_the_jobs_started_by_the_same_pass():
+    # "first" takes one of the two GPUs; "blocked" needs both, so it starts when "first" ends (at 1000, its
+    # time limit), and "short", done by then, may take the other meanwhile.
+    pending = [Request("first", 1, time_limit=1000), Request("blocked", 2, time_limit=50),
+               Request("short", 1, time_limit=50)]
+    starts, waits, stopped = schedule(pending, view({"a": [0, 1]}))
+    assert dict(starts) == {"first": [("a", [0])], "short": [("a", [1])]} and stopped is None
+    assert waits == {"blocked": WaitReason.RESOURCES}
+
+
 def test_a_nearly_full_cluster_is_not_walked_for_each_job_in_a_long_queue(monkeypatch):
     # With time limits and a GPU still free every pending job is looked at; none can start (each needs two),
     # and placement, which walks every node, is asked only for the reservation.
@@ -291,16 +301,15 @@ def test_with_no_gpu_free_a_pass_reads_on_only_while_a_job_sharing_gpus_could_fi
     # GPU 3 is shared by a running --gpu-mem job and has 8,000 MiB of room left.
     nodes, room = {"a": [0, 1, 2, 3]}, {"a": {0: 16000, 3: 8000}}
     running = [Running([("a", [1, 2])], end=100.0), Running([("a", [3])], end=100.0, gpu_mem=4000)]
-    pending = [Request("one", 1, time_limit=10), Request("big", 2, time_limit=10),
-               Request("j0", 1, time_limit=1000), shared("small", 4000, time_limit=10)]
-    behind = startable_behind_in(pending)
-    starts, waits, stopped = schedule(pending, view({"a": [0]}, nodes, running=running, room=room,
-                                                    smallest_gpu_mem=9000), behind)
-    assert dict(starts) == {"one": [("a", [0])]} and stopped == "j0" and "small" not in waits   # 9,000 fit nowhere
-    # The pass stops at j0 all the same, and reads on the jobs that need no free GPU: "small" fits.
-    starts, waits, stopped = schedule(pending, view({"a": [0]}, nodes, running=running, room=room,
-                                                    smallest_gpu_mem=4000), behind)
-    assert dict(starts) == {"one": [("a", [0])], "small": [("a", [3])]} and stopped == "j0" and "j0" not in waits
+    for need, fits in ((8001, False), (8000, True), (4000, True)):
+        pending = [Request("one", 1, time_limit=10), Request("big", 2, time_limit=10),
+                   Request("j0", 1, time_limit=1000), shared("small", need, time_limit=10)]
+        starts, waits, stopped = schedule(pending, view({"a": [0]}, nodes, running=running, room=room,
+                                                        smallest_gpu_mem=need), startable_behind_in(pending))
+        # The pass stops at j0 all the same, and reads on the jobs that need no free GPU while one fits.
+        assert stopped == "j0" and "j0" not in waits, need
+        assert dict(starts) == ({"one": [("a", [0])], "small": [("a", [3])]} if fits else {"one": [("a", [0])]})
+        assert "small" not in waits, need     # started, or not read at all
 
 
 # -- CPU-only jobs ----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """When the master runs a scheduling pass: a job that joins the queue behind the job the last pass stopped at
-(blocked, with an unknown start) cannot start before it, and costs no pass until something else changes;
-the reasons of jobs a pass did not reach.  And when it sends KILLs for a gang job whose rank failed: once per
+(blocked, with an unknown start, or once no GPU is free) cannot start before it, and costs no pass until
+something else changes, unless it needs no free GPU (CPU-only, or sharing GPUs); the reservation counts the
+jobs the same pass started; the reasons of jobs a pass did not reach.  And when it sends KILLs for a gang job whose rank failed: once per
 node, again only if unheeded, and never to a later attempt.
 
 In-process: the master's own JobService, Reactor (on loopback), Store and OutputSpool; the allocator is
@@ -31,9 +32,9 @@ def service(tmp_path, monkeypatch):
     service.passes = 0
     real = jobs_module.allocator.schedule
 
-    def counted(pending, view, cpu_only_behind):
+    def counted(pending, view, startable_behind):
         service.passes += 1
-        return real(pending, view, cpu_only_behind)
+        return real(pending, view, startable_behind)
 
     monkeypatch.setattr(jobs_module.allocator, "schedule", counted)
     yield service
@@ -123,6 +124,31 @@ def test_with_no_gpu_free_a_job_sharing_gpus_behind_the_blocked_one_still_starts
     assert (whole.state, first.state, blocked.reason) == (JobState.RUNNING, JobState.RUNNING, "Resources")
     second = submit(service, "0000000d", 4, time_limit=100, gpu_mem_mb=4000)    # room for it beside the first
     assert second.state is JobState.RUNNING and second.ranks[0].gpu_indices == first.ranks[0].gpu_indices
+
+
+def test_a_job_sharing_gpus_that_joins_behind_the_stop_starts(service):
+    service.state.nodes["n1"].gpus.append(GpuInfo(1, "sim", "GPU-1", 16000, simulated=True))
+    submit(service, "0000000a", 1, time_limit=100)
+    submit(service, "0000000b", 2, time_limit=100, gpu_mem_mb=4000)
+    submit(service, "0000000c", 3, time_limit=100)
+    behind = submit(service, "0000000d", 4, time_limit=100)
+    assert service.stop_key == behind.queue_key
+    second = submit(service, "0000000e", 5, time_limit=100, gpu_mem_mb=4000)   # read on past the stop job
+    assert second.state is JobState.RUNNING
+
+
+def test_a_job_started_in_the_same_pass_counts_for_the_reservation(service):
+    """The first blocked job's start follows from the jobs running, those started by the same pass included:
+    left out, its start was unknown, the pass stopped there, and a later job that could backfill waited."""
+    service.state.nodes["n1"].gpus.append(GpuInfo(1, "sim", "GPU-1", 16000, simulated=True))
+    both = submit(service, "0000000a", 1, gpus=2, time_limit=100)
+    first = submit(service, "0000000b", 2, time_limit=1000, priority=1)
+    blocked = submit(service, "0000000c", 3, gpus=2, time_limit=50)
+    service.end_rank(both, 0, exit_code=0)
+    service.schedule()       # "first" starts; "blocked" will start when it ends
+    assert (first.state, blocked.reason, service.stop_key) == (JobState.RUNNING, "Resources", None)
+    short = submit(service, "0000000d", 4, time_limit=50)      # ends before that: backfills on the free GPU
+    assert short.state is JobState.RUNNING
 
 
 def test_reasons_behind_a_stop_for_want_of_free_gpus_follow_the_dependencies(service):

@@ -286,6 +286,7 @@ def schedule(pending: Iterable[Request], view: View, startable_behind: Startable
         array_running[run.array_id] += 1
     capacity_total = sum(len(idx) for idx in view.capacity.values())
     starts: list[tuple[str, Placement]] = []
+    started: list[Running] = []     # the same, as the reservation replays them
     waits: dict[str, WaitReason] = {}
 
     def consider(req: Request) -> bool:
@@ -298,10 +299,15 @@ def schedule(pending: Iterable[Request], view: View, startable_behind: Startable
         if placement is None:
             waits[req.job_id] = _why_not(req, pool.reservation, pool.free, view.others)
             if pool.reservation is None:
-                pool.reserve(_reserve(req, pool.free, view))
+                # Jobs this pass started hold GPUs too: left out, one with a time limit would make the blocked
+                # job's start unknown, and the pass stop where a job could still backfill.
+                pool.reserve(_reserve(req, pool.free, view, started))
             return pool.reservation.start is not None
+        gpu_mem = req.gpu_mem if req.gpus else None
         starts.append((req.job_id, placement))
-        pool.take(placement, req.gpu_mem if req.gpus else None)
+        started.append(Running(placement, req.user, view.now + req.time_limit if req.time_limit is not None else None,
+                               req.array_id, gpu_mem))
+        pool.take(placement, gpu_mem)
         user_gpus[req.user] += req.gpus
         array_running[req.array_id] += 1
         return True
@@ -368,17 +374,19 @@ def _backfill(req: Request, pool: _Pool, now: float) -> Placement | None:
     return place(req, pool.free, pool.load, pool.room)
 
 
-def _reserve(req: Request, free: GpuMap, view: View) -> Reservation:
-    """When and where the first blocked job will start, replaying running jobs' expected ends.
+def _reserve(req: Request, free: GpuMap, view: View, started: Iterable[Running] = ()) -> Reservation:
+    """When and where the first blocked job will start, replaying the expected ends of running jobs and of
+    those ``started`` earlier in this pass.
 
     Jobs without a time limit never release their GPUs in this replay; if the
     blocked job only fits once one of them ends, its start is unknown and
     nothing may backfill past it.
     """
+    running = [*view.running, *started]
     future = {n: list(idx) for n, idx in free.items()}
     # A shared GPU comes free only when the last job sharing it ends.
-    sharers = Counter((n, i) for r in view.running if r.gpu_mem is not None for n, idx in r.placement for i in idx)
-    for run in sorted((r for r in view.running if r.end is not None), key=lambda r: r.end):
+    sharers = Counter((n, i) for r in running if r.gpu_mem is not None for n, idx in r.placement for i in idx)
+    for run in sorted((r for r in running if r.end is not None), key=lambda r: r.end):
         for node, indices in run.placement:
             if node not in future:
                 continue

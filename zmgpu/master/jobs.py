@@ -74,8 +74,8 @@ class JobService:
         self.dependencies.track(job)
         # A job that joins behind the one where the last pass stopped cannot start before it: until something
         # else changes, a pass would only tell it to wait, which schedule() does without one.  This spares a
-        # submit behind a long queue a pass over the running jobs.  Unless it could start with no GPU free
-        # (a pass that stopped for want of free GPUs says nothing of it).
+        # submit behind a long queue a pass over the running jobs.  Unless it could start with no GPU free: a
+        # CPU-only job passes any stop, and one sharing GPUs a stop for want of free GPUs.
         if self.stop_key is None or job.queue_key < self.stop_key or starts_without_free_gpu(job):
             self.dirty = True
         self.publish_job(job)

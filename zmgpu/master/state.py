@@ -236,8 +236,8 @@ class JobRecord:
 class PendingQueue:
     """Pending job ids kept sorted by :attr:`JobRecord.queue_key`, so a pass never sorts; counted per user.
     The jobs that could start with no GPU free (CPU-only ones, and those sharing GPUs by --gpu-mem) are also
-    kept in their own queue order, since a pass that stops for want of GPUs reads on only those, and those
-    sharing GPUs are counted per MiB declared."""
+    kept in their own queue order, since a pass that stops reads on only those, and those sharing GPUs are
+    counted per MiB declared."""
 
     def __init__(self):
         self._keys: list[tuple[int, int, str]] = []
