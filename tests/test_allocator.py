@@ -166,6 +166,14 @@ def test_pending_queue_orders_by_priority_then_submission_and_finds_the_startabl
     assert len(queue) == 6 and list(queue.startable_behind("second")) == ["shares", "cpu_low"]
 
 
+def test_the_user_cap_counts_every_gpu_of_a_running_job_on_every_node():
+    # alice holds three GPUs in one gang job over two nodes; the cap is four.
+    running = [Running([("a", [0, 1]), ("b", [0])], user="alice")]
+    pending = [Request("two", 2, user="alice"), Request("one", 1, user="alice")]
+    starts, waits, _ = schedule(pending, view({"a": [2, 3], "b": [1, 2, 3]}, running=running, user_gpu_limit=4))
+    assert [job for job, _ in starts] == ["one"] and waits == {"two": WaitReason.USER_GPU_LIMIT}
+
+
 def test_schedule_follows_the_order_it_is_given():
     # The queue decides the order (priority first); the pass starts jobs in that order while GPUs last.
     pending = [Request("urgent", 2), Request("first", 2), Request("low", 1)]

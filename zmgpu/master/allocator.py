@@ -67,6 +67,11 @@ class Running:
     end: float | None = None           # expected end (start + time limit); None: unknown
     array_id: str | None = None
     gpu_mem: int | None = None         # it shares its GPUs
+    # How many GPUs it holds: counted once, not by every pass (8,000 running jobs cost each pass 6 ms).
+    gpus: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "gpus", sum(len(indices) for _, indices in self.placement))
 
 
 @dataclass
@@ -282,7 +287,7 @@ def schedule(pending: Iterable[Request], view: View, startable_behind: Startable
     user_gpus: Counter = Counter()
     array_running: Counter = Counter()
     for run in view.running:
-        user_gpus[run.user] += sum(len(idx) for _, idx in run.placement)
+        user_gpus[run.user] += run.gpus
         array_running[run.array_id] += 1
     capacity_total = sum(len(idx) for idx in view.capacity.values())
     starts: list[tuple[str, Placement]] = []
