@@ -135,8 +135,9 @@ def test_schedule_does_not_change_its_input():
 
 def test_infeasible_messages():
     nodes = [NodeCapacity("a", (0, 1, 2, 3)), NodeCapacity("b", (0, 1))]
-    assert infeasible(Request("j", 6), nodes) is None
-    assert "can never be satisfied" in infeasible(Request("j", 7), nodes)
+    assert infeasible(Request("j", 6), nodes) is None and infeasible(Request("j", 0), nodes) is None
+    assert infeasible(Request("j", 7), nodes) == ("--gpus 7 can never be satisfied: the registered nodes have "
+                                                  "6 GPU(s) in all (a: 4, b: 2)")
     assert "unknown node 'c'" in infeasible(Request("j", 1, {"c": [0]}), nodes)
     assert "has no GPU 5" in infeasible(Request("j", 1, {"b": [5]}), nodes)
     assert "no node agent has registered" in infeasible(Request("j", 0), [])
@@ -236,9 +237,12 @@ def test_shared_gpu_comes_free_in_the_replay_when_its_last_sharer_ends():
 
 
 def test_gpu_mem_larger_than_any_gpu_is_refused_at_submit():
-    nodes = [NodeCapacity("n", (0, 1), (15872, 15872))]
-    assert "can never be satisfied" in infeasible(shared("a", 20000), nodes)
-    assert infeasible(shared("a", 15000, gpus=2), nodes) is None
+    nodes = [NodeCapacity("n", (0, 1), (15872, 15872)), NodeCapacity("m", (0,), (8000,))]
+    assert "20000 MiB on 1 GPU(s) can never be satisfied: 0 GPU(s) have that much room (the most any GPU " \
+           "offers is 15872 MiB" in infeasible(shared("a", 20000), nodes)
+    assert "2 GPU(s) have that much room" in infeasible(shared("a", 15000, gpus=3), nodes)
+    assert infeasible(shared("a", 15000, gpus=2), nodes) is None and infeasible(shared("a", 8000, gpus=3), nodes) is None
+    assert "--gpus 4 can never be satisfied" in infeasible(shared("a", 100, gpus=4), nodes)
 
 
 def test_counts_follow_what_the_pass_took_shared_and_reserved_gpus_included():

@@ -116,19 +116,32 @@ def infeasible(request: Request, nodes: list[NodeCapacity]) -> str | None:
                 have = ",".join(map(str, node.gpu_indices)) or "none"
                 return f"node '{node_id}' has no GPU {missing[0]} (its GPUs: {have})"
         return None
-    total = sum(len(n.gpu_indices) for n in nodes)
-    if request.gpu_mem is not None and request.gpus <= total:
+    # Counted only as far as the request needs (a submit to a thousand nodes counted them all), and in full
+    # only for the message that it can never be satisfied.
+    enough = _reaches(request.gpus, (len(n.gpu_indices) for n in nodes))
+    if request.gpu_mem is not None and enough and not _reaches(
+            request.gpus, (mb >= request.gpu_mem for n in nodes for mb in n.room)):
         fitting = sum(mb >= request.gpu_mem for n in nodes for mb in n.room)
-        if fitting < request.gpus:
-            largest = max((mb for n in nodes for mb in n.room), default=0)
-            return (f"--gpu-mem {request.gpu_mem} MiB on {request.gpus} GPU(s) can never be satisfied: "
-                    f"{fitting} GPU(s) have that much room (the most any GPU offers is {largest} MiB, "
-                    f"its memory less the node's reserve)")
-    if request.gpus > total:
+        largest = max((mb for n in nodes for mb in n.room), default=0)
+        return (f"--gpu-mem {request.gpu_mem} MiB on {request.gpus} GPU(s) can never be satisfied: "
+                f"{fitting} GPU(s) have that much room (the most any GPU offers is {largest} MiB, "
+                f"its memory less the node's reserve)")
+    if not enough:
+        total = sum(len(n.gpu_indices) for n in nodes)
         per_node = ", ".join(f"{n.node_id}: {len(n.gpu_indices)}" for n in nodes)
         return (f"--gpus {request.gpus} can never be satisfied: the registered nodes have "
                 f"{total} GPU(s) in all ({per_node})")
     return None
+
+
+def _reaches(target: int, counts: Iterable[int]) -> bool:
+    """Whether ``counts`` add up to ``target`` or more, read only as far as that takes."""
+    total = 0
+    for count in counts:
+        total += count
+        if total >= target:
+            return True
+    return total >= target
 
 
 def place(request: Request, free: dict[str, list[int]], load: dict[str, int],
