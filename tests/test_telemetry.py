@@ -101,12 +101,22 @@ def test_start_is_refused_on_a_busy_gpu_and_when_declared_memory_does_not_fit(gp
     assert t.refuse_start([0], 4000, {}) is None                # sharing goes by memory, not by pids
 
 
+def test_another_rank_of_the_job_ending_on_a_dirty_gpu_keeps_its_wait_for_a_warning(gpus_file, processes):
+    pid = processes("0badcafe")
+    t = telemetry(gpus_file({"processes": [{"pid": pid, "used_mb": 500}]}))
+    t.snapshot()
+    assert t.release_check("0badcafe", [0]) == [0]
+    warn_at = t.dirty[0].warn_at
+    assert t.release_check("0badcafe", [0]) == [0]     # a second rank of the job (--per-gpu) ends there too
+    assert t.dirty[0].warn_at == warn_at
+
+
 def test_release_check_marks_dirty_until_the_process_is_gone(gpus_file, processes):
     pid = processes("0badcafe")
     t = telemetry(gpus_file({"processes": [{"pid": pid, "used_mb": 500}]}))
     t.snapshot()
     assert t.release_check("0badcafe", [0]) == [0]
-    assert t.current[0]["dirty"] == "0badcafe" and t.dirty == {0: "0badcafe"}
+    assert t.current[0]["dirty"] == "0badcafe" and list(t.dirty) == [0] and t.dirty_job(0) == "0badcafe"
     assert t.dirty_for("0badcafe", [0, 1]) == [0]
     t.delivered({"0": {"dirty": "0badcafe"}})     # as the agent does once the rank's JOB_ENDED went out
     # The leftover was killed again; the file (NVML) still lists it, so the GPU stays dirty.

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from ..model import gpu_room
 from .gpus import GpuSample, GpuSource
-from .sweep import proc_stat, read_job_mark
+from .sweep import proc_start_time, read_job_mark
 
 #: Changes smaller than these are not worth a message (MiB, percent, degrees C).
 DEAD_BAND = {"used_mb": 64, "foreign_mb": 64, "utilization": 5, "temperature": 2}
@@ -60,6 +60,14 @@ class Policy:
                 "gpu_mem_reserve_mb": self.reserve_mb}
 
 
+@dataclass
+class DirtyGpu:
+    """A GPU that still lists processes of a job that ended there."""
+
+    job_id: str
+    warn_at: float | None      # when (monotonic) to warn that it is still dirty; None: warned already
+
+
 class Telemetry:
     """The agent's view of its GPUs: samples, attribution, dirty GPUs, and the deltas owed to the master."""
 
@@ -70,8 +78,7 @@ class Telemetry:
         self.devices = source.devices()
         self.memory = {gpu.index: gpu.memory_mb for gpu in self.devices}
         self.owners: dict[int, tuple[int | None, str | None]] = {}  # pid -> (start time, job id or None)
-        self.dirty: dict[int, str] = {}        # GPU index -> job id whose processes still hold it
-        self.warn_dirty_at: dict[int, float] = {}   # dirty GPU index -> when (monotonic) to warn, once, of it
+        self.dirty: dict[int, DirtyGpu] = {}   # GPU index -> the ended job whose processes still hold it
         self.current: dict[int, dict] = {}     # GPU index -> its state as of the last sample
         self.sent: dict[int, dict] = {}        # GPU index -> its state as the master last heard it
         self.samples = 0
@@ -109,7 +116,7 @@ class Telemetry:
                 "processes": processes, "foreign_mb": foreign_mb,
                 "busy": self.policy.busy(len(foreign), foreign_mb),
                 "healthy": sample.unhealthy is None, "health": sample.unhealthy,
-                "dirty": self.dirty.get(sample.index)}
+                "dirty": self.dirty_job(sample.index)}
 
     def owner(self, pid: int) -> str | None:
         """The zmgpu job a GPU process belongs to, None for a foreign one.
@@ -117,12 +124,11 @@ class Telemetry:
         Remembered per pid and start time: a process that has died (NVML may still
         list it while the driver lets go of its memory) keeps the owner it had.
         """
-        stat = proc_stat(pid)
-        start = stat[1] if stat else None
+        start = proc_start_time(pid)
         known = self.owners.get(pid)
         if known is not None and (start is None or known[0] == start):
             return known[1]
-        job_id = read_job_mark(pid) if stat else None
+        job_id = read_job_mark(pid) if start is not None else None
         self.owners[pid] = (start, job_id)
         return job_id
 
@@ -168,7 +174,12 @@ class Telemetry:
 
     def dirty_for(self, job_id: str, indices: list[int]) -> list[int]:
         """Which of ``indices`` are dirty with ``job_id``'s processes now."""
-        return [i for i in indices if self.dirty.get(i) == job_id]
+        return [i for i in indices if self.dirty_job(i) == job_id]
+
+    def dirty_job(self, index: int) -> str | None:
+        """The job whose processes keep GPU ``index`` dirty; None when it is clean."""
+        dirty = self.dirty.get(index)
+        return dirty.job_id if dirty is not None else None
 
     # -- around a job ------------------------------------------------------------------------
 
@@ -203,9 +214,11 @@ class Telemetry:
         self._look(indices)
         held = [i for i in indices if any(p["job_id"] == job_id for p in self.current.get(i, {}).get("processes", ()))]
         if held:
-            self.dirty.update(dict.fromkeys(held, job_id))
-            self.warn_dirty_at.update(dict.fromkeys(held, time.monotonic() + DIRTY_WARN_AFTER))
+            warn_at = time.monotonic() + DIRTY_WARN_AFTER
             for index in held:
+                # Another rank of the same job ending there (--per-gpu) neither restarts the wait nor warns again.
+                if self.dirty_job(index) != job_id:
+                    self.dirty[index] = DirtyGpu(job_id, warn_at)
                 self.current[index]["dirty"] = job_id
             killed = self._kill_leftovers(job_id, held)
             self.log.info("job %s ended but GPU(s) %s still list its processes: marked dirty (not given to any "
@@ -219,24 +232,22 @@ class Telemetry:
             return []
         self._look(sorted(self.dirty))
         clean = []
-        for index, job_id in list(self.dirty.items()):
-            state = self.current.get(index, {})
+        for index, dirty in list(self.dirty.items()):
+            job_id, state = dirty.job_id, self.current.get(index, {})
             left = [p["pid"] for p in state.get("processes", ()) if p["job_id"] == job_id]
             if left:
                 self._kill_leftovers(job_id, [index])
-                if time.monotonic() >= self.warn_dirty_at.get(index, float("inf")):
-                    del self.warn_dirty_at[index]
+                if dirty.warn_at is not None and time.monotonic() >= dirty.warn_at:
+                    dirty.warn_at = None
                     self.log.warning("GPU %d still lists process(es) %s of job %s over %g s after it ended: "
                                      "not given to any job until they are gone", index,
                                      ", ".join(map(str, left)), job_id, DIRTY_WARN_AFTER)
                 continue
             del self.dirty[index]
-            self.warn_dirty_at.pop(index, None)
             state["dirty"] = None
             clean.append(index)
             self.log.info("GPU %d is clean again: no process of job %s is left on it", index, job_id)
         return clean
-
 
     def _kill_leftovers(self, job_id: str, indices: list[int]) -> int:
         """SIGKILL the processes of ``job_id`` listed on ``indices``, and only those: the job's other ranks
@@ -246,10 +257,10 @@ class Telemetry:
             for proc in self.current.get(index, {}).get("processes", ()):
                 if proc["job_id"] != job_id:
                     continue    # another job's, or foreign: never read, never signalled
-                stat = proc_stat(proc["pid"])
+                start = proc_start_time(proc["pid"])
                 known = self.owners.get(proc["pid"])
                 # Still the very process that was seen with the job's mark (not a new one given its pid).
-                if stat and known and known[0] == stat[1]:
+                if start is not None and known and known[0] == start:
                     try:
                         os.kill(proc["pid"], signal.SIGKILL)
                         killed += 1
