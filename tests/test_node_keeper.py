@@ -247,3 +247,13 @@ def test_clock_readings_around_a_spawn_that_agree_are_its_proc_start_time():
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
     assert agreed, "no spawn fell within one clock tick"
+
+
+def test_a_rank_whose_output_file_cannot_be_made_says_which_file(tmp_path):
+    (tmp_path / "jobs").write_text("")         # a file where the jobs directory should be
+    key = RankKey("0badcafe", 0, 0)
+    failed = RankProcess.spawn(state_dir=str(tmp_path), node_id="n1", key=key, cwd=str(tmp_path), command="true",
+                               env={}, gpu_indices=[], kill_grace=1, keeper=None, fresh=True)
+    assert failed.ended and failed.pid is None
+    assert failed.reason == (f"cannot start the job on node n1: Not a directory: "
+                             f"{spool_file(key.spool(str(tmp_path)), 'stdout')}"), failed.reason

@@ -297,8 +297,10 @@ class Agent:
             kills.append(self.next_dirty_check)
         kills += [r.kill_deadline for r in self.ranks.values() if r.running and r.kill_deadline is not None]
         now = time.monotonic()
-        # A start held back for its rank's end goes out when the hold is over, not at the next slow tick.
-        kills += [r.announce_by for r in self.ranks.values() if not r.start_reported and r.announce_by > now]
+        # A start held back for its rank's end goes out when the hold is over, not at the next slow tick.  (A
+        # rank still waiting for the keeper's answer is not due: the keeper holds that answer as long.)
+        kills += [r.announce_by for r in self.ranks.values()
+                  if not r.start_reported and not r.pending and r.announce_by > now]
         timeout = math.ceil((min([deadline, *kills]) - now) * 1000)
         if any(rank.running for rank in self.ranks.values()) or (self.registered and self.ranks):
             # Adopted ranks are not our children (no SIGCHLD), and output is found only by looking.

@@ -176,8 +176,8 @@ class SpawnRecord:
 
     def signal_group(self, signum: int) -> None:
         """Signal the process group, unless a new process has taken the leader's pid (and so the group id)."""
-        leader = proc_stat(self.pgid)
-        if leader is not None and leader[1] != self.start_time:
+        leader = proc_start_time(self.pgid)
+        if leader is not None and leader != self.start_time:
             return
         try:
             os.killpg(self.pgid, signum)
@@ -204,7 +204,6 @@ class RankProcess:
     ended: bool = False
     start_reported: bool = False           # JOB_STARTED (or a JOB_ENDED that carries the start) went out
     announce_by: float = 0.0               # monotonic time by which JOB_STARTED must go, if it has not ended
-    hosts_rendezvous: bool = False         # other nodes' ranks wait for its JOB_STARTED (the port): never held
     killed: bool = False                   # a KILL came: its end must leave no process of the job behind
     kill_deadline: float | None = None     # monotonic time for SIGKILL after a KILL
     gpu_mem_mb: int | None = None          # the --gpu-mem it declared (None: its GPUs are its own)
@@ -227,14 +226,16 @@ class RankProcess:
 
         A rank asked of the keeper comes back :attr:`pending` until its answer is
         passed to :meth:`started`.  Raises keeper_link.KeeperLost when the link to the keeper
-        broke: the rank may have started.  ``fresh``: no file of this rank can be in the spool yet.
+        broke: the rank may have started.  ``fresh``: no file of an earlier dispatch of this rank can be in
+        the spool.
         """
         rank_proc = cls(key, key.spool(state_dir), node_id, list(gpu_indices), kill_grace, master_port=master_port,
-                        hosts_rendezvous=hosts_rendezvous, gpu_mem_mb=gpu_mem_mb)
+                        gpu_mem_mb=gpu_mem_mb)
         try:
-            rank_proc._create_spool(fresh)
+            if not fresh:
+                rank_proc._forget_earlier_dispatch()
         except OSError as exc:
-            rank_proc._fail(f"cannot create the output spool {rank_proc.spool} on node {node_id}: "
+            rank_proc._fail(f"cannot clear the spool {rank_proc.spool} of an earlier dispatch on node {node_id}: "
                             f"{exc.strerror or exc}")
             return rank_proc
         if isinstance(run_as, Refusal):
@@ -347,20 +348,16 @@ class RankProcess:
         rank_proc.sent = {stream: rank_proc.size(stream) for stream in Stream}
         return rank_proc
 
-    def _create_spool(self, fresh: bool) -> None:
-        """Make room for the rank's files: the jobs directory, without the end and the spawn record of an
-        earlier dispatch (unless ``fresh``).
+    def _forget_earlier_dispatch(self) -> None:
+        """Remove the end and the spawn record that an earlier dispatch of this very rank left (the master lost
+        a commit in a power cut and dispatched it again): the rank starts over.
 
-        Whoever starts the rank creates and empties the output files (a re-dispatched
-        rank starts over), so they are left alone here.  Creating a file is the main
-        cost of a short job, so nothing is created here; and removing one, even one
-        that is not there, locks the directory against the keeper creating the
-        files of other ranks, so nothing is removed that cannot be there.  (The jobs
-        directory is made where the output files are created: see users.start_rank.)
+        Only for a rank whose spool may hold them: removing a file, even one that is not
+        there, locks the jobs directory against the keeper creating the files of other
+        ranks.  The output files are emptied by whoever starts the rank (see users.start_rank).
         """
-        if not fresh:
-            for name in (STATUS_FILE, PROCESS_FILE):
-                remove_file(spool_file(self.spool, name))
+        for name in (STATUS_FILE, PROCESS_FILE):
+            remove_file(spool_file(self.spool, name))
 
     def _open_readers(self) -> None:
         for stream in Stream:

@@ -215,7 +215,10 @@ def start_error(exc: Exception, account: Account | None, cwd: str) -> str:
     """Why a rank did not start, from what Popen raised."""
     if isinstance(exc, subprocess.SubprocessError) and account is not None:
         return f"user {account.name} cannot enter the working directory {cwd}"
-    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        # The path says which: the working directory, an output file of the spool, or the shell.
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return str(exc)
 
 
 def missing_directory(cwd: str) -> bool:
