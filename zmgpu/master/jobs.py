@@ -370,7 +370,7 @@ class JobService:
                 self.store.job_changed(job)
                 self.log.info("job %s reached its time limit of %s", job.job_id, format_duration(job.time_limit))
                 self.kill_ranks(job, "time limit reached")
-            elif now - job.kill_sent > self.kill_grace + 5:
+            elif job.kill_sent and now - job.kill_sent > self.kill_grace + 5:
                 self.repeat_kill(job)
 
     def repeat_kill(self, job: JobRecord) -> None:

@@ -257,9 +257,8 @@ class PendingQueue:
     def remove(self, job_id: str) -> None:
         key, job = self._by_id.pop(job_id)
         del self._keys[bisect.bisect_left(self._keys, key)]
-        at = bisect.bisect_left(self._startable_keys, key)
-        if at < len(self._startable_keys) and self._startable_keys[at] == key:
-            del self._startable_keys[at]
+        if starts_without_free_gpu(job):    # as at add: what a job asks for does not change while it waits
+            del self._startable_keys[bisect.bisect_left(self._startable_keys, key)]
         self._count(job, -1)
 
     def _count(self, job: JobRecord, step: int) -> None:
