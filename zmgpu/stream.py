@@ -243,16 +243,18 @@ class Follower:
         """Nothing more will come for this track."""
         return not track.wanted and (not self.view.live or _finished(self.job))
 
-    def _open_tracks(self) -> list:
-        """Tracks whose bytes may be written now: all, or in an ordered view the first unsettled and those before."""
-        if not self.view.ordered:
-            return list(self.tracks.values())
-        opened = []
+    def _open_tracks(self):
+        """Tracks whose bytes may be written now, in order: all, or in an ordered view the first unsettled and
+        those before."""
         for track in self.tracks.values():
-            opened.append(track)
-            if not self._settled(track):
-                break
-        return opened
+            yield track
+            if self.view.ordered and not self._settled(track):
+                return
+
+    def _is_open(self, track: Track) -> bool:
+        """Whether ``track``'s bytes may be written now (every track's may in an unordered view: no walk over
+        the tracks for each chunk)."""
+        return not self.view.ordered or any(opened is track for opened in self._open_tracks())
 
     def _write(self, track: Track, offset: int, data: bytes) -> None:
         """Write the part of a chunk the track lacks; a chunk past its end is left to a FETCH."""
@@ -364,8 +366,7 @@ class Follower:
             return
         data = msg.payload[0]
         track.known = max(track.known, body["offset"] + len(data))
-        # Every track is open in an unordered view: no list of them all for each chunk.
-        if not self.view.ordered or any(opened is track for opened in self._open_tracks()):
+        if self._is_open(track):
             self._write(track, body["offset"], data)
 
     def _on_job_state(self, msg: protocol.Message) -> None:
