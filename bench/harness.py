@@ -489,6 +489,10 @@ class StateWatcher:
         self.sub.close()
         self.ctx.term()
 
+    def unfollow(self) -> None:
+        """Subscribe to no more ends (the events already queued stay readable)."""
+        self.sub.setsockopt(zmq.UNSUBSCRIBE, ENDED_PREFIX)
+
     def _drain(self) -> list[str]:
         """Take the published ends; return the ids of the jobs they ended."""
         ended = []

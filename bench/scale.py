@@ -19,11 +19,8 @@ Issue 6's targets have no machine limit to compare with, so these figures
 carry no ``limit``.
 
 ``scale_limits`` (bench/scale_limits.py) runs the same with a one-hour time
-limit on every job, as under a master's ``default_time_limit``, and one
-``--gpu-mem`` job waiting at the end of the queue: every running job then has
-a known end, the first blocked job a known start, and a pass stops neither
-there nor when no GPU is left free (the job that shares GPUs might fit), so
-it reads the whole queue.
+limit on every job, and two jobs waiting last in the queue (one sharing GPUs,
+one CPU-only): its docstring says what a pass reads then.
 """
 
 from __future__ import annotations

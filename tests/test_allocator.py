@@ -165,6 +165,15 @@ def test_pending_queue_orders_by_priority_then_submission_and_finds_the_startabl
     queue.remove("cpu")
     assert list(queue) == ["urgent", "cpu_urgent", "second", "shares", "low", "cpu_low"] and "first" not in queue
     assert len(queue) == 6 and list(queue.startable_behind("second")) == ["shares", "cpu_low"]
+    # The least --gpu-mem declared among the jobs that wait.
+    more = job("shares_more", 9)
+    more.gpu_mem_mb = 8000
+    queue.add(more)
+    assert queue.smallest_gpu_mem == 4000
+    queue.remove("shares")
+    assert queue.smallest_gpu_mem == 8000
+    queue.remove("shares_more")
+    assert queue.smallest_gpu_mem is None
 
 
 def test_the_user_cap_counts_every_gpu_of_a_running_job_on_every_node():
@@ -241,7 +250,8 @@ def test_gpu_mem_larger_than_any_gpu_is_refused_at_submit():
     assert "20000 MiB on 1 GPU(s) can never be satisfied: 0 GPU(s) have that much room (the most any GPU " \
            "offers is 15872 MiB" in infeasible(shared("a", 20000), nodes)
     assert "2 GPU(s) have that much room" in infeasible(shared("a", 15000, gpus=3), nodes)
-    assert infeasible(shared("a", 15000, gpus=2), nodes) is None and infeasible(shared("a", 8000, gpus=3), nodes) is None
+    assert infeasible(shared("a", 15000, gpus=2), nodes) is None
+    assert infeasible(shared("a", 8000, gpus=3), nodes) is None
     assert "--gpus 4 can never be satisfied" in infeasible(shared("a", 100, gpus=4), nodes)
 
 

@@ -34,10 +34,16 @@ def test_jobs_behind_one_that_needs_a_lost_node_start_once_it_is_lost(fresh_pair
     assert [cluster.job(j)["reason"] for j in (big, small)] == ["Resources", "Priority"]
 
     idle = "n2" if busy == "n1" else "n1"
-    cluster.stop(cluster.nodes[idle], signal.SIGKILL)
-    cluster.wait_node_state(idle, "DOWN", timeout=NODE_TIMEOUT + 3)
-    # The big job now waits for the lost node, and no longer holds the queue.
-    running = cluster.wait_job_state(small, "RUNNING", timeout=10)
-    assert running["allocation"][0]["node_id"] == busy and cluster.job(big)["reason"] == "NodeDown"
+    # Stopped, not killed: its connection stays up, so only the node going DOWN can bring the pass (a failed
+    # send to a dead agent's socket would bring one too).
+    cluster.nodes[idle].signal(signal.SIGSTOP)
+    try:
+        cluster.wait_node_state(idle, "DOWN", timeout=NODE_TIMEOUT + 3)
+        # The big job now waits for the lost node, and no longer holds the queue.
+        running = cluster.wait_job_state(small, "RUNNING", timeout=10)
+        assert running["allocation"][0]["node_id"] == busy and cluster.job(big)["reason"] == "NodeDown"
+    finally:
+        cluster.nodes[idle].signal(signal.SIGCONT)
+        cluster.stop(cluster.nodes[idle], signal.SIGKILL)
     release(workdir, "filler", "small")
     assert cluster.wait_job_state(filler, FINISHED)["state"] == "COMPLETED"

@@ -108,7 +108,7 @@ def test_a_failing_rank_stops_each_node_once_not_once_per_rank(duo):
     job = duo.wait_job_state(job_id, ["FAILED"], timeout=30)
     assert job["reason"] == "rank 3 on n2: exited with code 5"
     for node in ("n1", "n2"):
-        stops = [line for line in (duo.root / f"node-{node}.log").read_text().splitlines()
+        stops = [line for line in duo.nodes[node].log.read_text().splitlines()
                  if f"job {job_id}: stopping" in line]
         assert len(stops) == 1, stops
 

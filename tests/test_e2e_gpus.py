@@ -153,7 +153,7 @@ def test_release_check_marks_a_gpu_dirty_until_the_jobs_processes_are_gone(sim_c
     waiting = cluster.submit("true", "--gpus", "1")
     wait_reason(cluster, waiting, "GPUsInUseByOthers")
     # A moment of it is routine (the driver takes a cancelled CUDA process's memory back): said as INFO.
-    node_log = cluster.root / "node-n1.log"
+    node_log = cluster.nodes["n1"].log
     marked = [line for line in node_log.read_text().splitlines() if f"job {job_id} ended but GPU(s) 0" in line]
     assert len(marked) == 1 and " INFO " in marked[0], marked
     # Held on, it is a warning, once.

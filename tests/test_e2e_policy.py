@@ -77,7 +77,7 @@ def test_users_may_only_lower_priority_and_admins_may_raise_it(policy, workdir):
     raised = policy.submit(hold_sh("raised"), "--gpus", "1", "--priority", "5", cwd=workdir)
     assert policy.job(raised)["priority"] == 5
     assert [policy.job(j)["reason"] for j in (raised, later, low)] == ["Resources", "Priority", "Priority"]
-    # Behind the job the last pass stopped at, a new job is told why it waits without a pass of its own.
+    # Behind the job the last pass stopped at, a new job is told why it waits.
     lowest = policy.submit(hold_sh("lowest"), "--gpus", "1", "--priority", "-10", cwd=workdir)
     assert policy.job(lowest)["reason"] == "Priority"
 

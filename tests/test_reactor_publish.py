@@ -16,6 +16,15 @@ from zmgpu.master.reactor import PUB_HWM, Reactor
 from zmgpu.protocol import MsgType, decode, encode
 
 
+def wait_wants(reactor: Reactor, topic: bytes, wanted: bool) -> None:
+    """Take (un)subscriptions as the reactor's loop would, until it wants ``topic`` or not, as asked."""
+    def settled():
+        if reactor.pub.poll(20):
+            reactor._read_subscriptions()
+        return reactor.wants(topic) == wanted
+    poll(settled, 10, f"the master to {'take' if wanted else 'drop'} the subscription {topic!r}")
+
+
 @pytest.fixture
 def wired():
     reactor = Reactor("127.0.0.1", 0, 0, logging.getLogger("test.reactor"))
@@ -25,13 +34,8 @@ def wired():
     sub.setsockopt(zmq.SUBSCRIBE, b"t.")
     sub.connect(f"tcp://127.0.0.1:{reactor.pub_port}")
 
-    def subscribed():
-        if reactor.pub.poll(50):
-            reactor._read_subscriptions()
-        return reactor.wants(b"t.x")
-
     try:
-        poll(subscribed, 10, "the subscription to reach the master")
+        wait_wants(reactor, b"t.x", True)
         yield reactor, sub
     finally:
         sub.close(0)
@@ -80,15 +84,8 @@ def test_wants_follows_thousands_of_subscriptions_of_several_lengths(wired):
     client = Client("127.0.0.1", port=1, pub_port=reactor.pub_port, default_keys=False)
     sub = client._subscriber(*topics)
 
-    def reach(topic: bytes, wanted: bool) -> None:
-        def reached():
-            if reactor.pub.poll(20):
-                reactor._read_subscriptions()
-            return reactor.wants(topic) == wanted
-        poll(reached, 10, f"the master to {'take' if wanted else 'drop'} the subscription {topic!r}")
-
     try:
-        reach(topics[-1], True)   # one socket's subscriptions arrive in order
+        wait_wants(reactor, topics[-1], True)   # one socket's subscriptions arrive in order
         assert all(reactor.wants(topic) for topic in topics)
         assert reactor.wants(b"t.the fixture's prefix")
         assert not any(reactor.wants(topic) for topic in (
@@ -97,11 +94,11 @@ def test_wants_follows_thousands_of_subscriptions_of_several_lengths(wired):
         dropped, kept = topics[::2], topics[1::2]
         for topic in dropped:
             sub.setsockopt(zmq.UNSUBSCRIBE, topic)
-        reach(dropped[-1], False)
+        wait_wants(reactor, dropped[-1], False)
         assert not any(reactor.wants(topic) for topic in dropped)
         assert all(reactor.wants(topic) for topic in kept)
         sub.setsockopt(zmq.SUBSCRIBE, b"")   # everything
-        reach(b"anything at all", True)
+        wait_wants(reactor, b"anything at all", True)
         assert reactor.wants(b"") and all(reactor.wants(topic) for topic in dropped)
     finally:
         sub.close(0)
