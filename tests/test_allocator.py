@@ -1,6 +1,8 @@
 """Placement policy, called as plain functions: no sockets, no daemons."""
 
-from zmgpu.master.allocator import (NodeCapacity, Request, Running, View, WaitReason, _reserve, infeasible,
+import random
+
+from zmgpu.master.allocator import (NodeCapacity, Request, Running, View, WaitReason, _Pool, _reserve, infeasible,
                                     place, schedule)
 
 FOUR = {"a": [0, 1, 2, 3]}
@@ -377,3 +379,23 @@ def test_a_pass_that_finds_no_gpu_free_still_starts_the_cpu_only_job_it_stops_at
     starts, waits, stopped = schedule(pending, view({"a": []}, {"a": [0]}, running=running),
                                       startable_behind_in(pending))
     assert dict(starts) == {"cpu": [("a", [])]} and stopped == "cpu" and waits == {"big": WaitReason.RESOURCES}
+
+
+def test_pool_index_places_as_a_walk_over_every_node():
+    # The pass finds a one-node fit by its index of nodes by free GPUs; it must choose what `place` chooses
+    # by walking every node, through a pass's takes (which only shrink what is free), gangs and pins included.
+    rng = random.Random(6)
+    for _ in range(200):
+        free = {f"n{n:02d}": sorted(rng.sample(range(8), rng.randint(0, 8))) for n in range(rng.randint(1, 12))}
+        pool = _Pool.of(view(free))
+        for k in range(40):
+            gpus = rng.choice([0, 1, 1, 1, 2, 3, 4, 8, 12])
+            pins = None
+            if rng.random() < 0.1:
+                node = rng.choice(sorted(free))
+                pins = {node: sorted(rng.sample(range(8), 1))}
+            req = Request(f"j{k}", gpus if pins is None else 1, pins)
+            expected = place(req, {n: list(i) for n, i in pool.free.items()}, dict(pool.load), pool.room)
+            assert pool.place(req) == expected
+            if expected is not None:
+                pool.take(expected, None)

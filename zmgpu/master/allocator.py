@@ -20,6 +20,7 @@ one that others' processes use.
 from __future__ import annotations
 
 import enum
+import heapq
 import itertools
 from collections import Counter
 from dataclasses import dataclass, field
@@ -222,6 +223,10 @@ class _Pool:
     count: int = 0                          # free GPUs
     spare: int = 0                          # free GPUs the reservation will not take
     reservation: Reservation | None = None  # the first blocked job's, once there is one
+    # The nodes with GPUs free, by how many, each count a heap of names; built by the first placement that asks
+    # (see tightest).  Without it every start walked every node: filling 1,000 empty nodes, 8,000 starts in one
+    # pass, took 0.55 s in placement alone.
+    by_free: dict[int, list[str]] | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, view: View) -> "_Pool":
@@ -248,6 +253,33 @@ class _Pool:
             return False
         return req.gpus > (self.spare if spare_only else self.count)
 
+    def place(self, req: Request) -> Placement | None:
+        """``place`` over what the pool holds; a job taking whole GPUs on one node is found by the index."""
+        if req.gpus and not req.pins and req.gpu_mem is None:
+            node = self.tightest(req.gpus)
+            if node is not None:
+                return [(node, sorted(self.free[node])[:req.gpus])]
+        return place(req, self.free, self.load, self.room)
+
+    def tightest(self, gpus: int) -> str | None:
+        """The node with the fewest free GPUs of those with at least ``gpus`` free, the first by name on a tie
+        (as ``place`` chooses), or None."""
+        if self.by_free is None:
+            self.by_free = {}
+            for node, idx in self.free.items():
+                if idx:
+                    self.by_free.setdefault(len(idx), []).append(node)
+            for heap in self.by_free.values():
+                heapq.heapify(heap)
+        for count in sorted(c for c in self.by_free if c >= gpus):
+            heap = self.by_free[count]
+            # Free GPUs only shrink in a pass: a node that no longer has this count never has it again.
+            while heap and len(self.free[heap[0]]) != count:
+                heapq.heappop(heap)
+            if heap:
+                return heap[0]
+        return None
+
     def take(self, placement: Placement, gpu_mem: int | None) -> None:
         """Mark a placement's GPUs as taken."""
         for node, indices in placement:
@@ -256,6 +288,8 @@ class _Pool:
             was_free = [i for i in free if i in taken]
             self.free[node] = [i for i in free if i not in taken]
             self.count -= len(was_free)
+            if was_free and self.free[node] and self.by_free is not None:
+                heapq.heappush(self.by_free.setdefault(len(self.free[node]), []), node)
             reserved = self.reservation.gpus if self.reservation else ()
             self.spare -= sum((node, i) not in reserved for i in was_free)
             gpus = self.room.get(node, {})
@@ -389,7 +423,7 @@ def _backfill(req: Request, pool: _Pool, now: float) -> Placement | None:
             return place(req, spare, pool.load, spare_room)
     if pool.cannot_fit(req, spare_only=False):
         return None
-    return place(req, pool.free, pool.load, pool.room)
+    return pool.place(req)
 
 
 def _reserve(req: Request, free: GpuMap, view: View, started: Iterable[Running] = ()) -> Reservation:
