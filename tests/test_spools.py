@@ -8,11 +8,13 @@ import os
 import subprocess
 import time
 
+import pytest
+
 from zmgpu.node.keeper_link import STATUS_FILE, spool_file
 from conftest import poll
 from helpers import wait_for_file_sh
 from zmgpu.node.runner import PROCESS_FILE, RankKey, RankProcess, load_status, spool_keys
-from zmgpu.node.spools import adopt_leftovers, prune_spools
+from zmgpu.node.spools import SpoolIndex, adopt_leftovers
 from zmgpu.protocol import Stream
 
 DAY = 86400
@@ -43,13 +45,37 @@ def test_only_old_reported_spools_are_removed(tmp_path):
     running = spool(tmp_path, "00000003", None)
     unreported = spool(tmp_path, "00000004", 2 * DAY, reported=False)
     held = spool(tmp_path, "00000005", 2 * DAY)
-    assert prune_spools(str(tmp_path), time.time() - DAY, keep={held}) == [old]
+    index = SpoolIndex.read(str(tmp_path))
+    assert index.prune(time.time() - DAY, keep={held}) == [old]
     assert spool_keys(str(tmp_path)) == [recent, running, unreported, held]
-    assert old not in spool_keys(str(tmp_path))
+    assert sorted(index.reported) == [key.name for key in (recent, running, unreported, held)]
 
 
 def test_no_spool_directory_at_all(tmp_path):
-    assert prune_spools(str(tmp_path / "missing"), time.time(), keep=set()) == []
+    index = SpoolIndex.read(str(tmp_path / "missing"))
+    assert index.reported == {} and index.prune(time.time(), keep=set()) == []
+    assert index.recent_ends(0, skip=set()) == []
+
+
+def test_the_index_follows_the_agent_without_listing_the_directory(tmp_path):
+    # Read once; what the agent dispatches and reports after that is known from the index alone.
+    old = spool(tmp_path, "00000001", 2 * DAY)
+    index = SpoolIndex.read(str(tmp_path))
+    assert index.reported[old.name] == pytest.approx(time.time() - 2 * DAY, abs=5)
+    assert not index.add(old)                  # dispatched again: its earlier spool is there
+    new = spool(tmp_path, "00000002", 0)
+    assert index.add(new) and index.add(RankKey("00000002", 0, 1))
+    assert sorted(index.attempts("00000002", 0)) == [0, 1] and index.attempts("00000002", 1) == []
+    assert index.recent_ends(time.time() - 3600, skip=set()) == []     # neither reported yet
+    assert index.prune(time.time(), keep=set()) == []
+    index.mark_reported(new, time.time())
+    [entry] = index.recent_ends(time.time() - 3600, skip=set())
+    assert entry == {"job_id": "00000002", "rank": 0, "attempt": 0, "ended": True, "exit_code": 0, "signal": None,
+                     "reason": None, "sizes": {"stdout": 0, "stderr": 0}}
+    assert index.recent_ends(time.time() - 3600, skip={new}) == []
+    index.mark_reported(old, time.time() - 2 * DAY)
+    assert index.prune(time.time() - DAY, keep=set()) == [old]
+    assert old not in spool_keys(str(tmp_path)) and old.name not in index.reported
 
 
 def test_spools_of_an_older_layout_are_taken_over(tmp_path):
@@ -67,11 +93,11 @@ def test_spools_of_an_older_layout_are_taken_over(tmp_path):
         for part, text in parts.items():
             (jobs / name / part).write_text(text)
     log = logging.getLogger("test.spools")
-    adopted, names = adopt_leftovers(str(tmp_path), {}, log)
+    adopted, index = adopt_leftovers(str(tmp_path), {}, log)
     assert sorted(os.listdir(jobs)) == sorted(f"{name}.{part}" for name, parts in files.items()
                                               for part in parts if not part.startswith("status."))
     assert spool_keys(str(tmp_path)) == [RankKey("0000000a", 0, 0), RankKey("0000000b", 0, 1)]
-    assert names == set(files)      # every spool on disk, reported or not: each may have an end there
+    assert set(index.reported) == set(files)      # every spool on disk, reported or not: each may have an end there
     # The reported one stays reported; the one whose end was never reported is, with the exit status it had.
     [(key, rank)] = adopted.items()
     assert key == RankKey("0000000b", 0, 1) and rank.poll() and rank.exit_code == 3

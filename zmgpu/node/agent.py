@@ -49,7 +49,7 @@ from .identity import new_instance, read_instance, route_address, routing_id, wr
 from .keeper_link import Exited, KeeperLink, KeeperLost, Spawned
 from .pump import pump, rewind
 from .runner import RankKey, RankProcess, declared_memory, free_port
-from .spools import adopt_leftovers, prune_spools, recent_ends
+from .spools import SpoolIndex, adopt_leftovers
 from .sweep import JobProcesses, PendingKills
 from .telemetry import Telemetry
 from .users import UserPolicy
@@ -105,7 +105,7 @@ class Agent:
         self.keeper_retry_at = 0.0
         # What the keeper was asked to start and has not answered: redone if the request is lost.
         self.unanswered: dict[RankKey, tuple[dict, list[int], int | None]] = {}
-        self.spooled: set[str] = set()   # names of spools that may have files on disk (see _on_dispatch)
+        self.spools = SpoolIndex(config.state_dir)   # the spools on disk (read when the loop starts)
         self.instance = new_instance()
         self.previous_instance = read_instance(config.state_dir)
         self.instance_saved = False
@@ -138,7 +138,7 @@ class Agent:
         """Serve until SIGTERM or SIGINT (0) or a refused registration (2); running jobs are left running."""
         signals = SignalPipe((signal.SIGCHLD, signal.SIGTERM, signal.SIGINT))
         self.poller.register(signals.fileno(), zmq.POLLIN)
-        adopted, self.spooled = adopt_leftovers(self.config.state_dir, self._open_keeper(time.monotonic()), self.log)
+        adopted, self.spools = adopt_leftovers(self.config.state_dir, self._open_keeper(time.monotonic()), self.log)
         self.ranks.update(adopted)
         self._connect(time.monotonic())
         try:
@@ -181,6 +181,7 @@ class Agent:
             moved, reported = pump(self.ranks, self._send, self.telemetry.dirty_for, now)
             busy |= moved
             for rank in reported:
+                self.spools.mark_reported(rank.key, time.time())
                 # The master now holds these GPUs dirty: their cleaning will be news.
                 self.telemetry.delivered({str(i): {"dirty": rank.key.job_id} for i in rank.dirty_gpus})
         self._keep_alive(now)
@@ -386,8 +387,7 @@ class Agent:
         if now < self.next_prune:
             return
         self.next_prune = now + PRUNE_INTERVAL
-        removed = prune_spools(self.config.state_dir, time.time() - self.config.spool_retention, self.ranks)
-        self.spooled.difference_update(key.name for key in removed)
+        removed = self.spools.prune(time.time() - self.config.spool_retention, self.ranks)
         if removed:
             self.log.info("removed the output spools of %d job rank(s) reported over %s ago", len(removed),
                           format_duration(self.config.spool_retention))
@@ -411,7 +411,7 @@ class Agent:
             "telemetry": self.telemetry.snapshot(),
             "gpu_policy": self.telemetry.policy.to_dict(),
             "jobs": [key.wire() for key in self.ranks]
-                    + recent_ends(self.config.state_dir, time.time() - ENDED_LOOKBACK, skip=self.ranks),
+                    + self.spools.recent_ends(time.time() - ENDED_LOOKBACK, skip=self.ranks),
             "instance": self.instance,
             "previous_instance": self.previous_instance,
         })
@@ -542,8 +542,7 @@ class Agent:
                          if (k.job_id, k.attempt) == (key.job_id, key.attempt) and r.master_port), None) or free_port()
             launch["MASTER_PORT"] = str(port)
         # A rank dispatched again (the master lost a commit in a power cut) would find its earlier end on disk.
-        fresh = key.name not in self.spooled
-        self.spooled.add(key.name)
+        fresh = self.spools.add(key)
         rank_proc = self.ranks[key] = self._spawn(key, {**body, "env": {**body["env"], **launch}}, indices, port,
                                                   fresh=fresh)
         self._log_start(rank_proc)
@@ -593,5 +592,5 @@ class Agent:
         if not RankKey(body["job_id"], body["rank"], 0).valid():
             self.log.warning("dropped a RESEND with a bad job id or rank: %r", body)
             return
-        rewind(self.ranks, self.config.state_dir, body["job_id"], body["rank"], Stream(body["stream"]),
-               body["offset"], self.log)
+        rewind(self.ranks, self.spools, body["job_id"], body["rank"], Stream(body["stream"]), body["offset"],
+               self.log)

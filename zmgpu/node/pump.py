@@ -17,7 +17,8 @@ import logging
 from typing import Callable
 
 from ..protocol import MsgType, Stream
-from .runner import RankKey, RankProcess, spool_keys
+from .runner import RankKey, RankProcess
+from .spools import SpoolIndex
 
 #: Output bytes sent per loop turn.
 PUMP_BUDGET = 4 * 1024 * 1024
@@ -70,21 +71,22 @@ def pump(ranks: dict[RankKey, RankProcess], send: Send, dirty_for: Callable[[str
     return sent, reported
 
 
-def rewind(ranks: dict[RankKey, RankProcess], state_dir: str, job_id: str, rank: int, stream: Stream,
+def rewind(ranks: dict[RankKey, RankProcess], spools: SpoolIndex, job_id: str, rank: int, stream: Stream,
            offset: int, log: logging.Logger) -> None:
     """Send ``stream`` of a job's rank again from ``offset``, from the newest attempt spooled here.
 
     A rank already reported and forgotten is revived from its spool (the bytes and the exit status are
     still there), and its end is reported again after the output.
     """
-    attempts = [key.attempt for key in (*ranks, *spool_keys(state_dir)) if (key.job_id, key.rank) == (job_id, rank)]
+    attempts = [key.attempt for key in ranks if (key.job_id, key.rank) == (job_id, rank)]
+    attempts += spools.attempts(job_id, rank)
     if not attempts:
         log.warning("cannot resend %s of job %s rank %d: nothing spooled here", stream.value, job_id, rank)
         return
     key = RankKey(job_id, rank, max(attempts))
     rank_proc = ranks.get(key)
     if rank_proc is None:
-        rank_proc = RankProcess.revive(state_dir, key)
+        rank_proc = RankProcess.revive(spools.state_dir, key)
         if rank_proc is None:
             log.warning("cannot resend %s of %s: its spool is unreadable", stream.value, key)
             return

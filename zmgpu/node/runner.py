@@ -10,7 +10,7 @@ loses nothing, and a RESEND only moves the offset back.  When a rank ends its
 exit status is written next to its output, so a RESEND that arrives after the
 agent has reported and forgotten the rank can still be served
 (:meth:`RankProcess.revive`), and a master that missed the JOB_ENDED can learn
-it from the agent's next REGISTER (:func:`zmgpu.node.spools.recent_ends`).
+it from the agent's next REGISTER (:meth:`zmgpu.node.spools.SpoolIndex.recent_ends`).
 
 Ranks outlive their agent: the node's job keeper (keeper.py), not the agent,
 is their parent, and it writes each rank's exit status the moment it ends.  Once

@@ -3,7 +3,8 @@
 Each rank's spool (see runner.py) outlives the rank: a restarted agent takes
 over the ranks its predecessor left unreported, a REGISTER lists the ranks that
 ended lately (for a master that missed their JOB_ENDED), and spools reported
-long ago are removed so that the node's disk does not fill.
+long ago are removed so that the node's disk does not fill.  The agent lists the
+jobs directory once, when it starts, and keeps a :class:`SpoolIndex` from then on.
 """
 
 from __future__ import annotations
@@ -19,10 +20,97 @@ from .runner import (SPOOL_PARTS, RankKey, RankProcess, file_size, load_status, 
                      unreported)
 
 
+class SpoolIndex:
+    """The rank spools on this node's disk, by name, each with when its rank's end went to the master (epoch
+    seconds; None: not yet, as far as this agent knows).
+
+    Read from the jobs directory once, when the agent starts, and kept since by the agent as it dispatches,
+    reports and prunes, so that a REGISTER, a prune or a RESEND lists no directory: with 50,000 spools (a
+    day of short ranks) each listing held up the agent's loop for 0.3-0.6 s.
+    """
+
+    def __init__(self, state_dir: str, reported: dict[str, float | None] | None = None):
+        self.state_dir = state_dir
+        self.reported = reported if reported is not None else {}
+
+    @classmethod
+    def read(cls, state_dir: str, keys: list[RankKey] | None = None) -> "SpoolIndex":
+        """The index of what lies in ``state_dir`` (``keys``: its listing, when already made).  A spool with an
+        exit status counts as reported when the status was written: one still unreported is the agent's to
+        report, and reporting it sets the time anew."""
+        reported: dict[str, float | None] = {}
+        for key in spool_keys(state_dir) if keys is None else keys:
+            try:
+                reported[key.name] = os.stat(spool_file(key.spool(state_dir), STATUS_FILE)).st_mtime
+            except OSError:
+                reported[key.name] = None
+        return cls(state_dir, reported)
+
+    def add(self, key: RankKey) -> bool:
+        """A rank dispatched here; False when its spool was already here (an earlier dispatch of it)."""
+        fresh = key.name not in self.reported
+        self.reported[key.name] = None
+        return fresh
+
+    def mark_reported(self, key: RankKey, when: float) -> None:
+        """The rank's end went to the master at ``when`` (epoch seconds)."""
+        self.reported[key.name] = when
+
+    def attempts(self, job_id: str, rank: int) -> list[int]:
+        """The attempts of a job's rank spooled here."""
+        front = f"{job_id}.{rank}."
+        return [int(name[len(front):]) for name in self.reported if name.startswith(front)]
+
+    def recent_ends(self, since: float, skip) -> list[dict]:
+        """How the ranks reported after ``since`` (epoch seconds) ended, as REGISTER "jobs" entries.
+
+        A master that missed a JOB_ENDED (it restarted, or the link dropped it) settles
+        the rank from these; ranks in ``skip`` (the agent still holds them) are left out.
+        """
+        entries = []
+        for name, when in self.reported.items():
+            key = RankKey.parse(name) if when is not None and when >= since else None
+            if key is None or key in skip:
+                continue
+            spool = key.spool(self.state_dir)
+            try:
+                status = load_status(spool)
+            except (OSError, ValueError):
+                continue
+            sizes = {stream.value: file_size(spool_file(spool, stream.value)) for stream in Stream}
+            entries.append({**key.wire(), "ended": True, **status, "sizes": sizes})
+        return entries
+
+    def prune(self, before: float, keep) -> list[RankKey]:
+        """Remove the spools of ranks reported before ``before`` (epoch seconds); the keys of those that went.
+
+        A spool still holding a spawn record is a rank the master has not heard end, and
+        ranks in ``keep`` are the agent's own: both stay, whatever their age.  The master
+        keeps its own copy of the output, so an old spool only fills the node's disk.
+        """
+        removed = []
+        for name, when in list(self.reported.items()):
+            key = RankKey.parse(name) if when is not None and when < before else None
+            if key is None or key in keep:
+                continue
+            spool = key.spool(self.state_dir)
+            if unreported(spool):
+                continue
+            try:
+                # The status goes last: a spool left half removed is still found, and removed, next round.
+                for part in sorted(SPOOL_PARTS, key=lambda part: part == STATUS_FILE):
+                    remove_file(spool_file(spool, part))
+            except OSError:
+                continue    # left for the next round
+            del self.reported[name]
+            removed.append(key)
+        return removed
+
+
 def adopt_leftovers(state_dir: str, kept: dict[str, int],
-                    log: logging.Logger) -> tuple[dict[RankKey, RankProcess], set[str]]:
+                    log: logging.Logger) -> tuple[dict[RankKey, RankProcess], SpoolIndex]:
     """The ranks a previous agent started and did not report ended, taken over so that REGISTER reports them;
-    and the names of every spool found (from the same listing of the jobs directory).
+    and the index of every spool found (from the same listing of the jobs directory).
 
     ``kept`` is what the keeper runs (spool name -> pid).
     """
@@ -44,53 +132,7 @@ def adopt_leftovers(state_dir: str, kept: dict[str, int],
         else:
             log.info("%s: taken over from the previous node agent (pid %d, started %s%s)", key,
                      rank_proc.pid, started, "" if rank_proc.kept else "; its exit status will be unknown")
-    return ranks, {key.name for key in keys}
-
-
-def recent_ends(state_dir: str, since: float, skip) -> list[dict]:
-    """How the spooled ranks that ended after ``since`` (epoch seconds) ended, as REGISTER "jobs" entries.
-
-    A master that missed a JOB_ENDED (it restarted, or the link dropped it) settles
-    the rank from these; ranks in ``skip`` (the agent still holds them) are left out.
-    """
-    entries = []
-    for key in spool_keys(state_dir):
-        if key in skip:
-            continue
-        spool = key.spool(state_dir)
-        try:
-            if os.stat(spool_file(spool, STATUS_FILE)).st_mtime < since:
-                continue
-            status = load_status(spool)
-        except (OSError, ValueError):
-            continue
-        sizes = {stream.value: file_size(spool_file(spool, stream.value)) for stream in Stream}
-        entries.append({**key.wire(), "ended": True, **status, "sizes": sizes})
-    return entries
-
-
-def prune_spools(state_dir: str, before: float, keep) -> list[RankKey]:
-    """Remove the spools of ranks reported ended before ``before`` (epoch seconds); the keys of those that went.
-
-    A spool still holding a spawn record is a rank the master has not heard end, and
-    ranks in ``keep`` are the agent's own: both stay, whatever their age.  The master
-    keeps its own copy of the output, so an old spool only fills the node's disk.
-    """
-    removed = []
-    for key in spool_keys(state_dir):
-        spool = key.spool(state_dir)
-        if key in keep or unreported(spool):
-            continue
-        try:
-            if os.stat(spool_file(spool, STATUS_FILE)).st_mtime >= before:
-                continue
-            # The status goes last: a spool left half removed is still found, and removed, next round.
-            for part in sorted(SPOOL_PARTS, key=lambda part: part == STATUS_FILE):
-                remove_file(spool_file(spool, part))
-        except OSError:
-            continue    # no end recorded yet, or it could not be removed: left for the next round
-        removed.append(key)
-    return removed
+    return ranks, SpoolIndex.read(state_dir, keys)
 
 
 def _flatten_older(state_dir: str, kept: dict[str, int], log: logging.Logger) -> None:
