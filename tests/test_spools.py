@@ -73,6 +73,8 @@ def test_the_index_follows_the_agent_without_listing_the_directory(tmp_path):
     assert entry == {"job_id": "00000002", "rank": 0, "attempt": 0, "ended": True, "exit_code": 0, "signal": None,
                      "reason": None, "sizes": {"stdout": 0, "stderr": 0}}
     assert index.recent_ends(time.time() - 3600, skip={new}) == []
+    index.mark_reported(RankKey("00000003", 0, 0), time.time())    # refused: never dispatched here
+    assert index.attempts("00000003", 0) == []
     index.mark_reported(old, time.time() - 2 * DAY)
     assert index.prune(time.time() - DAY, keep=set()) == [old]
     assert old not in spool_keys(str(tmp_path)) and old.name not in index.reported

@@ -13,8 +13,8 @@ Jobs do not wait on the agent either.  Their parent is the node's job keeper
 exit status; the agent asks it to spawn ranks and hears from it when one ends.
 An agent that starts connects to the keeper still running (or starts one) and
 takes over the ranks its predecessor left unreported, running or ended while no
-agent ran, and reports them in its REGISTER, with the ranks that ended in the
-last hour (in case the master missed their JOB_ENDED); the master answers with a
+agent ran, and reports them in its REGISTER, with the ranks whose end it sent in
+the last hour (in case the master missed their JOB_ENDED); the master answers with a
 KILL for those it no longer wants.  Without a keeper the agent spawns ranks
 itself, and their exit status would not survive its restart.
 
@@ -66,7 +66,8 @@ BACKOFF_MAX = 32.0
 LINGER_MS = 500
 #: Messages queued towards the master at most; beyond that the spool files hold the output.
 SEND_HWM = 64
-#: Ranks that ended this long ago (seconds) or less are listed in REGISTER, for a master that missed the end.
+#: Ranks whose end went to the master this long ago (seconds) or less are listed in REGISTER, for a master that
+#: missed it.
 ENDED_LOOKBACK = 3600.0
 #: Grace period of a KILL for a job none of whose ranks is held here (its DISPATCH carried the real one).
 DEFAULT_KILL_GRACE = 10.0

@@ -73,7 +73,7 @@ def pump(ranks: dict[RankKey, RankProcess], send: Send, dirty_for: Callable[[str
 
 def rewind(ranks: dict[RankKey, RankProcess], spools: SpoolIndex, job_id: str, rank: int, stream: Stream,
            offset: int, log: logging.Logger) -> None:
-    """Send ``stream`` of a job's rank again from ``offset``, from the newest attempt spooled here.
+    """Send ``stream`` of a job's rank again from ``offset``, from the newest attempt spooled here (in the index).
 
     A rank already reported and forgotten is revived from its spool (the bytes and the exit status are
     still there), and its end is reported again after the output.

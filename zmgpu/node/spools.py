@@ -53,8 +53,10 @@ class SpoolIndex:
         return fresh
 
     def mark_reported(self, key: RankKey, when: float) -> None:
-        """The rank's end went to the master at ``when`` (epoch seconds)."""
-        self.reported[key.name] = when
+        """The rank's end went to the master at ``when`` (epoch seconds).  A rank without a spool (refused
+        before it started) stays out: it has no output to resend, and no files to remove."""
+        if key.name in self.reported:
+            self.reported[key.name] = when
 
     def attempts(self, job_id: str, rank: int) -> list[int]:
         """The attempts of a job's rank spooled here."""
