@@ -314,6 +314,57 @@ def test_memory_released_after_cancel(cluster, torch_cuda, nvml, workdir):
     assert allocated_indices(cluster, again) == [index]
 
 
+def test_jobs_declaring_gpu_memory_share_a_gpu(cluster, torch_cuda, nvml, workdir):
+    """Two --gpu-mem jobs hold memory on one GPU at once, each process's memory counted against its job, while a
+    job that wants that GPU whole waits for them; a --gpu-mem that no GPU has is refused at submit."""
+    pin = f"{NODE_ID}:0"
+    baseline = nvml_used_mib(nvml, 0)
+    script = workdir / "holds_memory.py"
+    script.write_text(HOLDS_MEMORY.format(alloc_mib=ALLOC_MIB))
+    declared = f"{2 * ALLOC_MIB}M"
+    sharers = {}
+    for n in (1, 2):
+        ready = workdir / f"sharer{n}.json"
+        job_id = cluster.submit(python_job(script, ready), "--gpus", "1", "--gpu-mem", declared,
+                                "--node-gpu-ids", pin, cwd=workdir)
+        sharers[job_id] = ready
+    # Each holds its memory until cancelled: both written means both ran on GPU 0 at once.
+    pids = {job_id: json.loads(written(ready, timeout=JOB_TIMEOUT))["pid"] for job_id, ready in sharers.items()}
+    assert {job_id: allocated_indices(cluster, job_id) for job_id in sharers} == {job_id: [0] for job_id in sharers}
+
+    whole = cluster.submit("true", "--node-gpu-ids", pin, cwd=workdir)
+    waiting = cluster.wait_job_state(whole, ("PENDING",))
+    listed = nvml_pids(nvml, 0) or set()
+    per_process = set(pids.values()) <= listed
+    if not per_process:
+        warnings.warn(f"NVML lists {sorted(listed)} on GPU 0, not the jobs' pids {sorted(pids.values())}: "
+                      f"checking the memory total only")
+
+    def node_shows_both():
+        gpu = node_gpus(cluster)[0]
+        if per_process:
+            shown = {p["job_id"] for p in gpu["processes"] if (p["used_mb"] or 0) >= ALLOC_MIB}
+            return shown >= set(sharers) and gpu
+        return (gpu["used_mb"] or 0) >= baseline + 2 * ALLOC_MIB and gpu
+
+    poll(node_shows_both, 60, f"zmgpu nodes to show both sharing jobs' {ALLOC_MIB} MiB on GPU 0", interval=0.2)
+    again = cluster.job(whole)
+    assert again["state"] == "PENDING" and again["reason"] == "PinnedGPUsBusy", (waiting, again)
+
+    total_mib = node_gpus(cluster)[0]["memory_mb"]
+    refused = cluster.cli("submit", "--gpus", "1", "--gpu-mem", f"{total_mib + 1}M", "true", check=False, cwd=workdir)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+
+    cluster.cli("cancel", *sharers)
+    for job_id in sharers:
+        assert cluster.wait_job_state(job_id, ("CANCELLED",), timeout=KILL_GRACE + 30)["state"] == "CANCELLED"
+        if per_process:
+            assert (show_json(cluster, job_id)["peak_gpu_mem_mb"] or 0) >= ALLOC_MIB, show_json(cluster, job_id)
+    finished_ok(cluster, whole, timeout=RELEASE_TIMEOUT)
+    assert allocated_indices(cluster, whole) == [0]
+
+
 def ddp_result(stdout: str, world_size: int) -> str:
     """The final line rank 0 of examples/ddp_train.py prints, checked for the world size."""
     final = [line for line in stdout.splitlines() if line.startswith("done:")]
