@@ -1,6 +1,7 @@
 """Placement policy, called as plain functions: no sockets, no daemons."""
 
 import random
+import sys
 
 from zmgpu.master.allocator import (NodeCapacity, Request, Running, View, WaitReason, _Pool, _reserve, infeasible,
                                     place, schedule)
@@ -176,6 +177,23 @@ def test_pending_queue_orders_by_priority_then_submission_and_finds_the_startabl
     assert queue.smallest_gpu_mem == 8000
     queue.remove("shares_more")
     assert queue.smallest_gpu_mem is None
+
+
+def test_a_job_record_copy_shares_what_never_changes_and_holds_no_attribute_dict():
+    from zmgpu.master.state import JOB_FIELDS, JobRecord
+
+    template = JobRecord(job_id="", seq=0, user="u", command="true", cwd="/", env={"A": "1"}, gpus=2,
+                         after=("aaaaaaaa",), priority=3, time_limit=60)
+    twin = template.copy()
+    assert twin == template and twin is not template
+    assert twin.env is template.env and twin.after is template.after    # an array's tasks share them
+    twin.job_id, twin.seq = "bbbbbbbb", 7
+    assert (template.job_id, template.seq) == ("", 0)
+    assert [getattr(twin, name) for name in JOB_FIELDS if name not in ("job_id", "seq")] == \
+        [getattr(template, name) for name in JOB_FIELDS if name not in ("job_id", "seq")]
+    if sys.version_info >= (3, 10):
+        # A master holds records by the hundred thousand: slots, not an attribute dict each.
+        assert not hasattr(template, "__dict__") and not hasattr(twin, "__dict__")
 
 
 def test_the_user_cap_counts_every_gpu_of_a_running_job_on_every_node():

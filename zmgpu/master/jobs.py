@@ -231,7 +231,7 @@ class JobService:
             # One rank per GPU; a CPU job (no GPUs) keeps its one rank.
             placement = [(node, [i]) for node, indices in placement for i in indices] or placement
         first = placement[0][0]
-        job.ranks = [RankRecord(node_id, indices, held_back=node_id != first) for node_id, indices in placement]
+        job.ranks = tuple(RankRecord(node_id, indices, held_back=node_id != first) for node_id, indices in placement)
         self.spool.starts_empty(job.job_id, len(job.ranks))
         job.master_port = None
         self._leave_queue(job)
@@ -286,7 +286,7 @@ class JobService:
         repeat_kill would stop the new attempt for it)."""
         self.spool.set_aside(job.job_id, len(job.ranks), job.attempt)
         job.attempt += 1
-        job.ranks, job.first_failed, job.timed_out = [], None, False
+        job.ranks, job.first_failed, job.timed_out = (), None, False
         job.state, job.reason, job.start_time = JobState.PENDING, None, None
         self.enqueue(job)
 

@@ -11,7 +11,6 @@ client can fill the master's memory with one huge job or a flood of them.
 
 from __future__ import annotations
 
-import copy
 import os
 import secrets
 import time
@@ -290,7 +289,7 @@ class ClientRequests:
         unknown = next((dep for dep in after if dep not in self.state.jobs and dep not in self.state.arrays), None)
         if unknown is not None:
             raise ValueError(f"unknown job id '{unknown}' in --after")
-        deps = list(dict.fromkeys(after))
+        deps = tuple(dict.fromkeys(after))
         name = spec.get("name")
         if name is not None and not isinstance(name, str):
             raise ValueError("--name must be a string")
@@ -324,10 +323,8 @@ class ClientRequests:
 
     def _record(self, template: JobRecord, job_id: str, **array) -> JobRecord:
         self.state.next_seq += 1
-        # The shallow copy dataclasses.replace makes, without its call of __init__ with every field: an array's
-        # tasks are made by the ten thousand.
-        job = copy.copy(template)
-        job.job_id, job.seq, job.submit_time, job.ranks = job_id, self.state.next_seq, time.time(), []
+        job = template.copy()
+        job.job_id, job.seq, job.submit_time, job.ranks = job_id, self.state.next_seq, time.time(), ()
         for name, value in array.items():
             setattr(job, name, value)
         return job

@@ -12,14 +12,13 @@ an array's tasks share and which are large, are stored once by content hash.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import sqlite3
 
 from ..model import GpuInfo, JobState, NodeState
-from .state import JobRecord, NodeRecord, RankRecord
+from .state import JOB_FIELDS, JobRecord, NodeRecord, RankRecord
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (job_id TEXT PRIMARY KEY, env_id TEXT NOT NULL, data TEXT NOT NULL);
@@ -48,8 +47,7 @@ def env_id(env: dict) -> str:
     return hashlib.sha1(json.dumps(env, sort_keys=True).encode()).hexdigest()
 
 
-_JOB_FIELDS = [f.name for f in dataclasses.fields(JobRecord)
-               if f.name not in ("env", "env_id", "ranks", "state")]
+_JOB_FIELDS = [name for name in JOB_FIELDS if name not in ("env", "env_id", "ranks", "state")]
 
 
 def job_to_row(job: JobRecord) -> tuple[str, str, str]:
@@ -66,7 +64,8 @@ def job_from_row(data: str, env_key: str, env: dict) -> JobRecord:
     fields = json.loads(data)
     fields["env_id"] = env_key
     fields["state"] = JobState(fields["state"])
-    fields["ranks"] = [RankRecord(**r) for r in fields["ranks"]]
+    fields["ranks"] = tuple(RankRecord(**r) for r in fields["ranks"])
+    fields["after"] = tuple(fields.get("after") or ())
     return JobRecord(env=env, **fields)
 
 
