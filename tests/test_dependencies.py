@@ -1,14 +1,12 @@
 """--after bookkeeping (zmgpu/master/dependencies.py) on a plain ClusterState: no sockets, no daemons."""
 
-import copy
-
 from zmgpu.master.dependencies import Dependencies
 from zmgpu.master.state import ClusterState, JobRecord
 from zmgpu.model import JobState
 
 
 def job(job_id: str, after=(), array_id=None, after_any=False) -> JobRecord:
-    return JobRecord(job_id=job_id, seq=0, user="u", command="true", cwd="/", env={}, gpus=0, after=list(after),
+    return JobRecord(job_id=job_id, seq=0, user="u", command="true", cwd="/", env={}, gpus=0, after=tuple(after),
                      after_any=after_any, array_job_id=array_id)
 
 
@@ -16,7 +14,7 @@ def array(state: ClusterState, array_id: str, size: int, after=(), after_any=Fal
     template = job("", after, array_id, after_any)
     tasks = []
     for index in range(size):
-        task = copy.copy(template)     # as a submit makes them: the tasks share one after list
+        task = template.copy()     # as a submit makes them: the tasks share one after tuple
         task.job_id = f"{array_id}_{index}"
         state.jobs[task.job_id] = task
         tasks.append(task)

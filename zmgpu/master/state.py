@@ -280,9 +280,9 @@ class PendingQueue:
     def remove(self, job_id: str) -> None:
         job = self._by_id.pop(job_id)
         key = job.queue_key    # the key it was added under: priority, number and id never change
-        del self._keys[bisect.bisect_left(self._keys, key)]
+        _discard_key(self._keys, key)
         if starts_without_free_gpu(job):    # as at add: what a job asks for does not change while it waits
-            del self._startable_keys[bisect.bisect_left(self._startable_keys, key)]
+            _discard_key(self._startable_keys, key)
         self._count(job, -1)
 
     def _count(self, job: JobRecord, step: int) -> None:
@@ -315,6 +315,14 @@ class PendingQueue:
 
     def __len__(self) -> int:
         return len(self._keys)
+
+
+def _discard_key(keys: list, key: tuple) -> None:
+    """Remove ``key`` from the sorted ``keys``; it must be there (a key that changed while its job waited would
+    otherwise take another job's place out of the queue)."""
+    i = bisect.bisect_left(keys, key)
+    assert i < len(keys) and keys[i] == key, f"queue key {key} is not in the pending queue"
+    del keys[i]
 
 
 def starts_without_free_gpu(job: JobRecord) -> bool:
