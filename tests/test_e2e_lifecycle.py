@@ -142,8 +142,13 @@ def test_array_never_runs_more_than_its_limit(life, workdir):
     array_id = life.submit(ARRAY_TASK, "--array", "0-7%2", "--gpus", "1", cwd=workdir)
     life.wait_job_state(f"{array_id}_0", "RUNNING")
     life.wait_job_state(f"{array_id}_1", "RUNNING")
-    cells = queue_table(life)[1]
+    cells = queue_table(life, "--array")[1]
     assert [cells[f"{array_id}_{i}"] for i in range(2, 8)] == ["(ArrayLimit)"] * 6, cells
+    # Without --array, as squeue does: the tasks waiting for the same reason share one line.
+    lines, cells = queue_table(life)
+    assert cells[f"{array_id}_[2-7%2]"] == "(ArrayLimit)", lines
+    assert sorted(job_id for job_id in cells if job_id.startswith(array_id)) == [
+        f"{array_id}_0", f"{array_id}_1", f"{array_id}_[2-7%2]"], lines
     most_running = 0
 
     def all_done():

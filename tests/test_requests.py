@@ -1,9 +1,12 @@
-"""The master's check of submitted environments: each user's run of equal ones is checked and hashed once."""
+"""Helpers of the master's requests: the check of submitted environments (each user's run of equal ones is
+checked and hashed once), and a queue listing's pending array tasks collapsed into one entry per run."""
 
 import pytest
 
-from zmgpu.master.requests import Environments, RequestError
+from zmgpu.master.requests import Environments, RequestError, collapsed
+from zmgpu.master.state import JobRecord
 from zmgpu.master.store import env_id
+from zmgpu.model import JobState, format_array_spec, parse_array_spec
 from zmgpu.protocol import ErrorCode
 
 ENV = {"PATH": "/usr/bin:/bin", "HOME": "/home/alice", "LANG": "C.UTF-8"}
@@ -34,3 +37,39 @@ def test_an_environment_over_the_limit_is_too_large():
     with pytest.raises(RequestError) as caught:
         envs.checked("alice", {**ENV, "BIG": "x" * 64})
     assert caught.value.code is ErrorCode.TOO_LARGE and "max_env_bytes" in str(caught.value)
+
+
+@pytest.mark.parametrize("indices, limit, spec", [
+    ([3], None, "3"), ([0, 1, 2, 5, 7, 8], None, "0-2,5,7-8"), ([9, 1, 2, 3], 8, "1-3,9%8"),
+    (range(100_000), None, "0-99999")])
+def test_an_array_spec_is_written_as_it_is_read(indices, limit, spec):
+    assert format_array_spec(indices, limit) == spec
+    assert parse_array_spec(spec) == (sorted(indices), limit)
+
+
+def task(array_id, index, reason="Priority", state=JobState.PENDING, limit=None):
+    return JobRecord(job_id=f"{array_id}_{index}", seq=0, user="u", command="true", cwd="/", env={}, gpus=1,
+                     array_job_id=array_id, array_task_id=index, array_limit=limit, state=state, reason=reason)
+
+
+def test_pending_tasks_waiting_in_a_row_for_the_same_reason_are_one_entry():
+    lone = JobRecord(job_id="0000beef", seq=0, user="u", command="true", cwd="/", env={}, gpus=1, reason="Priority")
+    jobs = [task("aaaaaaaa", 0, None, JobState.RUNNING), task("aaaaaaaa", 1, "Resources"),
+            *(task("aaaaaaaa", i, limit=4) for i in (2, 3, 4, 7)), lone, task("aaaaaaaa", 8),
+            task("bbbbbbbb", 0), task("bbbbbbbb", 1), task("bbbbbbbb", 2, "Dependency")]
+    built = []
+
+    def job_dict(job):
+        built.append(job.job_id)
+        return {"job_id": job.job_id, "reason": job.reason}
+
+    assert collapsed(jobs, job_dict) == [
+        {"job_id": "aaaaaaaa_0", "reason": None},           # running: each task is its own line
+        {"job_id": "aaaaaaaa_1", "reason": "Resources"},    # a run of one keeps its own id
+        {"job_id": "aaaaaaaa_[2-4,7%4]", "reason": "Priority", "tasks": 4},
+        {"job_id": "0000beef", "reason": "Priority"},       # not a task: breaks the run
+        {"job_id": "aaaaaaaa_8", "reason": "Priority"},
+        {"job_id": "bbbbbbbb_[0-1]", "reason": "Priority", "tasks": 2},
+        {"job_id": "bbbbbbbb_2", "reason": "Dependency"}]
+    # Only the first task of a run has its dict built.
+    assert "aaaaaaaa_3" not in built and "bbbbbbbb_1" not in built

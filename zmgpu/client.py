@@ -269,7 +269,7 @@ class Client:
         return self._request(MsgType.SUBMIT, job=job).body["job_id"]
 
     def queue(self, all: bool = False, user: Optional[str] = None, states: Optional[Iterable[str]] = None,
-              job_ids: Optional[Iterable[str]] = None, nodes: bool = True) -> dict:
+              job_ids: Optional[Iterable[str]] = None, nodes: bool = True, collapse: bool = False) -> dict:
         """``{"jobs": [job dict], "nodes": [node dict]}``, the jobs filtered as asked.
 
         :param all: include finished jobs (the master keeps them for its retention time).
@@ -277,12 +277,15 @@ class Client:
         :param states: only jobs in these states (:class:`zmgpu.model.JobState` names).
         :param job_ids: only these jobs; an array id matches every task of the array.
         :param nodes: False leaves the nodes out (an empty list), for a caller that only wants jobs.
+        :param collapse: list the pending tasks of an array that wait in a row for the same reason as one
+            dict, as squeue does: the first task's, with job_id ``ARRAYID_[ranges%N]`` and ``tasks`` (how many).
 
         The dict layouts are described in :mod:`zmgpu.model`.
         """
         # "user" on the wire is who asks, so the owner filter travels as "owner".
         filters = {"owner": user, "states": None if states is None else [JobState(s).value for s in states],
-                   "job_ids": None if job_ids is None else list(job_ids), "nodes": None if nodes else False}
+                   "job_ids": None if job_ids is None else list(job_ids), "nodes": None if nodes else False,
+                   "collapse": True if collapse else None}
         body = self._request(MsgType.QUEUE, all=all,
                              **{key: value for key, value in filters.items() if value is not None}).body
         return {"jobs": body["jobs"], "nodes": body["nodes"]}

@@ -11,7 +11,9 @@ job dict::
     exit_code, signal (None until known),
     outputs [{rank, stream, size}] (bytes the master holds; final once the state is final),
     gpu_mem_mb (--gpu-mem, or None), per_gpu, master_port (the rendezvous port its first node picked),
-    peak_gpu_mem_mb (the most GPU memory its processes were seen using on one GPU, or None)
+    peak_gpu_mem_mb (the most GPU memory its processes were seen using on one GPU, or None);
+    asked with ``collapse``, a queue listing gives the pending tasks of an array that wait in a row for the
+    same reason as one dict: the first task's, with job_id ``ARRAYID_[ranges%N]`` and tasks (how many)
 
 node dict::
 
@@ -279,3 +281,17 @@ def parse_array_spec(spec: str) -> tuple[list[int], int | None]:
     if not indices:
         raise ValueError(f"bad --array '{spec}': no task index given")
     return sorted(indices), limit
+
+
+def format_array_spec(indices, limit: int | None = None) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2,5,7-8"`` (``%N`` added for a limit): the array spec that
+    :func:`parse_array_spec` reads back, as squeue shows the pending tasks of an array."""
+    ordered = sorted(indices)
+    spans = []
+    for index in ordered:
+        if spans and index == spans[-1][1] + 1:
+            spans[-1][1] = index
+        else:
+            spans.append([index, index])
+    body = ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in spans)
+    return body if limit is None else f"{body}%{limit}"

@@ -16,8 +16,9 @@ DESCRIPTION = (
     "Show one line per job, as squeue does: ID, NAME (the command when the job has no name), USER, STATE, "
     "TIME (elapsed; 0:00 while pending), GPUS, and NODELIST(REASON): the node:GPU list of a running or "
     "finished job, or why a pending job waits in parentheses (Resources, Priority, Dependency, "
-    "UserGPULimit, NodeDown, PinnedGPUsBusy, ArrayLimit).  Cells that do not fit the terminal end in "
-    "'+'.  zmgpu nodes shows the nodes.")
+    "UserGPULimit, NodeDown, PinnedGPUsBusy, ArrayLimit).  The pending tasks of an array that wait in a "
+    "row for the same reason share one line, ARRAYID_[ranges%N], as in squeue; --array lists them one by "
+    "one.  Cells that do not fit the terminal end in '+'.  zmgpu nodes shows the nodes.")
 
 #: Slurm's short state codes (squeue -t), accepted by --state beside the full names.
 STATE_CODES = {"PD": JobState.PENDING, "R": JobState.RUNNING, "CD": JobState.COMPLETED,
@@ -54,8 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only jobs in these states: " + ", ".join(s.value for s in JobState)
                              + ", or Slurm's codes " + ", ".join(STATE_CODES) + "; a finished state "
                              "implies --all (default: every state shown)")
+    parser.add_argument("--array", "-r", action="store_true", default=None,
+                        help="one line per pending array task (default: the tasks of an array that wait for "
+                             "the same reason share one line, ARRAYID_[ranges])")
     parser.add_argument("--json", action="store_true", default=None,
-                        help='print {"jobs": [...], "nodes": [...]} as the master gives it '
+                        help='print {"jobs": [...], "nodes": [...]} as the master gives it, one dict per job '
                              "(default: a table)")
     add_connection_timeout(parser)
 
@@ -79,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     finished_wanted = any(state.finished for state in states)
     with make_client(client_config(args)) as client:
         listing = client.queue(all=bool(args.all) or finished_wanted, user=args.user,
-                               states=[state.value for state in states] or None)
+                               states=[state.value for state in states] or None,
+                               collapse=not (args.array or args.json))
     if args.json:
         print(json.dumps(listing, indent=2))
     else:

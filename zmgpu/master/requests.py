@@ -11,13 +11,15 @@ client can fill the master's memory with one huge job or a flood of them.
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import time
 from dataclasses import dataclass, field
 
 from .. import protocol
-from ..model import format_duration, gpu_room, has_type, is_job_id, parse_array_spec, parse_node_gpu_ids
+from ..model import (JobState, format_array_spec, format_duration, gpu_room, has_type, is_job_id, parse_array_spec,
+                     parse_node_gpu_ids)
 from ..protocol import CHUNK_BYTES, ErrorCode, Message, MsgType, error_reply, ok_reply
 from . import allocator
 from .access import Access
@@ -349,10 +351,14 @@ class ClientRequests:
             raise RequestError(ErrorCode.BAD_REQUEST, "states must be a list of state names")
         if owner is not None and not isinstance(owner, str):
             raise RequestError(ErrorCode.BAD_REQUEST, "owner must be a user name")
+        collapse = body.get("collapse", False)
+        if not isinstance(collapse, bool):
+            raise RequestError(ErrorCode.BAD_REQUEST, "collapse must be true or false")
         wanted = set(states) if states is not None else None
         # (The active jobs are never finished ones: a job leaves pending and running before it ends.)
-        jobs = [self.jobs.job_dict(j) for j in candidates
-                if (owner is None or j.user == owner) and (wanted is None or j.state.value in wanted)]
+        listed = (j for j in candidates
+                  if (owner is None or j.user == owner) and (wanted is None or j.state.value in wanted))
+        jobs = collapsed(listed, self.jobs.job_dict) if collapse else [self.jobs.job_dict(j) for j in listed]
         # A caller that only follows jobs (Client.wait) leaves out the nodes, which are costly on a big cluster.
         nodes = [n.to_dict() for n in self.state.nodes.values()] if body.get("nodes", True) is not False else []
         return ({"jobs": jobs, "nodes": nodes},)
@@ -422,3 +428,27 @@ class ClientRequests:
 def _not_yours(job_id: str, owner: str, what: str) -> str:
     return f"permission denied: job {job_id} belongs to {owner}; only its owner or an admin may {what}"
 
+
+def _run_key(job: JobRecord) -> tuple:
+    """Jobs with the same key in a row are listed as one: the pending tasks of an array waiting for the same
+    reason; any other job's key is its own."""
+    if job.state is JobState.PENDING and job.array_job_id is not None:
+        return job.array_job_id, job.reason
+    return None, job.job_id
+
+
+def collapsed(jobs, job_dict) -> list[dict]:
+    """The dicts of ``jobs`` (in listing order), each run of pending tasks of one array that wait for the same
+    reason as one: the first task's dict, its job_id ``ARRAYID_[ranges%N]`` as squeue shows it, and ``tasks``
+    counting them.  The other tasks' dicts are not built: a listing with 100,000 tasks pending costs what one
+    with a few does."""
+    listed = []
+    for _, run in itertools.groupby(jobs, key=_run_key):
+        first, rest = next(run), [job.array_task_id for job in run]
+        entry = job_dict(first)
+        if rest:
+            tasks = [first.array_task_id, *rest]
+            entry["job_id"] = f"{first.array_job_id}_[{format_array_spec(tasks, first.array_limit)}]"
+            entry["tasks"] = len(tasks)
+        listed.append(entry)
+    return listed
