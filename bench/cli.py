@@ -42,6 +42,20 @@ def wall_seconds(argv: list[str], runs: int, env: dict, cwd: str) -> list[float]
     return times[1:]
 
 
+def cli_env(cluster: Cluster) -> dict:
+    """The environment the ``zmgpu`` commands run in: this cluster's master, no config file, bytecode cached
+    in the cluster's own directory."""
+    env = module_env(ZMGPU_MASTER=f"127.0.0.1:{cluster.port}",
+                     PYTHONPYCACHEPREFIX=os.path.join(cluster.work_dir, "pycache"))
+    env.pop("ZMGPU_CONFIG", None)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+#: The command line of ``zmgpu``, as the installed script runs it.
+ZMGPU = [sys.executable, "-m", "zmgpu.cli"]
+
+
 def fill_history(cluster: Cluster, count: int, deadline: float) -> str:
     """Leave ``count`` finished jobs in the master's history; a sentence saying how they ended."""
     with StateWatcher(cluster) as watcher, cluster.client(timeout=120) as client:
@@ -61,11 +75,7 @@ def run(ctx: Context) -> Iterator[Figure]:
     with Cluster(NAME, ctx, nodes=1, gpus=4) as cluster:
         # Most of the budget may go to running the history; the timings need a few seconds.
         history = fill_history(cluster, ctx.pick(10_000, 500), time.monotonic() + ctx.remaining() * 0.6)
-        env = module_env(ZMGPU_MASTER=f"127.0.0.1:{cluster.port}",
-                         PYTHONPYCACHEPREFIX=os.path.join(cluster.work_dir, "pycache"))
-        env.pop("ZMGPU_CONFIG", None)
-        env.pop("PYTHONDONTWRITEBYTECODE", None)
-        zmgpu = [sys.executable, "-m", "zmgpu.cli"]
+        env = cli_env(cluster)
         floor = median(wall_seconds([sys.executable, "-c", "import zmq"], runs, env, cluster.work_dir))
         yield Figure(NAME, "import_zmq_ms", 1000 * floor, "ms", Better.LOWER,
                      note="python -c 'import zmq': the limit of the figures below")
@@ -75,6 +85,6 @@ def run(ctx: Context) -> Iterator[Figure]:
             "submit_ms": (["submit", "--gpus", "1", "true"], "a trivial 1-GPU job"),
         }
         for figure, (args, note) in commands.items():
-            took = median(wall_seconds([*zmgpu, *args], runs, env, cluster.work_dir))
+            took = median(wall_seconds([*ZMGPU, *args], runs, env, cluster.work_dir))
             yield Figure(NAME, figure, 1000 * took, "ms", Better.LOWER, limit=1000 * floor,
                          target_ratio=TARGET_RATIO, note=f"median of {runs}; {note}")

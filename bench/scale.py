@@ -35,6 +35,7 @@ from typing import Iterator
 
 from bench.harness import (BenchError, Better, Cluster, Context, Figure, cpu_seconds, median, rss_mb,
                            stop_process)
+from bench.cli import ZMGPU, cli_env, wall_seconds
 from zmgpu.daemon import module_env
 from zmgpu.model import NodeStatus
 
@@ -175,6 +176,11 @@ def run(ctx: Context, bench: str = NAME, time_limit: int | None = None, sharer: 
         yield from _observed_figures(bench, "queued", _observe(client, pid, window),
                                      f"{window:g} s once {queued} jobs are pending and every GPU busy, only "
                                      f"heartbeats arriving: what the master still does with a full queue")
+        runs = ctx.pick(3, 1)
+        took = median(wall_seconds([*ZMGPU, "queue"], runs, cli_env(cluster), cwd))
+        yield Figure(bench, "queue_cli_ms", 1000 * took, "ms", Better.LOWER,
+                     note=f"zmgpu queue with {queued} jobs pending (as arrays: a line per run of tasks) and "
+                          f"{capacity} running (a line each), median of {runs}")
         # Keep time for the submit window after the churn.
         timeout = min(PASS_TIMEOUT, max(5.0, ctx.remaining() - window - 20))
         churn = gen.request("churn", count=churns, timeout=timeout, budget=timeout)

@@ -291,6 +291,13 @@ def test_queue_table_time_column_right_aligned_over_days():
     assert len(ends) == 1
 
 
+def test_queue_table_cuts_a_long_id_of_collapsed_tasks():
+    # An array's pending tasks with gaps make a long ARRAYID_[ranges] id: the reason must still show.
+    tasks = _job("4567cdef_[1,4,9-11,15,20,22,30-33]", "PENDING", reason="Priority", tasks=12)
+    line = queue_cmd.format_queue([tasks], NOW, width=80).splitlines()[1]
+    assert line.startswith("4567cdef_[1,4,9-11,15,2+ ") and line.endswith("(Priority)") and len(line) <= 80
+
+
 def test_queue_table_without_jobs_is_the_header():
     assert queue_cmd.format_queue([], NOW).split() == ["ID", "NAME", "USER", "STATE", "TIME", "GPUS",
                                                        "NODELIST(REASON)"]

@@ -41,7 +41,8 @@ def test_an_environment_over_the_limit_is_too_large():
 
 @pytest.mark.parametrize("indices, limit, spec", [
     ([3], None, "3"), ([0, 1, 2, 5, 7, 8], None, "0-2,5,7-8"), ([9, 1, 2, 3], 8, "1-3,9%8"),
-    (range(100_000), None, "0-99999")])
+    (range(100_000), None, "0-99999"), (range(0, 200_000, 2), None, "0-199998:2"),
+    ([0, 1, 2, 5, 7, 9, 11], 2, "0-2,5-11:2%2"), ([1, 5, 7, 8], None, "1,5,7-8"), ([0, 4], None, "0,4")])
 def test_an_array_spec_is_written_as_it_is_read(indices, limit, spec):
     assert format_array_spec(indices, limit) == spec
     assert parse_array_spec(spec) == (sorted(indices), limit)

@@ -284,14 +284,20 @@ def parse_array_spec(spec: str) -> tuple[list[int], int | None]:
 
 
 def format_array_spec(indices, limit: int | None = None) -> str:
-    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2,5,7-8"`` (``%N`` added for a limit): the array spec that
-    :func:`parse_array_spec` reads back, as squeue shows the pending tasks of an array."""
-    ordered = sorted(indices)
+    """``[0, 1, 2, 5, 7, 9, 11]`` -> ``"0-2,5-11:2"`` (``%N`` added for a limit): the array spec that
+    :func:`parse_array_spec` reads back, as squeue shows the pending tasks of an array.  Three or more evenly
+    spaced indices are one span with a step, so an array of every other task is as short as one of all."""
+    ordered = sorted(set(indices))
     spans = []
-    for index in ordered:
-        if spans and index == spans[-1][1] + 1:
-            spans[-1][1] = index
-        else:
-            spans.append([index, index])
-    body = ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in spans)
-    return body if limit is None else f"{body}%{limit}"
+    i = 0
+    while i < len(ordered):
+        first, last, step = ordered[i], ordered[i], 1
+        if i + 1 < len(ordered):
+            step, j = ordered[i + 1] - first, i + 1
+            while j + 1 < len(ordered) and ordered[j + 1] - ordered[j] == step:
+                j += 1
+            if step == 1 or j - i >= 2:
+                last, i = ordered[j], j
+        spans.append(str(first) if first == last else f"{first}-{last}" if step == 1 else f"{first}-{last}:{step}")
+        i += 1
+    return ",".join(spans) + ("" if limit is None else f"%{limit}")

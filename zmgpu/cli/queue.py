@@ -29,6 +29,7 @@ CUT = "+"            # marks a cell cut to fit, as sacct does
 GAP = "  "           # between columns
 NAME_MIN = 8         # a name is never cut shorter than squeue's 8 characters ...
 USER_MAX = 8         # ... and a user name never shown longer
+ID_MAX = 24          # an array's pending tasks shown as one (ARRAYID_[ranges]) may have a long id: cut there
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Column:
 
 COLUMNS = (Column("ID"), Column("NAME"), Column("USER"), Column("STATE"), Column("TIME", right=True),
            Column("GPUS", right=True), Column("NODELIST(REASON)"))
-NAME, USER, NODELIST = 1, 2, 6   # the columns whose width depends on the room left
+ID, NAME, USER, NODELIST = 0, 1, 2, 6   # the columns whose width depends on the room left, or is capped
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,8 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              + ", or Slurm's codes " + ", ".join(STATE_CODES) + "; a finished state "
                              "implies --all (default: every state shown)")
     parser.add_argument("--array", "-r", action="store_true", default=None,
-                        help="one line per pending array task (default: the tasks of an array that wait for "
-                             "the same reason share one line, ARRAYID_[ranges])")
+                        help="one line per pending array task (default: the pending tasks of an array that "
+                             "wait in a row for the same reason share one line, ARRAYID_[ranges], with %%N "
+                             "when the array has a limit)")
     parser.add_argument("--json", action="store_true", default=None,
                         help='print {"jobs": [...], "nodes": [...]} as the master gives it, one dict per job '
                              "(default: a table)")
@@ -116,6 +118,7 @@ def format_queue(jobs: list, now: float, width: int = 80) -> str:
     cells = [[column.header for column in COLUMNS]] + [list(row) for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
     widths[USER] = min(widths[USER], USER_MAX)
+    widths[ID] = min(widths[ID], ID_MAX)
     # NAME and NODELIST share what the fixed columns leave.  When both are long, where jobs run
     # matters more: NODELIST keeps two thirds (at least its header's width), NAME the rest (at
     # least NAME_MIN).

@@ -333,13 +333,16 @@ class ClientRequests:
 
     def on_queue(self, body: dict) -> tuple:
         """List jobs (active ones, or all with ``all``; filtered by owner, states, ids) and nodes (none with
-        ``nodes: false``)."""
+        ``nodes: false``); with ``collapse: true`` the pending tasks of an array that wait in a row for the same
+        reason come as one entry (see :func:`collapsed`)."""
         everything = bool(body.get("all"))
         owner, states, ids = body.get("owner"), body.get("states"), body.get("job_ids")
         if ids is not None:
             if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
                 raise RequestError(ErrorCode.BAD_REQUEST, "job_ids must be a list of job ids")
-            candidates = [self.state.jobs[t] for i in ids for t in self.state.expand(i) if t in self.state.jobs]
+            # Each job once, however often it is named (an array id and one of its tasks, say).
+            named = dict.fromkeys(t for i in ids for t in self.state.expand(i) if t in self.state.jobs)
+            candidates = [self.state.jobs[t] for t in named]
         elif everything:
             candidates = self.state.jobs.values()
         else:
