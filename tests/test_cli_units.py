@@ -291,6 +291,11 @@ def test_queue_table_time_column_right_aligned_over_days():
     assert len(ends) == 1
 
 
+def test_queue_table_needs_only_the_fields_it_asks_the_master_for():
+    projected = [{key: job[key] for key in queue_cmd.TABLE_FIELDS if key in job} for job in JOBS]
+    assert queue_cmd.format_queue(projected, NOW, width=120) == queue_cmd.format_queue(JOBS, NOW, width=120)
+
+
 def test_queue_table_cuts_a_long_id_of_collapsed_tasks():
     # An array's pending tasks with gaps make a long ARRAYID_[ranges] id: the reason must still show.
     tasks = _job("4567cdef_[1,4,9-11,15,20,22,30-33]", "PENDING", reason="Priority", tasks=12)

@@ -48,7 +48,7 @@ MASTER_TYPES = (MsgType.REGISTERED, MsgType.HEARTBEAT, MsgType.REREGISTER, MsgTy
                 MsgType.RESEND, MsgType.REFUSED)
 #: Optional body fields the handlers read, worth giving random values too.
 OPTIONAL = {
-    MsgType.QUEUE: ("all", "owner", "states", "job_ids", "nodes", "collapse"),
+    MsgType.QUEUE: ("all", "owner", "states", "job_ids", "nodes", "collapse", "fields"),
     MsgType.REGISTER: ("instance", "previous_instance", "telemetry", "gpu_policy"),
     MsgType.HEARTBEAT: ("gpus",),
     MsgType.JOB_STARTED: ("attempt", "master_port"), MsgType.OUTPUT: ("attempt",),

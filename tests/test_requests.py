@@ -4,7 +4,7 @@ checked and hashed once), and a queue listing's pending array tasks collapsed in
 import pytest
 
 from zmgpu.master.requests import Environments, RequestError, collapsed
-from zmgpu.master.state import JobRecord
+from zmgpu.master.state import JobRecord, RankRecord
 from zmgpu.master.store import env_id
 from zmgpu.model import JobState, format_array_spec, parse_array_spec
 from zmgpu.protocol import ErrorCode
@@ -74,3 +74,22 @@ def test_pending_tasks_waiting_in_a_row_for_the_same_reason_are_one_entry():
         {"job_id": "bbbbbbbb_2", "reason": "Dependency"}]
     # Only the first task of a run has its dict built.
     assert "aaaaaaaa_3" not in built and "bbbbbbbb_1" not in built
+
+
+def test_a_job_dict_of_chosen_fields_builds_only_those():
+    record = task("aaaaaaaa", 3, state=JobState.RUNNING)
+    record.ranks = (RankRecord("n1", [0]),)
+    asked = []
+
+    def size(key):
+        asked.append(key)
+        return 0
+
+    whole = record.to_dict(size)
+    assert {"job_id", "outputs", "allocation", "env_id"} - set(whole) == {"env_id"}
+    assert record.to_dict(size, frozenset({"job_id", "state", "no_such_key"})) == {
+        "job_id": "aaaaaaaa_3", "state": "RUNNING"}
+    assert record.to_dict(size, frozenset({"outputs"})) == {"outputs": whole["outputs"]}
+    asked.clear()
+    record.to_dict(size, frozenset({"job_id"}))
+    assert asked == []      # the output sizes are looked up only for "outputs"

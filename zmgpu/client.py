@@ -269,7 +269,8 @@ class Client:
         return self._request(MsgType.SUBMIT, job=job).body["job_id"]
 
     def queue(self, all: bool = False, user: Optional[str] = None, states: Optional[Iterable[str]] = None,
-              job_ids: Optional[Iterable[str]] = None, nodes: bool = True, collapse: bool = False) -> dict:
+              job_ids: Optional[Iterable[str]] = None, nodes: bool = True, collapse: bool = False,
+              fields: Optional[Iterable[str]] = None) -> dict:
         """``{"jobs": [job dict], "nodes": [node dict]}``, the jobs filtered as asked.
 
         :param all: include finished jobs (the master keeps them for its retention time).
@@ -279,13 +280,15 @@ class Client:
         :param nodes: False leaves the nodes out (an empty list), for a caller that only wants jobs.
         :param collapse: list the pending tasks of an array that wait in a row for the same reason as one
             dict, as squeue does: the first task's, with job_id ``ARRAYID_[ranges%N]`` and ``tasks`` (how many).
+        :param fields: only these keys of each job dict (all by default), for a caller that shows a few
+            fields of many jobs; a master that does not know a name leaves it out.
 
         The dict layouts are described in :mod:`zmgpu.model`.
         """
         # "user" on the wire is who asks, so the owner filter travels as "owner".
         filters = {"owner": user, "states": None if states is None else [JobState(s).value for s in states],
                    "job_ids": None if job_ids is None else list(job_ids), "nodes": None if nodes else False,
-                   "collapse": True if collapse else None}
+                   "collapse": True if collapse else None, "fields": None if fields is None else list(fields)}
         body = self._request(MsgType.QUEUE, all=all,
                              **{key: value for key, value in filters.items() if value is not None}).body
         return {"jobs": body["jobs"], "nodes": body["nodes"]}

@@ -13,7 +13,8 @@ job dict::
     gpu_mem_mb (--gpu-mem, or None), per_gpu, master_port (the rendezvous port its first node picked),
     peak_gpu_mem_mb (the most GPU memory its processes were seen using on one GPU, or None);
     asked with ``collapse``, a queue listing gives the pending tasks of an array that wait in a row for the
-    same reason as one dict: the first task's, with job_id ``ARRAYID_[ranges%N]`` and tasks (how many)
+    same reason as one dict: the first task's, with job_id ``ARRAYID_[ranges%N]`` and tasks (how many);
+    asked with ``fields``, each job dict of a listing has only those keys
 
 node dict::
 

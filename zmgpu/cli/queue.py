@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     with make_client(client_config(args)) as client:
         listing = client.queue(all=bool(args.all) or finished_wanted, user=args.user,
                                states=[state.value for state in states] or None,
-                               collapse=not (args.array or args.json))
+                               collapse=not (args.array or args.json), fields=None if args.json else TABLE_FIELDS)
     if args.json:
         print(json.dumps(listing, indent=2))
     else:
@@ -142,6 +142,11 @@ def _line(row: list, widths: list) -> str:
 def cut(text: str, width: int) -> str:
     """``text`` in at most ``width`` characters, its end replaced by ``+`` when cut."""
     return text if len(text) <= width else text[:max(0, width - len(CUT))] + CUT
+
+
+#: The job dict keys the table reads (see job_row): the master sends only these.
+TABLE_FIELDS = ("job_id", "name", "command", "user", "state", "start_time", "end_time", "gpus", "allocation",
+                "reason")
 
 
 def job_row(job: dict, now: float) -> tuple:

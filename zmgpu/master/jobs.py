@@ -54,8 +54,9 @@ class JobService:
             MsgType.JOB_ENDED: self.on_job_ended,
         }
 
-    def job_dict(self, job: JobRecord) -> dict:
-        return job.to_dict(self.spool.size)
+    def job_dict(self, job: JobRecord, fields: frozenset[str] | None = None) -> dict:
+        """The job's wire dict (only ``fields`` of it, when given)."""
+        return job.to_dict(self.spool.size, fields)
 
     def publish_job(self, job: JobRecord, store: bool = True) -> None:
         """Tell subscribers about a change, and have the store write it at the end of the turn."""

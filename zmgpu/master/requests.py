@@ -11,6 +11,7 @@ client can fill the master's memory with one huge job or a flood of them.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import secrets
@@ -334,7 +335,7 @@ class ClientRequests:
     def on_queue(self, body: dict) -> tuple:
         """List jobs (active ones, or all with ``all``; filtered by owner, states, ids) and nodes (none with
         ``nodes: false``); with ``collapse: true`` the pending tasks of an array that wait in a row for the same
-        reason come as one entry (see :func:`collapsed`)."""
+        reason come as one entry (see :func:`collapsed`), and with ``fields`` each job dict has only those keys."""
         everything = bool(body.get("all"))
         owner, states, ids = body.get("owner"), body.get("states"), body.get("job_ids")
         if ids is not None:
@@ -354,14 +355,19 @@ class ClientRequests:
             raise RequestError(ErrorCode.BAD_REQUEST, "states must be a list of state names")
         if owner is not None and not isinstance(owner, str):
             raise RequestError(ErrorCode.BAD_REQUEST, "owner must be a user name")
-        collapse = body.get("collapse", False)
+        collapse, fields = body.get("collapse", False), body.get("fields")
         if not isinstance(collapse, bool):
             raise RequestError(ErrorCode.BAD_REQUEST, "collapse must be true or false")
+        if fields is not None:
+            if not isinstance(fields, list) or not all(isinstance(name, str) for name in fields):
+                raise RequestError(ErrorCode.BAD_REQUEST, "fields must be a list of job dict keys")
+            fields = frozenset(fields)
         wanted = set(states) if states is not None else None
         # (The active jobs are never finished ones: a job leaves pending and running before it ends.)
         listed = (j for j in candidates
                   if (owner is None or j.user == owner) and (wanted is None or j.state.value in wanted))
-        jobs = collapsed(listed, self.jobs.job_dict) if collapse else [self.jobs.job_dict(j) for j in listed]
+        job_dict = functools.partial(self.jobs.job_dict, fields=fields)
+        jobs = collapsed(listed, job_dict) if collapse else [job_dict(j) for j in listed]
         # A caller that only follows jobs (Client.wait) leaves out the nodes, which are costly on a big cluster.
         nodes = [n.to_dict() for n in self.state.nodes.values()] if body.get("nodes", True) is not False else []
         return ({"jobs": jobs, "nodes": nodes},)

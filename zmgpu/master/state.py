@@ -223,15 +223,17 @@ class JobRecord:
     def live_ranks(self) -> list[tuple[int, RankRecord]]:
         return [(i, r) for i, r in enumerate(self.ranks) if not r.ended]
 
-    def to_dict(self, size: Callable[[tuple[str, int, str]], int]) -> dict:
-        """The wire dict; ``size`` tells how many bytes of a (job, rank, stream) the master holds."""
+    def to_dict(self, size: Callable[[tuple[str, int, str]], int], fields: frozenset[str] | None = None) -> dict:
+        """The wire dict; ``size`` tells how many bytes of a (job, rank, stream) the master holds.  With
+        ``fields``, only those keys (names it does not have are left out), and the costly ones only if asked:
+        a listing of thousands of jobs for a table needs a few fields of each."""
         # Once a rank has ended, the size its node reported is the one a client must reach.
         outputs = [
             {"rank": i, "stream": s.value,
              "size": max(size((self.job_id, i, s.value)), r.final_sizes.get(s.value, 0))}
             for i, r in enumerate(self.ranks) for s in Stream
-        ]
-        return {
+        ] if fields is None or "outputs" in fields else None
+        whole = {
             "job_id": self.job_id, "name": self.name, "user": self.user, "command": self.command,
             "cwd": self.cwd, "gpus": self.gpus, "node_gpu_ids": self.node_gpu_ids,
             "interactive": self.interactive, "priority": self.priority, "time_limit": self.time_limit,
@@ -247,6 +249,7 @@ class JobRecord:
             "peak_gpu_mem_mb": max((r.peak_gpu_mem_mb for r in self.ranks if r.peak_gpu_mem_mb is not None),
                                    default=None),
         }
+        return whole if fields is None else {name: whole[name] for name in fields if name in whole}
 
 
 #: A job record's field names, in order.
