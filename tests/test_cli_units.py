@@ -291,9 +291,25 @@ def test_queue_table_time_column_right_aligned_over_days():
     assert len(ends) == 1
 
 
-def test_queue_table_needs_only_the_fields_it_asks_the_master_for():
-    projected = [{key: job[key] for key in queue_cmd.TABLE_FIELDS if key in job} for job in JOBS]
-    assert queue_cmd.format_queue(projected, NOW, width=120) == queue_cmd.format_queue(JOBS, NOW, width=120)
+class ReadKeys(dict):
+    """A job dict that records which keys are read from it."""
+
+    read: set = set()
+
+    def __getitem__(self, key):
+        ReadKeys.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        ReadKeys.read.add(key)
+        return super().get(key, default)
+
+
+def test_queue_table_reads_only_the_fields_it_asks_the_master_for():
+    # The master sends the table only TABLE_FIELDS: a key read beyond them would be missing there.
+    ReadKeys.read = set()
+    queue_cmd.format_queue([ReadKeys(job, extra="not sent") for job in JOBS], NOW, width=120)
+    assert ReadKeys.read and ReadKeys.read <= set(queue_cmd.TABLE_FIELDS), ReadKeys.read - set(queue_cmd.TABLE_FIELDS)
 
 
 def test_queue_table_cuts_a_long_id_of_collapsed_tasks():

@@ -278,13 +278,16 @@ class Client:
         :param states: only jobs in these states (:class:`zmgpu.model.JobState` names).
         :param job_ids: only these jobs; an array id matches every task of the array.
         :param nodes: False leaves the nodes out (an empty list), for a caller that only wants jobs.
-        :param collapse: list the pending tasks of an array that wait in a row for the same reason as one
-            dict, as squeue does: the first task's, with job_id ``ARRAYID_[ranges%N]`` and ``tasks`` (how many).
+        :param collapse: list the pending tasks of an array that are consecutive (in submission order) and
+            wait for the same reason as one dict, as squeue does: the first task's, with job_id
+            ``ARRAYID_[ranges%N]`` and ``tasks`` (how many), whatever ``fields`` says.
         :param fields: only these keys of each job dict (all by default), for a caller that shows a few
             fields of many jobs; a master that does not know a name leaves it out.
 
         The dict layouts are described in :mod:`zmgpu.model`.
         """
+        if isinstance(fields, str):
+            raise TypeError("fields must be a list of job dict keys, not a string")
         # "user" on the wire is who asks, so the owner filter travels as "owner".
         filters = {"owner": user, "states": None if states is None else [JobState(s).value for s in states],
                    "job_ids": None if job_ids is None else list(job_ids), "nodes": None if nodes else False,

@@ -12,9 +12,10 @@ job dict::
     outputs [{rank, stream, size}] (bytes the master holds; final once the state is final),
     gpu_mem_mb (--gpu-mem, or None), per_gpu, master_port (the rendezvous port its first node picked),
     peak_gpu_mem_mb (the most GPU memory its processes were seen using on one GPU, or None);
-    asked with ``collapse``, a queue listing gives the pending tasks of an array that wait in a row for the
-    same reason as one dict: the first task's, with job_id ``ARRAYID_[ranges%N]`` and tasks (how many);
-    asked with ``fields``, each job dict of a listing has only those keys
+    asked with ``collapse``, a queue listing gives the pending tasks of an array that are consecutive (in
+    submission order) and wait for the same reason as one dict: the first task's, with job_id
+    ``ARRAYID_[ranges%N]`` and tasks (how many); asked with ``fields``, each job dict of a listing has only
+    those keys (and a collapsed one job_id and tasks)
 
 node dict::
 

@@ -333,7 +333,6 @@ def test_jobs_declaring_gpu_memory_share_a_gpu(cluster, torch_cuda, nvml, workdi
     assert {job_id: allocated_indices(cluster, job_id) for job_id in sharers} == {job_id: [0] for job_id in sharers}
 
     whole = cluster.submit("true", "--node-gpu-ids", pin, cwd=workdir)
-    waiting = cluster.wait_job_state(whole, ("PENDING",))
     listed = nvml_pids(nvml, 0) or set()
     per_process = set(pids.values()) <= listed
     if not per_process:
@@ -348,11 +347,12 @@ def test_jobs_declaring_gpu_memory_share_a_gpu(cluster, torch_cuda, nvml, workdi
         return (gpu["used_mb"] or 0) >= baseline + 2 * ALLOC_MIB and gpu
 
     poll(node_shows_both, 60, f"zmgpu nodes to show both sharing jobs' {ALLOC_MIB} MiB on GPU 0", interval=0.2)
-    again = cluster.job(whole)
-    assert again["state"] == "PENDING" and again["reason"] == "PinnedGPUsBusy", (waiting, again)
+    waiting = cluster.job(whole)
+    assert waiting["state"] == "PENDING" and waiting["reason"] == "PinnedGPUsBusy", waiting
 
-    total_mib = node_gpus(cluster)[0]["memory_mb"]
-    refused = cluster.cli("submit", "--gpus", "1", "--gpu-mem", f"{total_mib + 1}M", "true", check=False, cwd=workdir)
+    largest_mib = max(gpu["memory_mb"] for gpu in node_gpus(cluster).values())
+    refused = cluster.cli("submit", "--gpus", "1", "--gpu-mem", f"{largest_mib + 1}M", "true", check=False,
+                          cwd=workdir)
     assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused
     assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
 

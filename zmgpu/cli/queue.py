@@ -16,9 +16,10 @@ DESCRIPTION = (
     "Show one line per job, as squeue does: ID, NAME (the command when the job has no name), USER, STATE, "
     "TIME (elapsed; 0:00 while pending), GPUS, and NODELIST(REASON): the node:GPU list of a running or "
     "finished job, or why a pending job waits in parentheses (Resources, Priority, Dependency, "
-    "UserGPULimit, NodeDown, PinnedGPUsBusy, ArrayLimit).  The pending tasks of an array that wait in a "
-    "row for the same reason share one line, ARRAYID_[ranges%N], as in squeue; --array lists them one by "
-    "one.  Cells that do not fit the terminal end in '+'.  zmgpu nodes shows the nodes.")
+    "UserGPULimit, NodeDown, PinnedGPUsBusy, ArrayLimit).  The pending tasks of an array that are "
+    "consecutive (in submission order) and wait for the same reason share one line, ARRAYID_[ranges%N] "
+    "(%N when the array has a limit), as in squeue; --array lists them one by one.  Cells that do not fit "
+    "the terminal end in '+'.  zmgpu nodes shows the nodes.")
 
 #: Slurm's short state codes (squeue -t), accepted by --state beside the full names.
 STATE_CODES = {"PD": JobState.PENDING, "R": JobState.RUNNING, "CD": JobState.COMPLETED,
@@ -58,8 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "implies --all (default: every state shown)")
     parser.add_argument("--array", "-r", action="store_true", default=None,
                         help="one line per pending array task (default: the pending tasks of an array that "
-                             "wait in a row for the same reason share one line, ARRAYID_[ranges], with %%N "
-                             "when the array has a limit)")
+                             "are consecutive and wait for the same reason share one line, ARRAYID_[ranges], "
+                             "with %%N when the array has a limit)")
     parser.add_argument("--json", action="store_true", default=None,
                         help='print {"jobs": [...], "nodes": [...]} as the master gives it, one dict per job '
                              "(default: a table)")

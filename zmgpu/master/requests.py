@@ -334,8 +334,9 @@ class ClientRequests:
 
     def on_queue(self, body: dict) -> tuple:
         """List jobs (active ones, or all with ``all``; filtered by owner, states, ids) and nodes (none with
-        ``nodes: false``); with ``collapse: true`` the pending tasks of an array that wait in a row for the same
-        reason come as one entry (see :func:`collapsed`), and with ``fields`` each job dict has only those keys."""
+        ``nodes: false``); with ``collapse: true`` the pending tasks of an array that are consecutive and wait for
+        the same reason come as one entry (see :func:`collapsed`), and with ``fields`` each job dict has only
+        those keys (a collapsed one also its job_id and tasks)."""
         everything = bool(body.get("all"))
         owner, states, ids = body.get("owner"), body.get("states"), body.get("job_ids")
         if ids is not None:
@@ -439,8 +440,8 @@ def _not_yours(job_id: str, owner: str, what: str) -> str:
 
 
 def _run_key(job: JobRecord) -> tuple:
-    """Jobs with the same key in a row are listed as one: the pending tasks of an array waiting for the same
-    reason; any other job's key is its own."""
+    """Consecutive jobs with the same key are listed as one: the pending tasks of an array waiting for the
+    same reason; any other job's key is its own."""
     if job.state is JobState.PENDING and job.array_job_id is not None:
         return job.array_job_id, job.reason
     return None, job.job_id

@@ -225,7 +225,7 @@ class JobRecord:
 
     def to_dict(self, size: Callable[[tuple[str, int, str]], int], fields: frozenset[str] | None = None) -> dict:
         """The wire dict; ``size`` tells how many bytes of a (job, rank, stream) the master holds.  With
-        ``fields``, only those keys (names it does not have are left out), and the costly ones only if asked:
+        ``fields``, only those keys (names it does not have are left out), and the output sizes only if asked:
         a listing of thousands of jobs for a table needs a few fields of each."""
         # Once a rank has ended, the size its node reported is the one a client must reach.
         outputs = [
