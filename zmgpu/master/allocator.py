@@ -337,9 +337,11 @@ def schedule(pending: Iterable[Request], view: View, startable_behind: Startable
         user_gpus[run.user] += run.gpus
         array_running[run.array_id] += 1
     capacity_total = sum(len(idx) for idx in view.capacity.values())
-    starts: list[tuple[str, Placement]] = []
-    started: list[Running] = []     # the same, as the reservation replays them
+    started: list[tuple[str, Running]] = []     # job id, and the job as the reservation replays it
     waits: dict[str, WaitReason] = {}
+
+    def stop(job_id: str | None) -> tuple[list[tuple[str, Placement]], dict[str, WaitReason], str | None]:
+        return [(started_id, run.placement) for started_id, run in started], waits, job_id
 
     def consider(req: Request) -> bool:
         """Start ``req`` or say why it waits; False when nothing behind it that needs a GPU may start."""
@@ -353,12 +355,11 @@ def schedule(pending: Iterable[Request], view: View, startable_behind: Startable
             if pool.reservation is None:
                 # Jobs this pass started hold GPUs too: left out, one with a time limit would make the blocked
                 # job's start unknown, and the pass stop where a job could still backfill.
-                pool.reserve(_reserve(req, pool.free, view, started))
+                pool.reserve(_reserve(req, pool.free, view, [run for _, run in started]))
             return pool.reservation.start is not None
         gpu_mem = req.gpu_mem if req.gpus else None
-        starts.append((req.job_id, placement))
-        started.append(Running(placement, req.user, view.now + req.time_limit if req.time_limit is not None else None,
-                               req.array_id, gpu_mem))
+        end = view.now + req.time_limit if req.time_limit is not None else None
+        started.append((req.job_id, Running(placement, req.user, end, req.array_id, gpu_mem)))
         pool.take(placement, gpu_mem)
         user_gpus[req.user] += req.gpus
         array_running[req.array_id] += 1
@@ -372,14 +373,14 @@ def schedule(pending: Iterable[Request], view: View, startable_behind: Startable
             for startable in itertools.chain([req], startable_behind(req.job_id)):
                 if not startable.gpus or (shared and startable.gpu_mem is not None):
                     consider(startable)
-            return starts, waits, req.job_id
+            return stop(req.job_id)
         if not consider(req):
             # The start of the first blocked job is unknown: no job that takes GPUs may pass it.
             for startable in startable_behind(req.job_id):
                 if not startable.gpus:
                     consider(startable)
-            return starts, waits, req.job_id
-    return starts, waits, None
+            return stop(req.job_id)
+    return stop(None)
 
 
 def _fits_usable(req: Request, view: View, capacity_total: int) -> bool:
