@@ -9,6 +9,7 @@ wrapped only to count its passes, the reactor's send only to see the KILLs.
 """
 
 import logging
+import time
 
 import pytest
 
@@ -196,6 +197,21 @@ def test_a_failed_rank_stops_each_node_once_and_again_only_when_unheeded(service
     assert sorted(kills) == ["n1", "n1", "n2"]
     service.end_rank(job, 1, signal=15)
     assert job.state is JobState.FAILED and job.reason.startswith("rank 3 on n2")
+
+
+def test_a_timed_out_gang_is_stopped_once_and_a_repeat_says_the_same(service, monkeypatch):
+    job, kills = two_node_gang(service, monkeypatch)
+    reasons = []
+    real_kill = service.kill_ranks
+    monkeypatch.setattr(service, "kill_ranks", lambda j, reason: reasons.append(reason) or real_kill(j, reason))
+    job.time_limit, job.start_time = 60, time.time() - 120
+    service.check_time_limits()
+    assert sorted(kills) == ["n1", "n2"] and reasons == ["time limit reached"]
+    service.end_rank(job, 0, signal=15)               # stopped by that KILL: failed, but it is stopping already
+    assert sorted(kills) == ["n1", "n2"]
+    job.kill_sent -= 3600                             # unheeded: the repeat gives the same reason
+    service.check_time_limits()
+    assert reasons == ["time limit reached"] * 2 and sorted(kills) == ["n1", "n1", "n2", "n2"]
 
 
 def test_an_attempt_put_back_in_line_is_not_stopped_for_the_last_ones_failed_rank(service, monkeypatch):

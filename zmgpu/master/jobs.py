@@ -107,7 +107,7 @@ class JobService:
         else:
             job.cancel_by = user
             self.store.job_changed(job)
-            self.kill_ranks(job, f"cancelled by {user}")
+            self.kill_ranks(job, self._stop_reason(job))
 
     # -- scheduling and dispatch -------------------------------------------------------------
 
@@ -370,17 +370,26 @@ class JobService:
                 job.timed_out = True
                 self.store.job_changed(job)
                 self.log.info("job %s reached its time limit of %s", job.job_id, format_duration(job.time_limit))
-                self.kill_ranks(job, "time limit reached")
+                self.kill_ranks(job, self._stop_reason(job))
             elif job.kill_sent and now - job.kill_sent > self.kill_grace + 5:
                 self.repeat_kill(job)
 
     def repeat_kill(self, job: JobRecord) -> None:
         """Send the KILL of a job cancelled, timed out or with a failed rank again (the first may be lost)."""
-        if job.cancel_by or job.timed_out:
-            self.kill_ranks(job, "cancelled" if job.cancel_by else "time limit reached")
-        elif job.first_failed is not None:
-            failed = job.ranks[job.first_failed]
-            self.kill_ranks(job, f"rank {job.first_failed} on {failed.node_id} failed")
+        reason = self._stop_reason(job)
+        if reason is not None:
+            self.kill_ranks(job, reason)
+
+    @staticmethod
+    def _stop_reason(job: JobRecord) -> str | None:
+        """Why a running job's ranks are being stopped, as its first KILL and any repeat say; None: they are not."""
+        if job.cancel_by is not None:
+            return f"cancelled by {job.cancel_by}"
+        if job.timed_out:
+            return "time limit reached"
+        if job.first_failed is not None:
+            return f"rank {job.first_failed} on {job.ranks[job.first_failed].node_id} failed"
+        return None
 
     def purge_finished(self) -> None:
         """Forget finished jobs older than the retention time, with their output.
@@ -528,12 +537,11 @@ class JobService:
         self.store.job_changed(job)
         if part.failed and job.first_failed is None:
             job.first_failed = rank
-            if job.live_ranks() and job.cancel_by is None:
-                # One rank failing dooms a gang job: stop the others rather than let them hang.  Only the
-                # first failure says so: the others end failed too, as they are stopped, and each saying it
-                # again made a KILL per rank per node (65,920 for a 1,024-rank job on 128 nodes), each
-                # one a read of every process on the node.  A lost KILL is repeated (repeat_kill).
-                self.kill_ranks(job, f"rank {rank} on {part.node_id} failed")
+            if job.live_ranks() and job.cancel_by is None and not job.timed_out:
+                # One rank failing dooms a gang job: stop the others (unless stopping already).  Only the first
+                # failure says so: each later one made a KILL per rank per node (65,920 for 1,024 ranks on 128
+                # nodes), each a read of every process on the node.  A lost KILL is repeated (repeat_kill).
+                self.kill_ranks(job, self._stop_reason(job))
         self._end_if_done(job)
 
     def _end_if_done(self, job: JobRecord) -> None:
