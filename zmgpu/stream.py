@@ -233,9 +233,10 @@ class Follower:
                 out = Labelled(out, rank)
             last = next(reversed(self.tracks), None)
             track = self.tracks[key] = Track(rank, stream, out, confirmed=self.view.live)
-            if last is not None and key < last:
-                # Rank order, for an ordered view.  Tracks mostly come in that order: sorting at each new one
-                # made the first look at a 4,096-rank job take 5 s.
+            if self.view.ordered and last is not None and key < last:
+                # Rank order, which only an ordered view needs (it follows one stream).  Tracks mostly come in
+                # that order: sorting at each new one made the first look at a 4,096-rank job take 5 s, and
+                # so did sorting both streams' tracks (stderr sorts before stdout) for an unordered one.
                 self.tracks = dict(sorted(self.tracks.items()))
         return track
 
