@@ -26,7 +26,8 @@ from conftest import Cluster, as_user, one_line_error, poll
 from helpers import hold_sh, release
 from zmgpu.keys import CurveClient, KeyPair, load_key_pair, load_public_key, write_key_pair
 from zmgpu.node.users import Account, Refusal, UserPolicy
-from zmgpu.protocol import ENDED_PREFIX, MAGIC, MsgType, decode, encode, end_topic, job_prefix
+from zmgpu.protocol import (ENDED_PREFIX, MAGIC, MsgType, array_end_prefix, decode, encode, end_topic,
+                            job_prefix)
 
 USERS = ("alice", "bob", "carol")
 LIMITS = {"max_message_bytes": 2 << 20, "max_command_bytes": 4096, "max_env_bytes": 65536,
@@ -273,6 +274,34 @@ def test_a_key_acts_only_as_its_user(lab):
     # The command line says so in one line, with exit status 1.
     proc = cluster.cli("queue", env=keys.as_key("alice", user="bob"), check=False)
     assert "belongs to user alice" in one_line_error(proc)
+
+
+def test_the_ends_of_an_arrays_tasks_are_its_owners_to_follow_with_one_subscription(lab, workdir):
+    cluster, keys = lab
+    marker = chatty_job(cluster, keys, "bob", workdir)
+    array_id = cluster.submit("while [ ! -e stop ]; do sleep 0.1; done", "--array", "0-1", cwd=workdir,
+                              env=keys.as_key("bob"))
+    try:
+        tasks = array_end_prefix(array_id)
+        snooper = subscriber(cluster, keys.curve("alice"), marker, tasks)
+        owner = subscriber(cluster, keys.curve("bob"), marker, tasks)
+        poll(lambda: f"refused a subscription to {job_prefix(marker).decode()!r}" in master_log(cluster), 10,
+             "the master to refuse alice's subscriptions")
+        assert f"refused a subscription to {tasks.decode()!r}" in master_log(cluster)
+        receive_more(owner, 5, "bob's subscriptions to be granted")
+    finally:
+        end_job(cluster, workdir, marker)
+    ended = set()
+
+    def both_tasks_heard():
+        while owner.poll(0):
+            topic = owner.recv_multipart()[0]
+            if topic.startswith(tasks):
+                ended.add(topic)
+        return ended == {end_topic(f"{array_id}_{i}") for i in (0, 1)}
+
+    poll(both_tasks_heard, 20, "bob to hear both tasks end under the array's prefix")
+    assert not snooper.poll(0), "alice heard bob's tasks"
 
 
 def test_a_user_cannot_cancel_or_read_another_users_job(lab, workdir):

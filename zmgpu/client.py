@@ -152,7 +152,7 @@ class Client:
 
         sock = self._socket(zmq.SUB)
         # A SUB sends only its subscriptions, and past the send high-water mark (1,000) ZeroMQ drops them
-        # unsaid: a wait on a 3,000-task array heard the ends of 1,000 tasks and found the rest by polling.
+        # unsaid: a wait on 3,000 tasks named one by one heard the ends of 1,000 and found the rest by polling.
         sock.setsockopt(zmq.SNDHWM, 0)
         # Subscribed before connecting, so the subscription travels with the connection.
         for topic in topics:
@@ -456,16 +456,15 @@ class _Waiter:
 
     def run(self) -> list:
         """Subscribe, take a snapshot, then follow events and check each interval until all have ended."""
-        import zmq
-
         self.client._learn_pub_port()
         # Subscribed before the snapshot, so an end between the two is not missed; to the ends alone (the
-        # topic ended.<ID>.state), since only they change what a wait returns.
-        sub = self.client._subscriber(*(protocol.end_topic(job_id) for job_id in self.job_ids))
+        # topic ended.<ID>.state, and for an id that may be an array's, the prefix of its tasks' ends: one
+        # subscription for an array of any size), since only they change what a wait returns.
+        topics = [protocol.end_topic(job_id) for job_id in self.job_ids]
+        topics += [protocol.array_end_prefix(job_id) for job_id in self.job_ids if "_" not in job_id]
+        sub = self.client._subscriber(*topics)
         try:
             self._expand()
-            for task_id in set(self.jobs) - set(self.job_ids):
-                sub.setsockopt(zmq.SUBSCRIBE, protocol.end_topic(task_id))
             next_check = time.monotonic() + CHECK_INTERVAL
             while self.unfinished:
                 now = time.monotonic()

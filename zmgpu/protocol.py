@@ -246,6 +246,11 @@ def end_topic(job_id: str) -> bytes:
     return f"ended.{job_id}.state".encode()
 
 
+def array_end_prefix(array_id: str) -> bytes:
+    """Subscription prefix that matches the end topics of every task of an array (``ended.<ID>_``)."""
+    return f"ended.{array_id}_".encode()
+
+
 #: Subscription prefix that matches every job's end.
 ENDED_PREFIX = b"ended."
 

@@ -82,7 +82,9 @@ class Access:
         if topic.startswith(PUBLIC_TOPICS):
             return True
         kind, _, rest = topic.partition(b".")
-        job_id = rest.partition(b".")[0].decode(errors="replace")
+        job_id, dot, _ = rest.partition(b".")
+        if not dot and kind == b"ended" and job_id.endswith(b"_"):
+            job_id, dot = job_id[:-1], b"_"    # "ended.<ARRAYID>_": the ends of the array's tasks
         # "job.<ID>." or "ended.<ID>." or a topic under them; a shorter prefix such as b"job." would cover
         # every job.
-        return kind in JOB_TOPIC_KINDS and b"." in rest and self.owner(job_id) == holder.name
+        return kind in JOB_TOPIC_KINDS and bool(dot) and self.owner(job_id.decode(errors="replace")) == holder.name
