@@ -48,7 +48,7 @@ def test_only_old_reported_spools_are_removed(tmp_path):
     index = SpoolIndex.read(str(tmp_path))
     assert index.prune(time.time() - DAY, keep={held}) == [old]
     assert spool_keys(str(tmp_path)) == [recent, running, unreported, held]
-    assert sorted(index.reported) == [key.name for key in (recent, running, unreported, held)]
+    assert sorted(index.reported) == [recent, running, unreported, held]
 
 
 def test_no_spool_directory_at_all(tmp_path):
@@ -61,7 +61,7 @@ def test_the_index_follows_the_agent_without_listing_the_directory(tmp_path):
     # Read once; what the agent dispatches and reports after that is known from the index alone.
     old = spool(tmp_path, "00000001", 2 * DAY)
     index = SpoolIndex.read(str(tmp_path))
-    assert index.reported[old.name] == pytest.approx(time.time() - 2 * DAY, abs=5)
+    assert index.reported[old] == pytest.approx(time.time() - 2 * DAY, abs=5)
     assert not index.add(old)                  # dispatched again: its earlier spool is there
     new = spool(tmp_path, "00000002", 0)
     assert index.add(new) and index.add(RankKey("00000002", 0, 1))
@@ -77,7 +77,7 @@ def test_the_index_follows_the_agent_without_listing_the_directory(tmp_path):
     assert index.attempts("00000003", 0) == []
     index.mark_reported(old, time.time() - 2 * DAY)
     assert index.prune(time.time() - DAY, keep=set()) == [old]
-    assert old not in spool_keys(str(tmp_path)) and old.name not in index.reported
+    assert old not in spool_keys(str(tmp_path)) and old not in index.reported
 
 
 def test_spools_of_an_older_layout_are_taken_over(tmp_path):
@@ -99,7 +99,8 @@ def test_spools_of_an_older_layout_are_taken_over(tmp_path):
     assert sorted(os.listdir(jobs)) == sorted(f"{name}.{part}" for name, parts in files.items()
                                               for part in parts if not part.startswith("status."))
     assert spool_keys(str(tmp_path)) == [RankKey("0000000a", 0, 0), RankKey("0000000b", 0, 1)]
-    assert set(index.reported) == set(files)      # every spool on disk, reported or not: each may have an end there
+    # Every spool on disk, reported or not: each may have an end there.
+    assert {key.name for key in index.reported} == set(files)
     # The reported one stays reported; the one whose end was never reported is, with the exit status it had.
     [(key, rank)] = adopted.items()
     assert key == RankKey("0000000b", 0, 1) and rank.poll() and rank.exit_code == 3

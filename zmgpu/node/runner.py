@@ -106,11 +106,9 @@ def spool_keys(state_dir: str) -> list[RankKey]:
         names = os.listdir(os.path.join(state_dir, "jobs"))
     except OSError:
         return []
-    keys = set()
-    for name in names:
-        stem, _, part = name.rpartition(".")
-        if part in SPOOL_PARTS and (key := RankKey.parse(stem)) is not None:
-            keys.add(key)
+    # Each spool has up to four files: its name is parsed once, not per file.
+    stems = {stem for stem, _, part in (name.rpartition(".") for name in names) if part in SPOOL_PARTS}
+    keys = [key for key in map(RankKey.parse, stems) if key is not None]
     return sorted(keys, key=lambda key: key.name)
 
 

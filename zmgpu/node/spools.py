@@ -21,15 +21,15 @@ from .runner import (SPOOL_PARTS, RankKey, RankProcess, file_size, load_status, 
 
 
 class SpoolIndex:
-    """The rank spools on this node's disk, by name, each with when its rank's end went to the master (epoch
-    seconds; None: not yet, as far as this agent knows).
+    """The rank spools on this node's disk, by rank key, each with when its rank's end went to the master
+    (epoch seconds; None: not yet, as far as this agent knows).
 
     Read from the jobs directory once, when the agent starts, and kept since by the agent as it dispatches,
     reports and prunes, so that a REGISTER, a prune or a RESEND lists no directory: with 50,000 spools (a
     day of short ranks) each listing held up the agent's loop for 0.3-0.6 s.
     """
 
-    def __init__(self, state_dir: str, reported: dict[str, float | None] | None = None):
+    def __init__(self, state_dir: str, reported: dict[RankKey, float | None] | None = None):
         self.state_dir = state_dir
         self.reported = reported if reported is not None else {}
 
@@ -38,30 +38,30 @@ class SpoolIndex:
         """The index of what lies in ``state_dir`` (``keys``: its listing, when already made).  A spool with an
         exit status counts as reported when the status was written: one still unreported is the agent's to
         report, and reporting it sets the time anew."""
-        reported: dict[str, float | None] = {}
+        reported: dict[RankKey, float | None] = {}
         for key in spool_keys(state_dir) if keys is None else keys:
             try:
-                reported[key.name] = os.stat(spool_file(key.spool(state_dir), STATUS_FILE)).st_mtime
+                reported[key] = os.stat(spool_file(key.spool(state_dir), STATUS_FILE)).st_mtime
             except OSError:
-                reported[key.name] = None
+                reported[key] = None
         return cls(state_dir, reported)
 
     def add(self, key: RankKey) -> bool:
         """A rank dispatched here; False when its spool was already here (an earlier dispatch of it)."""
-        fresh = key.name not in self.reported
-        self.reported[key.name] = None
+        fresh = key not in self.reported
+        self.reported[key] = None
         return fresh
 
     def mark_reported(self, key: RankKey, when: float) -> None:
         """The rank's end went to the master at ``when`` (epoch seconds).  A rank without a spool (refused
         before it started) stays out: it has no output to resend, and no files to remove."""
-        if key.name in self.reported:
-            self.reported[key.name] = when
+        if key in self.reported:
+            self.reported[key] = when
 
     def attempts(self, job_id: str, rank: int) -> list[int]:
         """The attempts of a job's rank spooled here."""
-        front = f"{job_id}.{rank}."
-        return [int(name[len(front):]) for name in self.reported if name.startswith(front)]
+        return [attempt for spooled_job, spooled_rank, attempt in self.reported
+                if spooled_job == job_id and spooled_rank == rank]
 
     def recent_ends(self, since: float, skip) -> list[dict]:
         """How the ranks reported after ``since`` (epoch seconds) ended, as REGISTER "jobs" entries.
@@ -70,9 +70,8 @@ class SpoolIndex:
         the rank from these; ranks in ``skip`` (the agent still holds them) are left out.
         """
         entries = []
-        for name, when in self.reported.items():
-            key = RankKey.parse(name) if when is not None and when >= since else None
-            if key is None or key in skip:
+        for key, when in self.reported.items():
+            if when is None or when < since or key in skip:
                 continue
             spool = key.spool(self.state_dir)
             try:
@@ -91,9 +90,8 @@ class SpoolIndex:
         keeps its own copy of the output, so an old spool only fills the node's disk.
         """
         removed = []
-        for name, when in list(self.reported.items()):
-            key = RankKey.parse(name) if when is not None and when < before else None
-            if key is None or key in keep:
+        for key, when in list(self.reported.items()):
+            if when is None or when >= before or key in keep:
                 continue
             spool = key.spool(self.state_dir)
             if unreported(spool):
@@ -104,7 +102,7 @@ class SpoolIndex:
                     remove_file(spool_file(spool, part))
             except OSError:
                 continue    # left for the next round
-            del self.reported[name]
+            del self.reported[key]
             removed.append(key)
         return removed
 
