@@ -4,7 +4,7 @@ The same number of jobs goes through twice: submitted one by one through the
 Python API, then as one array.  The rate is jobs / (last job's end, as the
 master records it - the moment before the first submit).  A third run, for
 information, waits on an array as a user's script or ``zmgpu wait`` does
-(``Client.wait``: a subscription to each task's end) instead of the
+(``Client.wait``: one subscription, to the ends of the array's tasks) instead of the
 benchmark's own watcher (one subscription to every end).  The limit is a plain
 ``Popen(["true"]).wait()`` loop on this machine: the spawn rate nothing that
 starts processes can beat.  A zmgpu job is a shell command line, so each one
