@@ -285,8 +285,13 @@ def test_counts_follow_what_the_pass_took_shared_and_reserved_gpus_included():
     assert waits == {"one": WaitReason.RESOURCES}
 
 
-def test_backfill_outside_the_reservation_takes_exactly_the_spare_gpus():
+def test_backfill_outside_the_reservation_takes_exactly_the_spare_gpus(monkeypatch):
     # big waits for a's GPUs 2,3 (ending at 100) and takes a then; b's two GPUs are spare.
+    from zmgpu.master import allocator
+
+    placed = []
+    real_place = allocator.place
+    monkeypatch.setattr(allocator, "place", lambda *a, **kw: placed.append(a[0].job_id) or real_place(*a, **kw))
     free = {"a": [0, 1], "b": [0, 1]}
     capacity = {"a": [0, 1, 2, 3], "b": [0, 1]}
     running = [Running([("a", [2, 3])], end=100.0)]
@@ -298,6 +303,8 @@ def test_backfill_outside_the_reservation_takes_exactly_the_spare_gpus():
     # long GPUs are more than those two; two fit there; then none is free, and the pass stops.
     assert dict(starts) == {"short": [("a", [0, 1])], "two": [("b", [0, 1])]}
     assert waits["three"] is WaitReason.PRIORITY and stopped == "more" and "more" not in waits
+    # The count of spare GPUs (2) refuses "three" without a placement over the nodes.
+    assert "three" not in placed, placed
 
 
 def test_the_reservation_counts_the_jobs_started_by_the_same_pass():

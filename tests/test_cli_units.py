@@ -442,3 +442,11 @@ def test_unreachable_master_is_one_line_and_exit_1():
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and f"tcp://127.0.0.1:{port}" in proc.stderr
     assert proc.stderr.startswith("zmgpu: no answer")
+
+
+def test_a_queue_of_chosen_fields_refuses_a_string_before_asking():
+    from zmgpu import Client
+
+    with Client(host="127.0.0.1", port=9, default_keys=False) as client:   # nothing listens there: no request
+        with pytest.raises(TypeError, match="not a string"):
+            client.queue(fields="job_id")

@@ -64,6 +64,10 @@ def test_what_ended_before_a_job_was_tracked_counts_and_after_any_never_fails():
     assert deps.failure(lenient) is None and deps.waits(lenient)
     end(state, deps, running, JobState.CANCELLED)
     assert not deps.waits(lenient) and deps.failure(lenient) is None
+    # A dependency long forgotten (ended and purged before the job was tracked) holds nothing back.
+    orphan = state.jobs["dddddddd"] = job("dddddddd", ["gone0000"])
+    deps.track(orphan)
+    assert not deps.waits(orphan) and deps.failure(orphan) is None
 
 
 def test_a_waiter_is_forgotten_with_the_last_of_its_jobs():

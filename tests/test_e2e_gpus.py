@@ -156,7 +156,7 @@ def test_release_check_marks_a_gpu_dirty_until_the_jobs_processes_are_gone(sim_c
     node_log = cluster.nodes["n1"].log
     marked = [line for line in node_log.read_text().splitlines() if f"job {job_id} ended but GPU(s) 0" in line]
     assert len(marked) == 1 and " INFO " in marked[0], marked
-    # Held on, it is a warning, once.
+    # Held on, it is a warning (that it comes once however many looks follow: test_telemetry).
     lingering = f"GPU 0 still lists process(es) {pid} of job {job_id} over"
     poll(lambda: lingering in node_log.read_text(), 30, "the warning of a GPU dirty for long")
     # Still held at later looks (the master hears of one through a heartbeat: rechecks come every 0.1 s).

@@ -150,9 +150,12 @@ def test_array_never_runs_more_than_its_limit(life, workdir):
     assert sorted(job_id for job_id in cells if job_id.startswith(array_id)) == [
         f"{array_id}_0", f"{array_id}_1", f"{array_id}_[2-7%2]"], lines
     # Named twice (the array, and a task of it), a task is listed once.
-    listed = life.request(MsgType.QUEUE, user="tester", job_ids=[array_id, f"{array_id}_5"], collapse=True)
+    listed = life.request(MsgType.QUEUE, user="tester", job_ids=[array_id, f"{array_id}_5"], collapse=True,
+                          fields=["job_id", "state"])
     assert listed is not None and listed["ok"], listed
-    assert [job["job_id"] for job in listed["jobs"]] == [f"{array_id}_0", f"{array_id}_1", f"{array_id}_[2-7%2]"]
+    assert listed["jobs"] == [{"job_id": f"{array_id}_0", "state": "RUNNING"},
+                              {"job_id": f"{array_id}_1", "state": "RUNNING"},
+                              {"job_id": f"{array_id}_[2-7%2]", "state": "PENDING", "tasks": 6}]
     most_running = 0
 
     def all_done():

@@ -279,7 +279,7 @@ def test_a_key_acts_only_as_its_user(lab):
 def test_the_ends_of_an_arrays_tasks_are_its_owners_to_follow_with_one_subscription(lab, workdir):
     cluster, keys = lab
     marker = chatty_job(cluster, keys, "bob", workdir)
-    array_id = cluster.submit("while [ ! -e stop ]; do sleep 0.1; done", "--array", "0-1", cwd=workdir,
+    array_id = cluster.submit(hold_sh("task.$ZMGPU_ARRAY_TASK_ID"), "--array", "0-1", cwd=workdir,
                               env=keys.as_key("bob"))
     try:
         tasks = array_end_prefix(array_id)
@@ -291,6 +291,7 @@ def test_the_ends_of_an_arrays_tasks_are_its_owners_to_follow_with_one_subscript
         receive_more(owner, 5, "bob's subscriptions to be granted")
     finally:
         end_job(cluster, workdir, marker)
+        release(workdir, "task.0", "task.1")
     ended = set()
 
     def both_tasks_heard():

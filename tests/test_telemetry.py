@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from zmgpu.node.gpus import SimulatedSource, SimulationError
+from zmgpu.node import telemetry as telemetry_module
 from zmgpu.node.telemetry import Policy, Telemetry
 
 LOG = logging.getLogger("test.telemetry")
@@ -109,6 +110,19 @@ def test_another_rank_of_the_job_ending_on_a_dirty_gpu_keeps_its_wait_for_a_warn
     warn_at = t.dirty[0].warn_at
     assert t.release_check("0badcafe", [0]) == [0]     # a second rank of the job (--per-gpu) ends there too
     assert t.dirty[0].warn_at == warn_at
+
+
+def test_a_gpu_dirty_for_long_is_warned_of_once_over_later_looks(gpus_file, processes, monkeypatch, caplog):
+    monkeypatch.setattr(telemetry_module, "DIRTY_WARN_AFTER", 0.0)
+    pid = processes("0badcafe")
+    t = telemetry(gpus_file({"processes": [{"pid": pid, "used_mb": 500}]}))
+    t.snapshot()
+    assert t.release_check("0badcafe", [0]) == [0]
+    with caplog.at_level(logging.INFO):
+        for _ in range(3):
+            assert t.recheck_dirty() == []
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "still lists" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
 
 
 def test_release_check_marks_dirty_until_the_process_is_gone(gpus_file, processes):
