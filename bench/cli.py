@@ -14,46 +14,15 @@ PYTHONDONTWRITEBYTECODE would otherwise time the compiling of every module.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import time
 from typing import Iterator
 
-from bench.harness import BenchError, Better, Cluster, Context, Figure, StateWatcher, median
-from zmgpu.daemon import module_env
+from bench.harness import (ZMGPU, BenchError, Better, Cluster, Context, Figure, StateWatcher, cli_env, median,
+                           wall_seconds)
 
 NAME = "cli"
 TARGET_RATIO = 2.0
-
-
-def wall_seconds(argv: list[str], runs: int, env: dict, cwd: str) -> list[float]:
-    """Wall time of ``runs`` runs of ``argv``, after one untimed run (it fills the bytecode cache);
-    BenchError if one fails."""
-    times = []
-    for _ in range(runs + 1):
-        start = time.perf_counter()
-        done = subprocess.run(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
-        times.append(time.perf_counter() - start)
-        if done.returncode != 0:
-            last = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
-            raise BenchError(f"'{' '.join(argv[1:])}' exited with status {done.returncode}: {last[0]}")
-    return times[1:]
-
-
-def cli_env(cluster: Cluster) -> dict:
-    """The environment the ``zmgpu`` commands run in: this cluster's master, no config file, bytecode cached
-    in the cluster's own directory."""
-    env = module_env(ZMGPU_MASTER=f"127.0.0.1:{cluster.port}",
-                     PYTHONPYCACHEPREFIX=os.path.join(cluster.work_dir, "pycache"))
-    env.pop("ZMGPU_CONFIG", None)
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    return env
-
-
-#: The command line of ``zmgpu``, as the installed script runs it.
-ZMGPU = [sys.executable, "-m", "zmgpu.cli"]
 
 
 def fill_history(cluster: Cluster, count: int, deadline: float) -> str:

@@ -524,3 +524,34 @@ class StateWatcher:
                 # watcher's cost grow with the run (quadratic over thousands of jobs).
                 missing.difference_update(self._drain())
         return {job_id: self.finished[job_id] for job_id in wanted}
+
+
+# -- the command line, as users run it ------------------------------------------------------------
+
+def wall_seconds(argv: list[str], runs: int, env: dict, cwd: str) -> list[float]:
+    """Wall time of ``runs`` runs of ``argv``, after one untimed run (it fills the bytecode cache);
+    BenchError if one fails."""
+    times = []
+    for _ in range(runs + 1):
+        start = time.perf_counter()
+        done = subprocess.run(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+        times.append(time.perf_counter() - start)
+        if done.returncode != 0:
+            last = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no message"]
+            raise BenchError(f"'{' '.join(argv[1:])}' exited with status {done.returncode}: {last[0]}")
+    return times[1:]
+
+
+def cli_env(cluster: Cluster) -> dict:
+    """The environment the ``zmgpu`` commands run in: this cluster's master, no config file, bytecode cached
+    in the cluster's own directory."""
+    env = module_env(ZMGPU_MASTER=f"127.0.0.1:{cluster.port}",
+                     PYTHONPYCACHEPREFIX=os.path.join(cluster.work_dir, "pycache"))
+    env.pop("ZMGPU_CONFIG", None)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+#: The command line of ``zmgpu``, as the installed script runs it.
+ZMGPU = [sys.executable, "-m", "zmgpu.cli"]

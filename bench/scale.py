@@ -35,9 +35,8 @@ import time
 from collections import Counter
 from typing import Iterator
 
-from bench.harness import (BenchError, Better, Cluster, Context, Figure, cpu_seconds, median, rss_mb,
-                           stop_process)
-from bench.cli import ZMGPU, cli_env, wall_seconds
+from bench.harness import (ZMGPU, BenchError, Better, Cluster, Context, Figure, cli_env, cpu_seconds, median,
+                           rss_mb, stop_process, wall_seconds)
 from zmgpu.daemon import module_env
 from zmgpu.model import NodeStatus
 
