@@ -63,6 +63,15 @@ def wait_for_file_sh(path: str, timeout: float = 90) -> str:
     return f'i=0; while [ ! -e "{path}" ] && [ $i -lt {loops} ]; do sleep 0.1; i=$((i+1)); done'
 
 
+def job_record(job_id: str, **fields):
+    """A master's job record for a test of the master's parts in-process: user "u", command ``true`` in /, no
+    environment, one GPU, unless ``fields`` say otherwise."""
+    from zmgpu.master.state import JobRecord
+
+    return JobRecord(**{"job_id": job_id, "seq": 0, "user": "u", "command": "true", "cwd": "/", "env": {},
+                        "gpus": 1, **fields})
+
+
 def hold_sh(path: str, then: str | None = None) -> str:
     """Shell snippet for a held job: wait until ``path`` exists (:func:`release` makes it), then ``then``."""
     return wait_for_file_sh(path) + (f"; {then}" if then else "")

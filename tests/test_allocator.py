@@ -3,6 +3,8 @@
 import random
 import sys
 
+from helpers import job_record
+
 from zmgpu.master.allocator import (NodeCapacity, Request, Running, View, WaitReason, _Pool, _reserve, infeasible,
                                     place, schedule)
 
@@ -147,11 +149,10 @@ def test_infeasible_messages():
 
 
 def test_pending_queue_orders_by_priority_then_submission_and_finds_the_startable_jobs_behind_one():
-    from zmgpu.master.state import JobRecord, PendingQueue
+    from zmgpu.master.state import PendingQueue
 
     def job(job_id, seq, priority=0, gpus=1):
-        return JobRecord(job_id=job_id, seq=seq, user="u", command="true", cwd="/", env={}, gpus=gpus,
-                         priority=priority)
+        return job_record(job_id, seq=seq, gpus=gpus, priority=priority)
 
     queue = PendingQueue()
     shares = job("shares", 8)
@@ -180,10 +181,9 @@ def test_pending_queue_orders_by_priority_then_submission_and_finds_the_startabl
 
 
 def test_a_job_record_copy_shares_what_never_changes_and_holds_no_attribute_dict():
-    from zmgpu.master.state import JOB_FIELDS, JobRecord
+    from zmgpu.master.state import JOB_FIELDS
 
-    template = JobRecord(job_id="", seq=0, user="u", command="true", cwd="/", env={"A": "1"}, gpus=2,
-                         after=("aaaaaaaa",), priority=3, time_limit=60)
+    template = job_record("", env={"A": "1"}, gpus=2, after=("aaaaaaaa",), priority=3, time_limit=60)
     twin = template.copy()
     assert twin == template and twin is not template
     assert twin.env is template.env and twin.after is template.after    # an array's tasks share them

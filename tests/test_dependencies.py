@@ -1,13 +1,13 @@
 """--after bookkeeping (zmgpu/master/dependencies.py) on a plain ClusterState: no sockets, no daemons."""
 
+from helpers import job_record
 from zmgpu.master.dependencies import Dependencies
 from zmgpu.master.state import ClusterState, JobRecord
 from zmgpu.model import JobState
 
 
 def job(job_id: str, after=(), array_id=None, after_any=False) -> JobRecord:
-    return JobRecord(job_id=job_id, seq=0, user="u", command="true", cwd="/", env={}, gpus=0, after=tuple(after),
-                     after_any=after_any, array_job_id=array_id)
+    return job_record(job_id, gpus=0, after=tuple(after), after_any=after_any, array_job_id=array_id)
 
 
 def array(state: ClusterState, array_id: str, size: int, after=(), after_any=False) -> list[JobRecord]:

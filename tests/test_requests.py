@@ -3,8 +3,10 @@ checked and hashed once), and a queue listing's pending array tasks collapsed in
 
 import pytest
 
+from helpers import job_record
+
 from zmgpu.master.requests import Environments, RequestError, collapsed
-from zmgpu.master.state import JobRecord, RankRecord
+from zmgpu.master.state import RankRecord
 from zmgpu.master.store import env_id
 from zmgpu.model import JobState, format_array_spec, parse_array_spec
 from zmgpu.protocol import ErrorCode
@@ -49,12 +51,12 @@ def test_an_array_spec_is_written_as_it_is_read(indices, limit, spec):
 
 
 def task(array_id, index, reason="Priority", state=JobState.PENDING, limit=None):
-    return JobRecord(job_id=f"{array_id}_{index}", seq=0, user="u", command="true", cwd="/", env={}, gpus=1,
-                     array_job_id=array_id, array_task_id=index, array_limit=limit, state=state, reason=reason)
+    return job_record(f"{array_id}_{index}", array_job_id=array_id, array_task_id=index, array_limit=limit,
+                      state=state, reason=reason)
 
 
 def test_pending_tasks_waiting_in_a_row_for_the_same_reason_are_one_entry():
-    lone = JobRecord(job_id="0000beef", seq=0, user="u", command="true", cwd="/", env={}, gpus=1, reason="Priority")
+    lone = job_record("0000beef", reason="Priority")
     jobs = [task("aaaaaaaa", 0, None, JobState.RUNNING), task("aaaaaaaa", 1, "Resources"),
             *(task("aaaaaaaa", i, limit=4) for i in (2, 3, 4, 7)), lone, task("aaaaaaaa", 8),
             task("bbbbbbbb", 0), task("bbbbbbbb", 1), task("bbbbbbbb", 2, "Dependency")]

@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from helpers import job_record
+
 from zmgpu.master import jobs as jobs_module
 from zmgpu.master.output import OutputSpool
 from zmgpu.master.reactor import Reactor
@@ -45,7 +47,7 @@ def service(tmp_path, monkeypatch):
 
 def submit(service, name: str, seq: int, **fields) -> JobRecord:
     """A job (one GPU unless ``fields`` say otherwise) queued, and the pass that may follow."""
-    job = JobRecord(job_id=name, seq=seq, user="u", command="true", cwd="/", env={}, **{"gpus": 1, **fields})
+    job = job_record(name, seq=seq, **fields)
     service.enqueue(job)
     service.schedule()
     return job
