@@ -380,7 +380,8 @@ def test_a_cpu_only_job_passes_any_reservation_where_a_gpu_job_without_time_wait
 def test_a_stopped_pass_reads_on_only_the_cpu_only_jobs_behind():
     # One free GPU of two; the other's job has no time limit, so "big" blocks with an unknown start.
     queue = [Request("one", 1), Request("big", 2)] + [Request(f"g{k}", 1) for k in range(50)] + [
-        Request(f"c{k}", 0, array_id="arr", array_limit=2) for k in range(3)] + [Request("last", 1)]
+        Request(f"c{k}", 0, array_id="arr", array_limit=2) for k in range(3)] + [shared("sharer", 100),
+                                                                                 Request("last", 1)]
     read: list[str] = []
 
     def pending():
@@ -391,8 +392,9 @@ def test_a_stopped_pass_reads_on_only_the_cpu_only_jobs_behind():
     running = [Running([("a", [0])], end=None, array_id="arr")]
     starts, waits, stopped = schedule(pending(), view({"a": [1]}, {"a": [0, 1]}, running=running),
                                       startable_behind_in(queue))
-    # The GPU jobs behind the stop are not read; the CPU-only ones are, and their array's %2 counts the task
-    # already running: one more starts, the others wait.
+    # The GPU jobs behind the stop are not read, sharing ones neither (the stop is at an unknown start, not for
+    # want of free GPUs); the CPU-only ones are, and their array's %2 counts the task already running: one more
+    # starts, the others wait.
     assert read == ["one", "big"] and stopped == "big"
     assert dict(starts) == {"one": [("a", [1])], "c0": [("a", [])]}
     assert waits == {"big": WaitReason.RESOURCES, "c1": WaitReason.ARRAY_LIMIT, "c2": WaitReason.ARRAY_LIMIT}
