@@ -204,6 +204,8 @@ CLIENT_GARBAGE = [
     Garbage("bad pin spec", _body(MsgType.SUBMIT, job=_job(node_gpu_ids="::;")), None),
     Garbage("collapse not a boolean", _body(MsgType.QUEUE, collapse="yes"), "BAD_REQUEST"),
     Garbage("fields not a list", _body(MsgType.QUEUE, fields="job_id"), "BAD_REQUEST"),
+    Garbage("nodes neither a boolean nor foreign", _body(MsgType.QUEUE, nodes="some"), "BAD_REQUEST"),
+    Garbage("nodes as a number", _body(MsgType.QUEUE, nodes=1), "BAD_REQUEST"),
     Garbage("unknown job", _body(MsgType.JOB, job_id="ffffffff"), "UNKNOWN_JOB"),
     Garbage("fetch unknown job", _body(MsgType.FETCH, job_id="ffffffff", rank=0, stream="stdout", offset=0),
             "UNKNOWN_JOB"),

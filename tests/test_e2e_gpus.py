@@ -83,8 +83,13 @@ def test_foreign_process_keeps_an_exclusive_job_off_until_it_goes(sim_cluster, c
     job_id = cluster.submit("true", "--gpus", "1")
     wait_reason(cluster, job_id, "GPUsInUseByOthers")
     assert f"n1 GPU 0 in use by others: pid {colleague}" in listing(cluster, "queue")
+    with cluster.client() as client:
+        assert [n["node_id"] for n in client.queue(nodes="foreign")["nodes"]] == ["n1"]
     sim.set(0)   # the colleague's process ended
     assert cluster.wait_job_state(job_id, ["COMPLETED"])["allocation"] == [{"node_id": "n1", "gpu_indices": [0]}]
+    with cluster.client() as client:
+        assert client.queue(nodes="foreign")["nodes"] == []
+    assert "in use by" not in listing(cluster, "queue")
 
 
 def test_threshold_policy_lets_small_foreign_use_pass(bare_cluster, tmp_path, colleague):

@@ -326,6 +326,8 @@ def test_a_check_for_ended_jobs_gets_only_those_and_no_nodes(life, workdir):
         checked = client.queue(all=True, job_ids=[running, ended], states=FINISHED, nodes=False)
         assert ([job["job_id"] for job in checked["jobs"]], checked["nodes"]) == ([ended], [])
         assert client.queue(job_ids=[running])["nodes"], "nodes are listed unless left out"
+        # The queue table's question: no GPU here is used by processes zmgpu did not start.
+        assert client.queue(job_ids=[running], nodes="foreign")["nodes"] == []
     release(workdir, "check")
     life.wait_job_state(running, "COMPLETED")
 

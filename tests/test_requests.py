@@ -95,3 +95,8 @@ def test_a_job_dict_of_chosen_fields_builds_only_those():
     asked.clear()
     record.to_dict(size, frozenset({"job_id"}))
     assert asked == []      # the output sizes are looked up only for "outputs"
+    # Each key alone is what the whole dict has under it.
+    assert all(record.to_dict(size, frozenset({name})) == {name: value} for name, value in whole.items())
+    # Nothing is built from the ranks unless asked (a rank that cannot be read would fail the allocation).
+    record.ranks = (object(),)
+    assert record.to_dict(size, frozenset({"job_id", "state"})) == {"job_id": "aaaaaaaa_3", "state": "RUNNING"}

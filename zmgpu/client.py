@@ -35,7 +35,7 @@ import math
 import os
 import sys
 import time
-from typing import BinaryIO, Iterable, Optional, Sequence
+from typing import BinaryIO, Iterable, Optional, Sequence, Union
 
 from . import iothreads, protocol
 from .errors import BadAddress, ClientError, Detached, LocalError, MasterUnreachable
@@ -46,6 +46,13 @@ from .stream import (CHECK_INTERVAL, SUB_BATCH, Follower, InterruptHandler, Limi
 
 __all__ = ["Client", "ClientError", "MasterUnreachable", "BadAddress", "Detached", "LocalError",
            "InterruptHandler", "SignalTrap", "CHECK_INTERVAL"]
+
+
+def _nodes_wire(nodes: Union[bool, str]) -> Union[bool, str, None]:
+    """A QUEUE's ``nodes`` as sent: left out for every node (what masters before "foreign" understand too)."""
+    if nodes == "foreign":
+        return nodes
+    return None if nodes else False
 
 
 def _default_user() -> str:
@@ -269,7 +276,7 @@ class Client:
         return self._request(MsgType.SUBMIT, job=job).body["job_id"]
 
     def queue(self, all: bool = False, user: Optional[str] = None, states: Optional[Iterable[str]] = None,
-              job_ids: Optional[Iterable[str]] = None, nodes: bool = True, collapse: bool = False,
+              job_ids: Optional[Iterable[str]] = None, nodes: Union[bool, str] = True, collapse: bool = False,
               fields: Optional[Iterable[str]] = None) -> dict:
         """``{"jobs": [job dict], "nodes": [node dict]}``, the jobs filtered as asked.
 
@@ -277,7 +284,8 @@ class Client:
         :param user: only this user's jobs.
         :param states: only jobs in these states (:class:`zmgpu.model.JobState` names).
         :param job_ids: only these jobs; an array id matches every task of the array.
-        :param nodes: False leaves the nodes out (an empty list), for a caller that only wants jobs.
+        :param nodes: False leaves the nodes out (an empty list), for a caller that only wants jobs;
+            ``"foreign"`` gives only the nodes with a GPU in use by processes zmgpu did not start.
         :param collapse: list the pending tasks of an array that are consecutive (in submission order) and
             wait for the same reason as one dict, as squeue does: the first task's, with job_id
             ``ARRAYID_[ranges%N]`` and ``tasks`` (how many), whatever ``fields`` says.
@@ -290,7 +298,7 @@ class Client:
             raise TypeError("fields must be a list of job dict keys, not a string")
         # "user" on the wire is who asks, so the owner filter travels as "owner".
         filters = {"owner": user, "states": None if states is None else [JobState(s).value for s in states],
-                   "job_ids": None if job_ids is None else list(job_ids), "nodes": None if nodes else False,
+                   "job_ids": None if job_ids is None else list(job_ids), "nodes": _nodes_wire(nodes),
                    "collapse": True if collapse else None, "fields": None if fields is None else list(fields)}
         body = self._request(MsgType.QUEUE, all=all,
                              **{key: value for key, value in filters.items() if value is not None}).body

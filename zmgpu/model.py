@@ -167,6 +167,16 @@ def has_type(value, kind: type | tuple) -> bool:
                                         or (isinstance(kind, tuple) and bool in kind))
 
 
+def foreign_pids(gpu: dict) -> list[int]:
+    """The processes a GPU's report lists that zmgpu did not start (their job_id is None)."""
+    return [p["pid"] for p in gpu.get("processes") or () if p.get("job_id") is None]
+
+
+def in_foreign_use(gpu: dict) -> bool:
+    """Whether processes zmgpu did not start use the GPU: listed ones, or use the node's policy counts as busy."""
+    return bool(gpu.get("busy") or foreign_pids(gpu))
+
+
 def gpu_room(memory_mb: int, reserve_mb: int, foreign_mb: int, declared_mb: int) -> int:
     """MiB of a GPU still free for --gpu-mem jobs: its memory less the reserve, others' use, and what the
     sharing jobs declared.  The master places by it and the node checks again by it, so they must agree."""

@@ -8,7 +8,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
-from ..model import JobState, format_duration, format_size
+from ..model import JobState, foreign_pids, format_duration, format_size, in_foreign_use
 from .common import add_connection_timeout, client_config, make_client
 
 HELP = "show jobs (pending and running; finished ones with --all)"
@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     with make_client(client_config(args)) as client:
         listing = client.queue(all=bool(args.all) or finished_wanted, user=args.user,
                                states=[state.value for state in states] or None,
-                               collapse=not (args.array or args.json), fields=None if args.json else TABLE_FIELDS)
+                               collapse=not (args.array or args.json), fields=None if args.json else TABLE_FIELDS,
+                               nodes=True if args.json else "foreign")
     if args.json:
         print(json.dumps(listing, indent=2))
     else:
@@ -106,18 +107,18 @@ def others_lines(nodes: list) -> list[str]:
 
 def foreign_use(gpu: dict) -> str:
     """``others: pid 4242 (3 GiB)`` for processes zmgpu did not start; empty when there are none."""
-    pids = [str(p["pid"]) for p in gpu.get("processes") or () if p.get("job_id") is None]
-    if not pids and not gpu.get("busy"):
+    if not in_foreign_use(gpu):
         return ""
+    pids = [str(pid) for pid in foreign_pids(gpu)]
     shown = ",".join(pids[:3]) + ("..." if len(pids) > 3 else "")
     return f"others: {'pid ' + shown if pids else 'no listed process'} ({format_size(gpu.get('foreign_mb') or 0)})"
 
 
 def format_queue(jobs: list, now: float, width: int = 80) -> str:
     """The jobs as a table whose lines fit ``width`` (NAME and NODELIST(REASON) give way first)."""
-    rows = [job_row(job, now) for job in jobs]
-    cells = [[column.header for column in COLUMNS]] + [list(row) for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    cells = [tuple(column.header for column in COLUMNS)] + [job_row(job, now) for job in jobs]
+    natural = [max(map(len, column)) for column in zip(*cells)]
+    widths = list(natural)
     widths[USER] = min(widths[USER], USER_MAX)
     widths[ID] = min(widths[ID], ID_MAX)
     # NAME and NODELIST share what the fixed columns leave.  When both are long, where jobs run
@@ -128,16 +129,20 @@ def format_queue(jobs: list, now: float, width: int = 80) -> str:
     nodelist_share = min(widths[NODELIST], max(len(COLUMNS[NODELIST].header), room * 2 // 3))
     widths[NAME] = min(widths[NAME], max(NAME_MIN, room - nodelist_share))
     widths[NODELIST] = max(len(CUT), room - widths[NAME])
-    return "\n".join(_line(row, widths) for row in cells)
+    # One format for every line; only the columns narrower than their longest cell need cutting.
+    line = GAP.join(f"{{:{'>' if column.right else '<'}{w}}}" for column, w in zip(COLUMNS, widths)).format
+    narrowed = [i for i, w in enumerate(widths) if w < natural[i]]
+    if narrowed:
+        cells = [_cut_cells(row, narrowed, widths) for row in cells]
+    return "\n".join(line(*row).rstrip() for row in cells)
 
 
-def _line(row: list, widths: list) -> str:
-    """One table line: each cell cut to its column, padded on the side its column aligns."""
-    cells = []
-    for column, text, w in zip(COLUMNS, row, widths):
-        text = cut(text, w)
-        cells.append(text.rjust(w) if column.right else text.ljust(w))
-    return GAP.join(cells).rstrip()
+def _cut_cells(row: tuple, narrowed: list[int], widths: list[int]) -> list[str]:
+    """The row with its cells in the ``narrowed`` columns cut to their widths."""
+    row = list(row)
+    for i in narrowed:
+        row[i] = cut(row[i], widths[i])
+    return row
 
 
 def cut(text: str, width: int) -> str:

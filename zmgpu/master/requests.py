@@ -100,6 +100,10 @@ class Environments:
         return checked
 
 
+#: The nodes a QUEUE's ``nodes`` asks for: all (the default), none, or those whose GPUs others use.
+_NODE_CHOICES = {True: lambda node: True, False: lambda node: False, "foreign": NodeRecord.in_foreign_use}
+
+
 class ClientRequests:
     """Handlers for everything a ``zmgpu`` client may ask."""
 
@@ -334,9 +338,10 @@ class ClientRequests:
 
     def on_queue(self, body: dict) -> tuple:
         """List jobs (active ones, or all with ``all``; filtered by owner, states, ids) and nodes (none with
-        ``nodes: false``); with ``collapse: true`` the pending tasks of an array that are consecutive and wait for
-        the same reason come as one entry (see :func:`collapsed`), and with ``fields`` each job dict has only
-        those keys (a collapsed one also its job_id and tasks)."""
+        ``nodes: false``; with ``nodes: "foreign"`` those with a GPU in use by processes zmgpu did not start).
+        With ``collapse: true`` the pending tasks of an array that are consecutive and wait for the same
+        reason come as one entry (see :func:`collapsed`), and with ``fields`` each job dict has only those keys
+        (a collapsed one also its job_id and tasks)."""
         everything = bool(body.get("all"))
         owner, states, ids = body.get("owner"), body.get("states"), body.get("job_ids")
         if ids is not None:
@@ -369,8 +374,13 @@ class ClientRequests:
                   if (owner is None or j.user == owner) and (wanted is None or j.state.value in wanted))
         job_dict = functools.partial(self.jobs.job_dict, fields=fields)
         jobs = collapsed(listed, job_dict) if collapse else [job_dict(j) for j in listed]
-        # A caller that only follows jobs (Client.wait) leaves out the nodes, which are costly on a big cluster.
-        nodes = [n.to_dict() for n in self.state.nodes.values()] if body.get("nodes", True) is not False else []
+        # A caller that only follows jobs (Client.wait) leaves out the nodes, which are costly on a big cluster,
+        # and the queue table asks only for those whose GPUs others use (it has a line for each such GPU).
+        choice = body.get("nodes", True)
+        which = _NODE_CHOICES.get(choice) if isinstance(choice, (bool, str)) else None
+        if which is None:
+            raise RequestError(ErrorCode.BAD_REQUEST, 'nodes must be true, false or "foreign"')
+        nodes = [n.to_dict() for n in self.state.nodes.values() if which(n)]
         return ({"jobs": jobs, "nodes": nodes},)
 
     def on_job(self, body: dict) -> tuple:

@@ -14,7 +14,7 @@ from collections import Counter
 from typing import Callable
 from dataclasses import dataclass, field, fields
 
-from ..model import GpuInfo, JobState, NodeState, NodeStatus, gpu_room
+from ..model import GpuInfo, JobState, NodeState, NodeStatus, gpu_room, in_foreign_use
 from ..protocol import Stream
 
 
@@ -58,6 +58,10 @@ class NodeRecord:
         """These GPUs still list processes of an ended job: no job may have them until the node says clean."""
         for index in indices:
             self.telemetry.setdefault(index, {})["dirty"] = job_id
+
+    def in_foreign_use(self) -> bool:
+        """Whether processes zmgpu did not start use one of its GPUs, by its last report."""
+        return any(in_foreign_use(self.telemetry.get(gpu.index, _NO_REPORT)) for gpu in self.gpus)
 
     def placement(self) -> "GpuPlaces":
         """Where new jobs may go on this node, in one walk over its GPUs (once per scheduling pass)."""
@@ -225,31 +229,45 @@ class JobRecord:
 
     def to_dict(self, size: Callable[[tuple[str, int, str]], int], fields: frozenset[str] | None = None) -> dict:
         """The wire dict; ``size`` tells how many bytes of a (job, rank, stream) the master holds.  With
-        ``fields``, only those keys (names it does not have are left out), and the output sizes only if asked:
-        a listing of thousands of jobs for a table needs a few fields of each."""
+        ``fields``, only those keys (names it does not have are left out), each computed only when asked: a
+        listing of thousands of jobs for a table needs a few fields of each."""
+        if fields is None:
+            whole = dict(zip(_WIRE_AS_IS, _wire_values(self)))
+            for name, get in _WIRE_COMPUTED.items():
+                whole[name] = get(self, size)
+            return whole
+        chosen = {}
+        for name in fields:
+            if name in _WIRE_AS_IS_SET:
+                chosen[name] = getattr(self, name)
+            elif (get := _WIRE_COMPUTED.get(name)) is not None:
+                chosen[name] = get(self, size)
+        return chosen
+
+    def _outputs(self, size: Callable[[tuple[str, int, str]], int]) -> list[dict]:
+        """Each rank's streams with the bytes of them the master holds."""
         # Once a rank has ended, the size its node reported is the one a client must reach.
-        outputs = [
-            {"rank": i, "stream": s.value,
-             "size": max(size((self.job_id, i, s.value)), r.final_sizes.get(s.value, 0))}
-            for i, r in enumerate(self.ranks) for s in Stream
-        ] if fields is None or "outputs" in fields else None
-        whole = {
-            "job_id": self.job_id, "name": self.name, "user": self.user, "command": self.command,
-            "cwd": self.cwd, "gpus": self.gpus, "node_gpu_ids": self.node_gpu_ids,
-            "interactive": self.interactive, "priority": self.priority, "time_limit": self.time_limit,
-            "requeue": self.requeue, "requeue_count": self.requeue_count,
-            "attempt": self.attempt, "after": self.after,
-            "after_any": self.after_any, "array_job_id": self.array_job_id,
-            "array_task_id": self.array_task_id,
-            "state": self.state.value, "reason": self.reason,
-            "allocation": [{"node_id": r.node_id, "gpu_indices": r.gpu_indices} for r in self.ranks],
-            "submit_time": self.submit_time, "start_time": self.start_time, "end_time": self.end_time,
-            "exit_code": self.exit_code, "signal": self.signal, "outputs": outputs,
-            "gpu_mem_mb": self.gpu_mem_mb, "per_gpu": self.per_gpu, "master_port": self.master_port,
-            "peak_gpu_mem_mb": max((r.peak_gpu_mem_mb for r in self.ranks if r.peak_gpu_mem_mb is not None),
-                                   default=None),
-        }
-        return whole if fields is None else {name: whole[name] for name in fields if name in whole}
+        return [{"rank": i, "stream": stream, "size": max(size((self.job_id, i, stream)), r.final_sizes.get(stream, 0))}
+                for i, r in enumerate(self.ranks) for stream in _STREAMS]
+
+
+_STREAMS = tuple(s.value for s in Stream)   # iterating the Enum itself costs a generator per rank
+
+#: The keys of a job's wire dict that are its record's attributes as they are ...
+_WIRE_AS_IS = ("job_id", "name", "user", "command", "cwd", "gpus", "node_gpu_ids", "interactive", "priority",
+               "time_limit", "requeue", "requeue_count", "attempt", "after", "after_any", "array_job_id",
+               "array_task_id", "reason", "submit_time", "start_time", "end_time", "exit_code", "signal",
+               "gpu_mem_mb", "per_gpu", "master_port")
+_WIRE_AS_IS_SET = frozenset(_WIRE_AS_IS)
+_wire_values = operator.attrgetter(*_WIRE_AS_IS)
+#: ... and those computed from it, given the master's output sizes.
+_WIRE_COMPUTED: dict[str, Callable[[JobRecord, Callable], object]] = {
+    "state": lambda job, size: job.state.value,
+    "allocation": lambda job, size: [{"node_id": r.node_id, "gpu_indices": r.gpu_indices} for r in job.ranks],
+    "peak_gpu_mem_mb": lambda job, size: max(
+        (r.peak_gpu_mem_mb for r in job.ranks if r.peak_gpu_mem_mb is not None), default=None),
+    "outputs": JobRecord._outputs,
+}
 
 
 #: A job record's field names, in order.
