@@ -100,12 +100,19 @@ class RankKey(NamedTuple):
 SPOOL_PARTS = (*(stream.value for stream in Stream), STATUS_FILE, PROCESS_FILE)
 
 
-def spool_keys(state_dir: str) -> list[RankKey]:
-    """The key of every spool under ``state_dir`` (a rank with any file there), in name order."""
+def jobs_dir_names(state_dir: str) -> list[str]:
+    """The names in the jobs directory under ``state_dir`` (none when it cannot be listed)."""
     try:
-        names = os.listdir(os.path.join(state_dir, "jobs"))
+        return os.listdir(os.path.join(state_dir, "jobs"))
     except OSError:
         return []
+
+
+def spool_keys(state_dir: str, names: list[str] | None = None) -> list[RankKey]:
+    """The key of every spool under ``state_dir`` (a rank with any file there), in name order; from
+    ``names``, the jobs directory's listing, when the caller has it."""
+    if names is None:
+        names = jobs_dir_names(state_dir)
     # Each spool has up to four files: its name is parsed once, not per file.
     stems = {stem for stem, _, part in (name.rpartition(".") for name in names) if part in SPOOL_PARTS}
     keys = [key for key in map(RankKey.parse, stems) if key is not None]

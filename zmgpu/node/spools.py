@@ -16,8 +16,8 @@ import time
 
 from ..protocol import Stream
 from .keeper_link import STATUS_FILE, spool_file
-from .runner import (SPOOL_PARTS, RankKey, RankProcess, file_size, load_status, remove_file, spool_keys,
-                     unreported)
+from .runner import (SPOOL_PARTS, RankKey, RankProcess, file_size, jobs_dir_names, load_status, remove_file,
+                     spool_keys, unreported)
 
 
 class SpoolIndex:
@@ -114,9 +114,11 @@ def adopt_leftovers(state_dir: str, kept: dict[str, int],
 
     ``kept`` is what the keeper runs (spool name -> pid).
     """
-    _flatten_older(state_dir, kept, log)
+    names = jobs_dir_names(state_dir)
+    if _flatten_older(state_dir, names, kept, log):
+        names = jobs_dir_names(state_dir)    # once, after an upgrade: the moved files have new names
     ranks = {}
-    keys = spool_keys(state_dir)
+    keys = spool_keys(state_dir, names)
     for key in keys:
         try:
             rank_proc = RankProcess.adopt(state_dir, key, kept)
@@ -135,29 +137,29 @@ def adopt_leftovers(state_dir: str, kept: dict[str, int],
     return ranks, SpoolIndex.read(state_dir, keys)
 
 
-def _flatten_older(state_dir: str, kept: dict[str, int], log: logging.Logger) -> None:
+def _flatten_older(state_dir: str, names: list[str], kept: dict[str, int], log: logging.Logger) -> bool:
     """Move the spools of an older zmgpu (a directory per rank) to today's names, so that they are taken
-    over, reported and pruned like the others.  A rank still running writes on: its files keep their inodes.
+    over, reported and pruned like the others; whether there were any among ``names`` (the jobs directory's).
+    A rank still running writes on: its files keep their inodes.
 
     The directory of a rank in ``kept`` stays, empty: the older keeper running it writes its status
     there when it ends, and the next start moves that too.
     """
-    jobs = os.path.join(state_dir, "jobs")
-    try:
-        with os.scandir(jobs) as entries:
-            older = [e for e in entries if e.is_dir(follow_symlinks=False) and RankKey.parse(e.name)]
-    except OSError:
-        return
-    for entry in older:
-        spool = entry.path
+    # Such a directory has a spool's name (two dots), its files one part more: only those names are parsed
+    # (a tenth of the time of parsing each of 200,000 names), and no file is looked at.
+    older = [name for name in names if name.count(".") == 2 and RankKey.parse(name)
+             and os.path.isdir(os.path.join(state_dir, "jobs", name))]
+    for name in older:
+        spool = os.path.join(state_dir, "jobs", name)
         try:
             moved = [part for part in SPOOL_PARTS if os.path.exists(os.path.join(spool, part))]
             for part in moved:
                 os.replace(os.path.join(spool, part), spool_file(spool, part))
-            if entry.name not in kept:
+            if name not in kept:
                 shutil.rmtree(spool)
         except OSError as exc:
             log.warning("%s: cannot move the spool of an older zmgpu: %s", spool, exc.strerror or exc)
             continue
         if moved:
-            log.info("%s: spool of an older zmgpu moved beside the others", entry.name)
+            log.info("%s: spool of an older zmgpu moved beside the others", name)
+    return bool(older)
