@@ -450,3 +450,5 @@ def test_a_queue_of_chosen_fields_refuses_a_string_before_asking():
     with Client(host="127.0.0.1", port=9, default_keys=False) as client:   # nothing listens there: no request
         with pytest.raises(TypeError, match="not a string"):
             client.queue(fields="job_id")
+        with pytest.raises(ValueError, match="'foriegn'"):
+            client.queue(nodes="foriegn")

@@ -328,6 +328,9 @@ def test_a_check_for_ended_jobs_gets_only_those_and_no_nodes(life, workdir):
         assert client.queue(job_ids=[running])["nodes"], "nodes are listed unless left out"
         # The queue table's question: no GPU here is used by processes zmgpu did not start.
         assert client.queue(job_ids=[running], nodes="foreign")["nodes"] == []
+    # A null is no choice: every node, as when left out.
+    listed = life.request(MsgType.QUEUE, job_ids=[running], nodes=None)
+    assert listed is not None and listed["ok"] and listed["nodes"], listed
     release(workdir, "check")
     life.wait_job_state(running, "COMPLETED")
 

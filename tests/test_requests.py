@@ -5,10 +5,11 @@ import pytest
 
 from helpers import job_record
 
+from zmgpu.cli.queue import others_lines
 from zmgpu.master.requests import Environments, RequestError, collapsed
-from zmgpu.master.state import RankRecord
+from zmgpu.master.state import NodeRecord, RankRecord
 from zmgpu.master.store import env_id
-from zmgpu.model import JobState, format_array_spec, parse_array_spec
+from zmgpu.model import GpuInfo, JobState, format_array_spec, parse_array_spec
 from zmgpu.protocol import ErrorCode
 
 ENV = {"PATH": "/usr/bin:/bin", "HOME": "/home/alice", "LANG": "C.UTF-8"}
@@ -88,7 +89,12 @@ def test_a_job_dict_of_chosen_fields_builds_only_those():
         return 0
 
     whole = record.to_dict(size)
-    assert {"job_id", "outputs", "allocation", "env_id"} - set(whole) == {"env_id"}
+    # The order --json shows: what the job is, then where it stands, then how it ran.
+    assert list(whole) == [
+        "job_id", "name", "user", "command", "cwd", "gpus", "node_gpu_ids", "interactive", "priority", "time_limit",
+        "requeue", "requeue_count", "attempt", "after", "after_any", "array_job_id", "array_task_id", "state",
+        "reason", "allocation", "submit_time", "start_time", "end_time", "exit_code", "signal", "outputs",
+        "gpu_mem_mb", "per_gpu", "master_port", "peak_gpu_mem_mb"]
     assert record.to_dict(size, frozenset({"job_id", "state", "no_such_key"})) == {
         "job_id": "aaaaaaaa_3", "state": "RUNNING"}
     assert record.to_dict(size, frozenset({"outputs"})) == {"outputs": whole["outputs"]}
@@ -100,3 +106,17 @@ def test_a_job_dict_of_chosen_fields_builds_only_those():
     # Nothing is built from the ranks unless asked (a rank that cannot be read would fail the allocation).
     record.ranks = (object(),)
     assert record.to_dict(size, frozenset({"job_id", "state"})) == {"job_id": "aaaaaaaa_3", "state": "RUNNING"}
+
+
+@pytest.mark.parametrize("telemetry, listed", [
+    ({}, False),                                                                 # nothing reported
+    ({1: {"processes": [{"pid": 7, "used_mb": 10, "job_id": "aaaaaaaa"}]}}, False),  # only a job's own process
+    ({1: {"busy": True, "processes": []}}, True),                                # busy with no process listed
+    ({0: {"processes": [{"pid": 9, "used_mb": 0, "job_id": None}]}}, True),      # a process zmgpu did not start
+    ({5: {"busy": True}}, False),                                                # a GPU the node does not offer
+])
+def test_the_nodes_a_queue_table_asks_for_are_those_it_has_a_line_for(telemetry, listed):
+    node = NodeRecord("n1", "host", "127.0.0.1", [GpuInfo(i, "sim", f"GPU-{i}", 16000, simulated=True) for i in (0, 1)])
+    node.telemetry = telemetry
+    assert node.used_by_others() is listed
+    assert bool(others_lines([node.to_dict()])) is listed

@@ -108,6 +108,19 @@ def test_spools_of_an_older_layout_are_taken_over(tmp_path):
     rank.close()
 
 
+def test_a_link_named_like_an_older_spool_is_left_alone(tmp_path):
+    """Only a real directory is an older zmgpu's spool: a link's target belongs to someone else."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "stdout").write_text("not ours\n")
+    jobs = tmp_path / "state" / "jobs"
+    jobs.mkdir(parents=True)
+    (jobs / "0000000e.0.0").symlink_to(elsewhere)
+    adopt_leftovers(str(tmp_path / "state"), {}, logging.getLogger("test.spools"))
+    assert (elsewhere / "stdout").read_text() == "not ours\n"
+    assert os.listdir(jobs) == ["0000000e.0.0"]
+
+
 def test_the_agent_records_an_end_the_keeper_did_not(tmp_path):
     """A keeper from an older zmgpu writes a moved spool's status where it no longer is: the agent writes it."""
     key = RankKey("0000000c", 0, 0)

@@ -50,7 +50,9 @@ __all__ = ["Client", "ClientError", "MasterUnreachable", "BadAddress", "Detached
 
 def _nodes_wire(nodes: Union[bool, str]) -> Union[bool, str, None]:
     """A QUEUE's ``nodes`` as sent: left out for every node (what masters before "foreign" understand too)."""
-    if nodes == "foreign":
+    if isinstance(nodes, str):
+        if nodes != "foreign":
+            raise ValueError(f'nodes must be True, False or "foreign", not {nodes!r}')
         return nodes
     return None if nodes else False
 
@@ -285,7 +287,8 @@ class Client:
         :param states: only jobs in these states (:class:`zmgpu.model.JobState` names).
         :param job_ids: only these jobs; an array id matches every task of the array.
         :param nodes: False leaves the nodes out (an empty list), for a caller that only wants jobs;
-            ``"foreign"`` gives only the nodes with a GPU in use by processes zmgpu did not start.
+            ``"foreign"`` gives only the nodes with a GPU in use by processes zmgpu did not start (a master
+            older than that option gives every node: a caller filters them all the same).
         :param collapse: list the pending tasks of an array that are consecutive (in submission order) and
             wait for the same reason as one dict, as squeue does: the first task's, with job_id
             ``ARRAYID_[ranges%N]`` and ``tasks`` (how many), whatever ``fields`` says.

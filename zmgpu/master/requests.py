@@ -101,7 +101,8 @@ class Environments:
 
 
 #: The nodes a QUEUE's ``nodes`` asks for: all (the default), none, or those whose GPUs others use.
-_NODE_CHOICES = {True: lambda node: True, False: lambda node: False, "foreign": NodeRecord.in_foreign_use}
+_NODE_CHOICES = {True: lambda nodes: nodes, False: lambda nodes: (),
+                 "foreign": lambda nodes: [node for node in nodes if node.used_by_others()]}
 
 
 class ClientRequests:
@@ -361,6 +362,12 @@ class ClientRequests:
             raise RequestError(ErrorCode.BAD_REQUEST, "states must be a list of state names")
         if owner is not None and not isinstance(owner, str):
             raise RequestError(ErrorCode.BAD_REQUEST, "owner must be a user name")
+        # A caller that only follows jobs (Client.wait) leaves out the nodes, which are costly on a big cluster,
+        # and the queue table asks only for those whose GPUs others use (it has a line for each such GPU).
+        choice = True if body.get("nodes") is None else body["nodes"]
+        pick_nodes = _NODE_CHOICES.get(choice) if isinstance(choice, (bool, str)) else None
+        if pick_nodes is None:
+            raise RequestError(ErrorCode.BAD_REQUEST, 'nodes must be true, false or "foreign"')
         collapse, fields = body.get("collapse", False), body.get("fields")
         if not isinstance(collapse, bool):
             raise RequestError(ErrorCode.BAD_REQUEST, "collapse must be true or false")
@@ -374,13 +381,7 @@ class ClientRequests:
                   if (owner is None or j.user == owner) and (wanted is None or j.state.value in wanted))
         job_dict = functools.partial(self.jobs.job_dict, fields=fields)
         jobs = collapsed(listed, job_dict) if collapse else [job_dict(j) for j in listed]
-        # A caller that only follows jobs (Client.wait) leaves out the nodes, which are costly on a big cluster,
-        # and the queue table asks only for those whose GPUs others use (it has a line for each such GPU).
-        choice = body.get("nodes", True)
-        which = _NODE_CHOICES.get(choice) if isinstance(choice, (bool, str)) else None
-        if which is None:
-            raise RequestError(ErrorCode.BAD_REQUEST, 'nodes must be true, false or "foreign"')
-        nodes = [n.to_dict() for n in self.state.nodes.values() if which(n)]
+        nodes = [n.to_dict() for n in pick_nodes(self.state.nodes.values())]
         return ({"jobs": jobs, "nodes": nodes},)
 
     def on_job(self, body: dict) -> tuple:

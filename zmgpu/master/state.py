@@ -59,7 +59,7 @@ class NodeRecord:
         for index in indices:
             self.telemetry.setdefault(index, {})["dirty"] = job_id
 
-    def in_foreign_use(self) -> bool:
+    def used_by_others(self) -> bool:
         """Whether processes zmgpu did not start use one of its GPUs, by its last report."""
         return any(in_foreign_use(self.telemetry.get(gpu.index, _NO_REPORT)) for gpu in self.gpus)
 
@@ -232,10 +232,10 @@ class JobRecord:
         ``fields``, only those keys (names it does not have are left out), each computed only when asked: a
         listing of thousands of jobs for a table needs a few fields of each."""
         if fields is None:
-            whole = dict(zip(_WIRE_AS_IS, _wire_values(self)))
-            for name, get in _WIRE_COMPUTED.items():
-                whole[name] = get(self, size)
-            return whole
+            values = list(_wire_values(self))
+            for position, get in _COMPUTED_AT:     # in rising order: each lands where _WIRE_KEYS has it
+                values.insert(position, get(self, size))
+            return dict(zip(_WIRE_KEYS, values))
         chosen = {}
         for name in fields:
             if name in _WIRE_AS_IS_SET:
@@ -253,21 +253,23 @@ class JobRecord:
 
 _STREAMS = tuple(s.value for s in Stream)   # iterating the Enum itself costs a generator per rank
 
-#: The keys of a job's wire dict that are its record's attributes as they are ...
-_WIRE_AS_IS = ("job_id", "name", "user", "command", "cwd", "gpus", "node_gpu_ids", "interactive", "priority",
-               "time_limit", "requeue", "requeue_count", "attempt", "after", "after_any", "array_job_id",
-               "array_task_id", "reason", "submit_time", "start_time", "end_time", "exit_code", "signal",
-               "gpu_mem_mb", "per_gpu", "master_port")
-_WIRE_AS_IS_SET = frozenset(_WIRE_AS_IS)
-_wire_values = operator.attrgetter(*_WIRE_AS_IS)
-#: ... and those computed from it, given the master's output sizes.
+#: The keys of a job's wire dict, in the order ``--json`` shows them.
+_WIRE_KEYS = ("job_id", "name", "user", "command", "cwd", "gpus", "node_gpu_ids", "interactive", "priority",
+              "time_limit", "requeue", "requeue_count", "attempt", "after", "after_any", "array_job_id",
+              "array_task_id", "state", "reason", "allocation", "submit_time", "start_time", "end_time", "exit_code",
+              "signal", "outputs", "gpu_mem_mb", "per_gpu", "master_port", "peak_gpu_mem_mb")
+#: Those computed from the record, given the master's output sizes ...
 _WIRE_COMPUTED: dict[str, Callable[[JobRecord, Callable], object]] = {
     "state": lambda job, size: job.state.value,
     "allocation": lambda job, size: [{"node_id": r.node_id, "gpu_indices": r.gpu_indices} for r in job.ranks],
+    "outputs": JobRecord._outputs,
     "peak_gpu_mem_mb": lambda job, size: max(
         (r.peak_gpu_mem_mb for r in job.ranks if r.peak_gpu_mem_mb is not None), default=None),
-    "outputs": JobRecord._outputs,
 }
+_COMPUTED_AT = [(position, _WIRE_COMPUTED[key]) for position, key in enumerate(_WIRE_KEYS) if key in _WIRE_COMPUTED]
+#: ... and the others, the record's attributes as they are.
+_WIRE_AS_IS_SET = frozenset(_WIRE_KEYS) - _WIRE_COMPUTED.keys()
+_wire_values = operator.attrgetter(*(key for key in _WIRE_KEYS if key in _WIRE_AS_IS_SET))
 
 
 #: A job record's field names, in order.

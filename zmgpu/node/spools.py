@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import time
 
 from ..protocol import Stream
@@ -137,6 +138,14 @@ def adopt_leftovers(state_dir: str, kept: dict[str, int],
     return ranks, SpoolIndex.read(state_dir, keys)
 
 
+def _real_directory(path: str) -> bool:
+    """A directory, not a link to one (a link's target is not this node's to move or remove)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _flatten_older(state_dir: str, names: list[str], kept: dict[str, int], log: logging.Logger) -> bool:
     """Move the spools of an older zmgpu (a directory per rank) to today's names, so that they are taken
     over, reported and pruned like the others; whether there were any among ``names`` (the jobs directory's).
@@ -148,7 +157,7 @@ def _flatten_older(state_dir: str, names: list[str], kept: dict[str, int], log: 
     # Such a directory has a spool's name (two dots), its files one part more: only those names are parsed
     # (a tenth of the time of parsing each of 200,000 names), and no file is looked at.
     older = [name for name in names if name.count(".") == 2 and RankKey.parse(name)
-             and os.path.isdir(os.path.join(state_dir, "jobs", name))]
+             and _real_directory(os.path.join(state_dir, "jobs", name))]
     for name in older:
         spool = os.path.join(state_dir, "jobs", name)
         try:
