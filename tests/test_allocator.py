@@ -408,21 +408,28 @@ def test_a_pass_that_finds_no_gpu_free_still_starts_the_cpu_only_job_it_stops_at
     assert dict(starts) == {"cpu": [("a", [])]} and stopped == "cpu" and waits == {"big": WaitReason.RESOURCES}
 
 
-def test_pool_index_places_as_a_walk_over_every_node():
-    # The pass finds a one-node fit by its index of nodes by free GPUs; it must choose what `place` chooses
-    # by walking every node, through a pass's takes (which only shrink what is free), gangs and pins included.
+def test_pool_indexes_place_as_a_walk_over_every_node():
+    # The pass finds a one-node fit of whole GPUs, a single shared GPU and a CPU-only job's node by its indexes;
+    # each must choose what `place` chooses by walking every node, through a pass's takes (which only shrink
+    # what is free and the room, and add load), gangs, pins and sharing jobs of several GPUs included.
     rng = random.Random(6)
-    for _ in range(200):
-        free = {f"n{n:02d}": sorted(rng.sample(range(8), rng.randint(0, 8))) for n in range(rng.randint(1, 12))}
-        pool = _Pool.of(view(free))
+    for _ in range(300):
+        nodes = [f"n{n:02d}" for n in range(rng.randint(1, 12))]
+        free = {node: sorted(rng.sample(range(8), rng.randint(0, 8))) for node in nodes}
+        rooms = [-500, 0, 1000, 4000, 4000, 8000, 16000]
+        room = {node: {i: rng.choice(rooms) for i in rng.sample(range(8), rng.randint(0, 8))} for node in nodes}
+        load = {node: rng.randint(0, 3) for node in nodes if rng.random() < 0.5}
+        pool = _Pool.of(view(free, room=room, load=load))
         for k in range(40):
-            gpus = rng.choice([0, 1, 1, 1, 2, 3, 4, 8, 12])
+            gpus = rng.choice([0, 0, 1, 1, 1, 2, 3, 4, 8, 12])
+            gpu_mem = rng.choice([None, None, 500, 1000, 3000, 4000, 8000]) if gpus else None
             pins = None
             if rng.random() < 0.1:
-                node = rng.choice(sorted(free))
+                node = rng.choice(nodes)
                 pins = {node: sorted(rng.sample(range(8), 1))}
-            req = Request(f"j{k}", gpus if pins is None else 1, pins)
-            expected = place(req, {n: list(i) for n, i in pool.free.items()}, dict(pool.load), pool.room)
+            req = Request(f"j{k}", gpus if pins is None else 1, pins, gpu_mem=gpu_mem)
+            expected = place(req, {n: list(i) for n, i in pool.free.items()}, dict(pool.load),
+                             {n: dict(gpus) for n, gpus in pool.room.items()})
             assert pool.place(req) == expected
             if expected is not None:
-                pool.take(expected, None)
+                pool.take(expected, gpu_mem)
