@@ -56,10 +56,11 @@ def test_blocked_job_without_known_start_blocks_everyone_behind_it():
             seen.append(req.job_id)
             yield req
 
-    starts, waits, stopped = schedule(pending(), v)
+    # The queue's index finds no job behind that could start with the GPUs taken (none is CPU-only) ...
+    starts, waits, stopped = schedule(pending(), v, lambda job_id, within: ())
     assert (starts, stopped) == ([], "big")
     assert waits == {"big": WaitReason.RESOURCES}
-    # Nothing behind it could start, so the pass did not even read the rest of a long queue.
+    # ... so the pass did not even read the rest of a long queue.
     assert seen == ["big"]
 
 
@@ -74,9 +75,9 @@ def test_backfill_that_must_not_happen_long_or_unlimited_jobs_would_delay_it():
     v = view({"a": [0, 1]}, FOUR, running=[Running([("a", [2, 3])], end=1000.0)], now=0.0)
     starts, waits, _ = schedule([Request("big", 4), Request("long", 1, time_limit=5000),
                               Request("nolimit", 1)], v)
-    assert starts == []
-    assert waits == {"big": WaitReason.RESOURCES, "long": WaitReason.PRIORITY,
-                     "nolimit": WaitReason.PRIORITY}
+    # Every free GPU is the big job's: a job that would outlast its reservation is not even read (the job
+    # service tells the jobs a pass did not read that they wait behind: Priority).
+    assert starts == [] and waits == {"big": WaitReason.RESOURCES}
 
 
 def test_long_job_may_backfill_onto_gpus_the_reservation_does_not_need():
@@ -95,9 +96,7 @@ def test_starvation_avoided_a_stream_of_small_jobs_cannot_pass_a_big_one_forever
     running = [Running([("a", [1, 2, 3])], end=50.0)]
     pending = [Request("big", 4)] + [Request(f"s{i}", 1, time_limit=100) for i in range(5)]
     starts, waits, _ = schedule(pending, view({"a": [0]}, FOUR, running=running))
-    assert starts == []
-    assert waits["big"] is WaitReason.RESOURCES
-    assert all(waits[f"s{i}"] is WaitReason.PRIORITY for i in range(5))
+    assert starts == [] and waits == {"big": WaitReason.RESOURCES}
 
 
 def test_per_user_cap_holds_only_that_users_jobs():
@@ -174,6 +173,18 @@ def test_pending_queue_orders_by_priority_then_submission_and_finds_the_startabl
     more.gpu_mem_mb = 8000
     queue.add(more)
     assert queue.smallest_gpu_mem == 4000
+    # Given a number of seconds, also the jobs taking whole GPUs whose time limit is no longer, in queue order.
+    for record in [job("hour", 10), job("minute", 11), job("two_minutes", 12), job("minute_urgent", 13, 10)]:
+        record.time_limit = {"hour": 3600, "two_minutes": 120}.get(record.job_id, 60)
+        queue.add(record)
+    assert list(queue.startable_behind("urgent", 120)) == ["cpu_urgent", "minute_urgent", "shares", "shares_more",
+                                                           "minute", "two_minutes", "cpu_low"]
+    assert list(queue.startable_behind("second", 60)) == ["shares", "shares_more", "minute", "cpu_low"]
+    queue.remove("minute")
+    queue.remove("minute_urgent")
+    assert list(queue.startable_behind("urgent", 3600)) == ["cpu_urgent", "shares", "shares_more", "hour",
+                                                            "two_minutes", "cpu_low"]
+    assert 60 not in queue._limited_keys     # a limit no job waits with any more is forgotten
     queue.remove("shares")
     assert queue.smallest_gpu_mem == 8000
     queue.remove("shares_more")
@@ -220,9 +231,14 @@ def shared(job_id: str, mib: int, gpus: int = 1, **kw) -> Request:
 
 
 def startable_behind_in(queue: list[Request]):
-    """``schedule``'s ``startable_behind`` for a queue given as a list."""
+    """``schedule``'s ``startable_behind`` for a queue given as a list (what PendingQueue.startable_behind
+    picks, read the slow way)."""
     ids = [r.job_id for r in queue]
-    return lambda job_id: (r for r in queue[ids.index(job_id) + 1:] if not r.gpus or r.gpu_mem is not None)
+
+    def behind(job_id: str, within: float | None):
+        return (r for r in queue[ids.index(job_id) + 1:] if not r.gpus or r.gpu_mem is not None
+                or (within is not None and r.time_limit is not None and r.time_limit <= within))
+    return behind
 
 
 def test_two_jobs_in_one_pass_never_share_the_same_free_memory():
@@ -317,9 +333,39 @@ def test_the_reservation_counts_the_jobs_started_by_the_same_pass():
     assert waits == {"blocked": WaitReason.RESOURCES}
 
 
+def test_once_every_free_gpu_is_reserved_a_pass_reads_only_the_jobs_that_end_in_time():
+    # Two GPUs free, both the blocked job's (it starts at 100 s): of the jobs behind, only those whose limit ends
+    # by then, and the CPU-only one, may start; the pass finds them through the queue's index, reading none of
+    # the others, and stops nowhere, since a short job joining later may start too.
+    nodes = {"a": [0, 1, 2, 3]}
+    running = [Running([("a", [2, 3])], end=100.0)]
+    queue = [Request("big", 4, time_limit=10)] + [Request(f"long{k}", 1, time_limit=1000) for k in range(50)]
+    queue += [Request("short", 1, time_limit=90), Request("cpu", 0), Request("too_big", 3, time_limit=90),
+              Request("shorter", 1, time_limit=30), Request("third", 1, time_limit=60)]
+    read = []
+
+    def pending():
+        for req in queue:
+            read.append(req.job_id)
+            yield req
+
+    starts, waits, stopped = schedule(pending(), view({"a": [0, 1]}, nodes, running=running),
+                                      startable_behind_in(queue))
+    assert dict(starts) == {"short": [("a", [0])], "cpu": [("a", [])], "shorter": [("a", [1])]}
+    assert waits == {"big": WaitReason.RESOURCES, "too_big": WaitReason.PRIORITY, "third": WaitReason.PRIORITY}
+    assert read == ["big", "long0"] and stopped is None
+    # With no GPU free at all, no job taking whole GPUs may start whatever its limit: the pass stops at the
+    # first job behind, for the job service to tell a job joining behind that it waits without a pass.
+    read.clear()
+    starts, waits, stopped = schedule(pending(), view({"a": []}, nodes, running=running + [
+        Running([("a", [0, 1])], end=50.0)]), startable_behind_in(queue))
+    assert dict(starts) == {"cpu": [("a", [])]} and stopped == "long0" and read == ["big", "long0"]
+
+
 def test_a_nearly_full_cluster_is_not_walked_for_each_job_in_a_long_queue(monkeypatch):
-    # With time limits and a GPU still free every pending job is looked at; none can start (each needs two),
-    # and placement, which walks every node, is asked only for the reservation.
+    # With time limits and a GPU still free, which the reservation takes, no job behind may start: each would
+    # outlast the reservation.  None is read, and placement, which walks every node, is asked only for the
+    # reservation.
     from zmgpu.master import allocator
 
     calls = []
@@ -331,7 +377,7 @@ def test_a_nearly_full_cluster_is_not_walked_for_each_job_in_a_long_queue(monkey
     pending = [Request("big", 4, time_limit=10)] + [Request(f"j{k}", 2, time_limit=1000) for k in range(200)]
     free = {n: [0] if n == "n0" else [] for n in nodes}
     starts, waits, stopped = schedule(pending, view(free, nodes, running=running))
-    assert starts == [] and stopped is None and len(waits) == 201
+    assert starts == [] and stopped is None and waits == {"big": WaitReason.RESOURCES}
     assert set(calls) == {"big"}, f"placement asked for {len(calls)} job(s)"
 
 
@@ -370,7 +416,7 @@ def test_a_cpu_only_job_passes_any_reservation_where_a_gpu_job_without_time_wait
     known = [Running([("a", [0])], end=100.0)]
     starts, waits, stopped = schedule(pending, view({"a": [1]}, nodes, running=known), startable_behind_in(pending))
     assert dict(starts) == {"cpu": [("a", [])]} and stopped is None
-    assert waits == {"big": WaitReason.RESOURCES, "gpu": WaitReason.PRIORITY}
+    assert waits == {"big": WaitReason.RESOURCES}
     # Unknown: the pass stops at it, and reads on only the CPU-only jobs behind.
     unknown = [Running([("a", [0])], end=None)]
     starts, waits, stopped = schedule(pending, view({"a": [1]}, nodes, running=unknown), startable_behind_in(pending))

@@ -95,6 +95,21 @@ def test_with_no_gpu_free_jobs_behind_cost_no_pass_unless_they_need_none(service
     assert (cpu.state, service.passes) == (JobState.RUNNING, 4)
 
 
+def test_a_job_joining_behind_a_reservation_of_the_free_gpus_gets_a_pass_and_starts_if_it_ends_in_time(service):
+    """The pass that found every free GPU reserved read on only the jobs that end in time, and did not stop:
+    a job joining may be one of them."""
+    service.state.nodes["n1"] = NodeRecord("n1", "host", "127.0.0.1",
+                                           [GpuInfo(i, "sim", f"GPU-{i}", 16000, simulated=True) for i in (0, 1)])
+    running = submit(service, "0000000a", 1, time_limit=3600)
+    blocked = submit(service, "0000000b", 2, gpus=2, time_limit=60)   # GPU 1 is free, and reserved for it
+    assert (running.state, blocked.reason, service.passes) == (JobState.RUNNING, "Resources", 2)
+    long = submit(service, "0000000c", 3, time_limit=7200)
+    assert (long.state, long.reason, service.passes) == (JobState.PENDING, "Priority", 3)
+    short = submit(service, "0000000d", 4, time_limit=600)
+    assert (short.state, service.passes) == (JobState.RUNNING, 4)
+    assert [r.gpu_indices for r in short.ranks] == [[1]] and blocked.state is JobState.PENDING
+
+
 def test_a_cpu_only_job_starts_behind_a_blocked_one_whose_start_is_unknown(service):
     running = submit(service, "0000000a", 1)                   # no time limit: the next one's start is unknown
     blocked = submit(service, "0000000b", 2)
@@ -176,7 +191,8 @@ def two_node_gang(service, monkeypatch) -> tuple[JobRecord, list[str]]:
     kills = []
     real_send = service.reactor.send
     monkeypatch.setattr(service.reactor, "send", lambda route, msg_type, body: (
-        kills.append(route.decode()) if msg_type is jobs_module.MsgType.KILL else None) or real_send(route, msg_type, body))
+        kills.append(route.decode()) if msg_type is jobs_module.MsgType.KILL else None)
+        or real_send(route, msg_type, body))
     job = submit(service, "0000000a", 1, gpus=4, per_gpu=True)
     service.to_dispatch.clear()                       # as if the dispatches had gone out
     assert [rank.node_id for rank in job.ranks] == ["n1", "n1", "n2", "n2"]

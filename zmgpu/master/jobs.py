@@ -161,10 +161,10 @@ class JobService:
                                                            job.array_job_id, job.array_limit, hold, job.gpu_mem_mb)
             yield req
 
-    def _startable_behind(self, job_id: str):
-        """The jobs queued behind ``job_id`` that could start with no GPU free, as requests: what a pass that
-        stopped there reads on."""
-        return self._requests(self.state.pending.startable_behind(job_id))
+    def _startable_behind(self, job_id: str, within: float | None):
+        """The jobs queued behind ``job_id`` that could start with no GPU free, or (given ``within``) that take
+        whole GPUs for at most ``within`` seconds, as requests: what a pass that stopped there reads on."""
+        return self._requests(self.state.pending.startable_behind(job_id, within))
 
     def _dependency_hold(self, job: JobRecord) -> allocator.WaitReason | None:
         return allocator.WaitReason.DEPENDENCY if self.dependencies.waits(job) else None

@@ -7,6 +7,7 @@ into the wire dicts documented in :mod:`zmgpu.model`.
 from __future__ import annotations
 
 import bisect
+import heapq
 import operator
 import sys
 import time
@@ -280,12 +281,14 @@ _job_values = operator.attrgetter(*JOB_FIELDS)
 class PendingQueue:
     """Pending job ids kept sorted by :attr:`JobRecord.queue_key`, so a pass never sorts; counted per user.
     The jobs that could start with no GPU free (CPU-only ones, and those sharing GPUs by --gpu-mem) are also
-    kept in their own queue order, since a pass that stops reads on only those, and those sharing GPUs are
-    counted per MiB declared."""
+    kept in their own queue order, and those taking whole GPUs with a time limit in queue order per limit,
+    since a pass that stops reads on only those that may still start; those sharing GPUs are counted per MiB
+    declared."""
 
     def __init__(self):
         self._keys: list[tuple[int, int, str]] = []
         self._startable_keys: list[tuple[int, int, str]] = []   # those jobs' keys, sorted too
+        self._limited_keys: dict[int, list[tuple[int, int, str]]] = {}   # time limit -> those jobs' keys, sorted
         # job id -> job; not (key, job) pairs: a pair holding a record is one more object per waiting job for
         # the garbage collector to walk (the keys in the lists hold plain values, so it stops looking at them).
         self._by_id: dict[str, JobRecord] = {}
@@ -297,6 +300,8 @@ class PendingQueue:
         bisect.insort(self._keys, key)
         if starts_without_free_gpu(job):
             bisect.insort(self._startable_keys, key)
+        elif job.time_limit is not None:
+            bisect.insort(self._limited_keys.setdefault(job.time_limit, []), key)
         self._by_id[job.job_id] = job
         self._count(job, 1)
 
@@ -304,8 +309,14 @@ class PendingQueue:
         job = self._by_id.pop(job_id)
         key = job.queue_key    # the key it was added under: priority, number and id never change
         _discard_key(self._keys, key)
-        if starts_without_free_gpu(job):    # as at add: what a job asks for does not change while it waits
+        # As at add: what a job asks for does not change while it waits.
+        if starts_without_free_gpu(job):
             _discard_key(self._startable_keys, key)
+        elif job.time_limit is not None:
+            keys = self._limited_keys[job.time_limit]
+            _discard_key(keys, key)
+            if not keys:
+                del self._limited_keys[job.time_limit]
         self._count(job, -1)
 
     def _count(self, job: JobRecord, step: int) -> None:
@@ -315,10 +326,14 @@ class PendingQueue:
                 if not counter[value]:
                     del counter[value]
 
-    def startable_behind(self, job_id: str):
-        """The jobs queued after ``job_id`` (a pending job) that could start with no GPU free, in queue order."""
-        keys = self._startable_keys
-        return (key[2] for key in keys[bisect.bisect_right(keys, self._by_id[job_id].queue_key):])
+    def startable_behind(self, job_id: str, within: float | None = None):
+        """The jobs queued after ``job_id`` (a pending job) that could start with no GPU free and, given
+        ``within`` (seconds), those taking whole GPUs whose time limit is no longer, in queue order."""
+        after = self._by_id[job_id].queue_key
+        lists = [self._startable_keys]
+        if within is not None:
+            lists += [keys for limit, keys in self._limited_keys.items() if limit <= within]
+        return (key[2] for key in heapq.merge(*(keys[bisect.bisect_right(keys, after):] for keys in lists)))
 
     @property
     def smallest_gpu_mem(self) -> int | None:
