@@ -168,11 +168,9 @@ def test_pending_queue_orders_by_priority_then_submission_and_finds_the_startabl
     queue.remove("cpu")
     assert list(queue) == ["urgent", "cpu_urgent", "second", "shares", "low", "cpu_low"] and "first" not in queue
     assert len(queue) == 6 and list(queue.startable_behind("second")) == ["shares", "cpu_low"]
-    # The least --gpu-mem declared among the jobs that wait.
     more = job("shares_more", 9)
     more.gpu_mem_mb = 8000
     queue.add(more)
-    assert queue.smallest_gpu_mem == 4000
     # Given a number of seconds, also the jobs taking whole GPUs whose time limit is no longer, in queue order.
     for record in [job("hour", 10), job("minute", 11), job("two_minutes", 12), job("minute_urgent", 13, 10)]:
         record.time_limit = {"hour": 3600, "two_minutes": 120}.get(record.job_id, 60)
@@ -185,10 +183,6 @@ def test_pending_queue_orders_by_priority_then_submission_and_finds_the_startabl
     assert list(queue.startable_behind("urgent", 3600)) == ["cpu_urgent", "shares", "shares_more", "hour",
                                                             "two_minutes", "cpu_low"]
     assert 60 not in queue._limited_keys     # a limit no job waits with any more is forgotten
-    queue.remove("shares")
-    assert queue.smallest_gpu_mem == 8000
-    queue.remove("shares_more")
-    assert queue.smallest_gpu_mem is None
 
 
 def test_a_job_record_copy_shares_what_never_changes_and_holds_no_attribute_dict():
@@ -329,19 +323,20 @@ def test_the_reservation_counts_the_jobs_started_by_the_same_pass():
     pending = [Request("first", 1, time_limit=1000), Request("blocked", 2, time_limit=50),
                Request("short", 1, time_limit=50)]
     starts, waits, stopped = schedule(pending, view({"a": [0, 1]}))
-    assert dict(starts) == {"first": [("a", [0])], "short": [("a", [1])]} and stopped is None
+    assert dict(starts) == {"first": [("a", [0])], "short": [("a", [1])]}
     assert waits == {"blocked": WaitReason.RESOURCES}
+    assert stopped == "short"    # no GPU is left: a job joining behind it may not start unless it needs none
 
 
 def test_once_every_free_gpu_is_reserved_a_pass_reads_only_the_jobs_that_end_in_time():
-    # Two GPUs free, both the blocked job's (it starts at 100 s): of the jobs behind, only those whose limit ends
-    # by then, and the CPU-only one, may start; the pass finds them through the queue's index, reading none of
-    # the others, and stops nowhere, since a short job joining later may start too.
+    # Three GPUs free, all the blocked job's (it starts at 100 s): of the jobs behind, only those whose limit
+    # ends by then, and the CPU-only one, may start; the pass finds them through the queue's index, reading
+    # none of the others, and stops nowhere while a GPU is free, since a short job joining later may use it.
     nodes = {"a": [0, 1, 2, 3]}
-    running = [Running([("a", [2, 3])], end=100.0)]
+    running = [Running([("a", [3])], end=100.0)]
     queue = [Request("big", 4, time_limit=10)] + [Request(f"long{k}", 1, time_limit=1000) for k in range(50)]
-    queue += [Request("short", 1, time_limit=90), Request("cpu", 0), Request("too_big", 3, time_limit=90),
-              Request("shorter", 1, time_limit=30), Request("third", 1, time_limit=60)]
+    queue += [Request("short", 1, time_limit=100), Request("cpu", 0), Request("too_big", 3, time_limit=90),
+              Request("shorter", 1, time_limit=30), Request("third", 1, time_limit=101)]
     read = []
 
     def pending():
@@ -349,17 +344,26 @@ def test_once_every_free_gpu_is_reserved_a_pass_reads_only_the_jobs_that_end_in_
             read.append(req.job_id)
             yield req
 
-    starts, waits, stopped = schedule(pending(), view({"a": [0, 1]}, nodes, running=running),
+    starts, waits, stopped = schedule(pending(), view({"a": [0, 1, 2]}, nodes, running=running),
                                       startable_behind_in(queue))
     assert dict(starts) == {"short": [("a", [0])], "cpu": [("a", [])], "shorter": [("a", [1])]}
-    assert waits == {"big": WaitReason.RESOURCES, "too_big": WaitReason.PRIORITY, "third": WaitReason.PRIORITY}
+    assert waits == {"big": WaitReason.RESOURCES, "too_big": WaitReason.PRIORITY}
     assert read == ["big", "long0"] and stopped is None
     # With no GPU free at all, no job taking whole GPUs may start whatever its limit: the pass stops at the
     # first job behind, for the job service to tell a job joining behind that it waits without a pass.
     read.clear()
     starts, waits, stopped = schedule(pending(), view({"a": []}, nodes, running=running + [
-        Running([("a", [0, 1])], end=50.0)]), startable_behind_in(queue))
+        Running([("a", [0, 1, 2])], end=50.0)]), startable_behind_in(queue))
     assert dict(starts) == {"cpu": [("a", [])]} and stopped == "long0" and read == ["big", "long0"]
+
+
+def test_a_job_ending_just_as_the_reservation_starts_is_read_whatever_the_rounding():
+    # now + limit == start, where start - now rounds below the limit (17.7 - 17.0 = 0.6999999999999993).
+    nodes = {"a": [0, 1]}
+    pending = [Request("first", 1, time_limit=0.7), Request("big", 2, time_limit=10),
+               Request("long", 1, time_limit=5), Request("exact", 1, time_limit=0.7)]
+    starts, waits, stopped = schedule(pending, view({"a": [0, 1]}, nodes, now=17.0), startable_behind_in(pending))
+    assert dict(starts) == {"first": [("a", [0])], "exact": [("a", [1])]} and "long" not in waits
 
 
 def test_a_nearly_full_cluster_is_not_walked_for_each_job_in_a_long_queue(monkeypatch):
@@ -399,8 +403,8 @@ def test_with_no_gpu_free_a_pass_reads_on_only_while_a_job_sharing_gpus_could_fi
     for need, fits in ((8001, False), (8000, True), (4000, True)):
         pending = [Request("one", 1, time_limit=10), Request("big", 2, time_limit=10),
                    Request("j0", 1, time_limit=1000), shared("small", need, time_limit=10)]
-        starts, waits, stopped = schedule(pending, view({"a": [0]}, nodes, running=running, room=room,
-                                                        smallest_gpu_mem=need), startable_behind_in(pending))
+        starts, waits, stopped = schedule(pending, view({"a": [0]}, nodes, running=running, room=room),
+                                          startable_behind_in(pending))
         # The pass stops at j0 all the same, and reads on the jobs that need no free GPU while one fits.
         assert stopped == "j0" and "j0" not in waits, need
         assert dict(starts) == ({"one": [("a", [0])], "small": [("a", [3])]} if fits else {"one": [("a", [0])]})

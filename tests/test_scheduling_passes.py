@@ -110,6 +110,24 @@ def test_a_job_joining_behind_a_reservation_of_the_free_gpus_gets_a_pass_and_sta
     assert [r.gpu_indices for r in short.ranks] == [[1]] and blocked.state is JobState.PENDING
 
 
+def test_a_job_the_pass_no_longer_reads_does_not_keep_its_own_reason(service):
+    """Its user's GPUs held it (UserGPULimit); once they come free the reservation takes them, and the pass no
+    longer reads it: it waits behind the blocked job now, and says so."""
+    service.state.nodes["n1"] = NodeRecord("n1", "host", "127.0.0.1",
+                                           [GpuInfo(i, "sim", f"GPU-{i}", 16000, simulated=True) for i in (0, 1, 2)])
+    service.user_gpu_limit = 3
+    mine = submit(service, "0000000a", 1, user="u", time_limit=3600)
+    for seq, user in ((2, "v"), (3, "w")):
+        submit(service, f"0000000{seq:x}", seq, user=user, time_limit=3600)
+    held = submit(service, "0000000d", 4, user="u", gpus=3, time_limit=7200)
+    assert held.reason == "UserGPULimit"
+    big = submit(service, "0000000e", 5, user="z", gpus=3, time_limit=60, priority=10)
+    assert big.reason == "Resources"
+    service.end_rank(mine, 0, exit_code=0)
+    service.schedule()
+    assert (big.reason, held.reason, held.state) == ("Resources", "Priority", JobState.PENDING)
+
+
 def test_a_cpu_only_job_starts_behind_a_blocked_one_whose_start_is_unknown(service):
     running = submit(service, "0000000a", 1)                   # no time limit: the next one's start is unknown
     blocked = submit(service, "0000000b", 2)

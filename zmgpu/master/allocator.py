@@ -44,6 +44,13 @@ class WaitReason(str, enum.Enum):
     ARRAY_LIMIT = "ArrayLimit"         # its array already runs its %N tasks
     GPUS_IN_USE_BY_OTHERS = "GPUsInUseByOthers"   # free of jobs, but someone else's processes use them
 
+    @property
+    def own(self) -> bool:
+        """Whether the reason is the job's own, not waiting behind a blocked job (Priority) nor for its
+        dependencies (which settle themselves): true only as long as a pass reads the job, and a pass that stops
+        before it must not leave it standing."""
+        return self not in (WaitReason.PRIORITY, WaitReason.DEPENDENCY)
+
 
 @dataclass(frozen=True)
 class Request:
@@ -88,9 +95,6 @@ class View:
     user_gpu_limit: int | None = None
     room: RoomMap = field(default_factory=dict)   # usable nodes -> room for --gpu-mem jobs per GPU
     others: GpuMap = field(default_factory=dict)  # usable nodes -> GPUs free of jobs but used by others
-    # The least --gpu-mem that a pending job sharing GPUs declares (None: none waits), for the stop once no GPU
-    # is free (see schedule).
-    smallest_gpu_mem: int | None = None
 
 
 @dataclass(frozen=True)
@@ -229,7 +233,7 @@ class _Pool:
     # jobs of whole GPUs, 6.8 s for 4,000 sharing GPUs by --gpu-mem, 0.34 s for 4,000 CPU-only ones.
     # The nodes with GPUs free, by how many, each count a heap of names (see tightest) ...
     by_free: dict[int, list[str]] | None = field(default=None, repr=False)
-    # ... every GPU with room for --gpu-mem jobs, as (MiB, node, index) in that order (see roomiest_fit) ...
+    # ... every GPU with room for --gpu-mem jobs, as (MiB, node, index) in that order (see tightest_room) ...
     by_room: list[tuple[int, str, int]] | None = field(default=None, repr=False)
     # ... and the usable nodes as a heap of (ranks placed there, node) (see least_loaded).
     by_load: list[tuple[int, str]] | None = field(default=None, repr=False)
@@ -243,10 +247,6 @@ class _Pool:
     def reserve(self, reservation: Reservation) -> None:
         self.reservation = reservation
         self.spare = self.count - sum(1 for n, i in reservation.gpus if i in self.free.get(n, ()))
-
-    def has_room(self, gpu_mem: int | None) -> bool:
-        """Whether some GPU has room for a job sharing GPUs that declares ``gpu_mem`` MiB (None: no)."""
-        return gpu_mem is not None and any(mb >= gpu_mem for gpus in self.room.values() for mb in gpus.values())
 
     def cannot_fit(self, req: Request, spare_only: bool) -> bool:
         """Whether ``req`` surely fits nowhere (False: placement must tell)."""
@@ -364,11 +364,11 @@ def schedule(pending: Iterable[Request], view: View, startable_behind: Startable
     long queue costs one step per job that can still move.  Once that job has
     its reservation and every free GPU is in it, the pass reads on only the jobs
     behind that may still start (``startable_behind``): CPU-only ones, which
-    take no GPU and so may start whatever GPU jobs wait; those sharing GPUs while
-    some GPU has room for the least such job declares
-    (``view.smallest_gpu_mem``); and while some GPU is free, those whose time
-    limit ends before the reservation starts.  Without ``startable_behind`` it
-    reads the rest of ``pending`` for them.  ``view`` is not changed.
+    take no GPU and so may start whatever GPU jobs wait; those sharing GPUs,
+    while some GPU has room for one; and while some GPU is free, those whose
+    time limit ends by the time the reservation starts.  Without
+    ``startable_behind`` it reads the rest of ``pending`` for them.  ``view`` is
+    not changed.
     """
     pending = iter(pending)
     if startable_behind is None:
@@ -414,15 +414,17 @@ def schedule(pending: Iterable[Request], view: View, startable_behind: Startable
         # each pass (one per job end, and per submit) take 0.3 s with no GPU free, and 143 ms (1,000 nodes)
         # with a few free GPUs that the reservation takes; now 8 ms.
         if pool.reservation is not None and not pool.spare:
-            shared = pool.has_room(view.smallest_gpu_mem)   # room only shrinks in a pass: asked once
-            # Seconds a job may run on reserved GPUs; with none free, no job taking whole GPUs may start.
-            within = pool.reservation.start - view.now if pool.count else None
+            reservation = pool.reservation
+            # How long a job may run on reserved GPUs (a second more: the test of each is _ends_by's); with none
+            # free, no job taking whole GPUs may start.
+            within = reservation.start - view.now + 1 if pool.count else None
             for startable in itertools.chain([req], startable_behind(req.job_id, within)):
-                if not startable.gpus or (shared if startable.gpu_mem is not None else
-                                          within is not None and startable.time_limit is not None
-                                          and startable.time_limit <= within):
+                if (not startable.gpus or (pool.tightest_room(startable.gpu_mem) is not None
+                                           if startable.gpu_mem is not None else
+                                           within is not None and _ends_by(startable, reservation, view.now))):
                     consider(startable)
-            return stop(req.job_id if within is None else None)
+            # Once no GPU is free, a job joining behind may not start unless it needs none (see JobService).
+            return stop(None if pool.count else req.job_id)
         if not consider(req):
             # The start of the first blocked job is unknown: no job that takes GPUs may pass it.
             for startable in startable_behind(req.job_id, None):
@@ -461,7 +463,7 @@ def _backfill(req: Request, pool: _Pool, now: float) -> Placement | None:
     if reservation is not None and req.gpus:
         if reservation.start is None or req.time_limit is None:
             return None
-        if now + req.time_limit > reservation.start:
+        if not _ends_by(req, reservation, now):
             # It would outlast the reservation: only GPUs the reserved job will not need are fair game.
             if pool.cannot_fit(req, spare_only=True):
                 return None
@@ -474,6 +476,11 @@ def _backfill(req: Request, pool: _Pool, now: float) -> Placement | None:
     if pool.cannot_fit(req, spare_only=False):
         return None
     return pool.place(req)
+
+
+def _ends_by(req: Request, reservation: Reservation, now: float) -> bool:
+    """Whether ``req``, started now, ends by the time the reserved job starts (its limit known, and that start)."""
+    return req.time_limit is not None and reservation.start is not None and now + req.time_limit <= reservation.start
 
 
 def _reserve(req: Request, free: GpuMap, view: View, started: Iterable[Running] = ()) -> Reservation:

@@ -41,7 +41,7 @@ class JobService:
         # Ranks started this turn, as (job, attempt, rank numbers): their DISPATCH goes out after the commit.
         self.to_dispatch: list[tuple[JobRecord, int, list[int]]] = []
         self.unreasoned: set[str] = set()   # pending jobs no pass has given a wait reason yet
-        self.head: str | None = None        # the job first in line waiting for Resources
+        self.own_reason: set[str] = set()   # pending jobs whose reason is their own (see WaitReason.own)
         self.stop_key: tuple | None = None  # queue key of the job the last pass stopped at; None: it read all
         self.running_views: dict[str, allocator.Running] = {}   # job id -> its cached allocator view
         self.dependencies = Dependencies(state)
@@ -127,10 +127,8 @@ class JobService:
             self.stop_key = self.state.jobs[stopped].queue_key
         for job_id, reason in waits.items():
             self._set_reason(self.state.jobs[job_id], reason)
-        # Jobs the pass did not reach wait behind a blocked one: new ones, and a former head of the line.
-        behind = self.unreasoned | ({self.head} if self.head else set())
-        self._wait_behind(behind - waits.keys() - {j for j, _ in starts})
-        self.head = next((j for j, r in waits.items() if r is allocator.WaitReason.RESOURCES), None)
+        # Jobs the pass did not read wait behind a blocked one: new ones, and those whose reason was their own.
+        self._wait_behind((self.unreasoned | self.own_reason) - waits.keys() - {j for j, _ in starts})
         for job_id, placement in starts:
             self._start(self.state.jobs[job_id], placement)
 
@@ -173,10 +171,14 @@ class JobService:
         """``job`` no longer waits (it starts, or ends without starting)."""
         self.state.pending.remove(job.job_id)
         self.requests.pop(job.job_id, None)
+        self.own_reason.discard(job.job_id)
 
     def _set_reason(self, job: JobRecord, reason: allocator.WaitReason) -> None:
         """Tell subscribers why a job waits; not stored: after a restart the first pass says it again."""
-        if job.reason != reason.value and job.state is JobState.PENDING:
+        if job.state is not JobState.PENDING:
+            return
+        (self.own_reason.add if reason.own else self.own_reason.discard)(job.job_id)
+        if job.reason != reason.value:
             job.reason = reason.value
             self.publish_job(job, store=False)
 
@@ -192,8 +194,7 @@ class JobService:
             load={node_id: len(nodes[node_id].ranks) for node_id in places},
             running=running, now=time.time(), user_gpu_limit=self.user_gpu_limit,
             room={node_id: p.room for node_id, p in places.items()},
-            others={node_id: p.others for node_id, p in places.items() if p.others},
-            smallest_gpu_mem=self.state.pending.smallest_gpu_mem)
+            others={node_id: p.others for node_id, p in places.items() if p.others})
 
     def _settle_dependents(self, dep: JobRecord) -> None:
         """A job ended: cancel the pending jobs that needed it to complete (unless --after-any)."""

@@ -76,6 +76,7 @@ class Master:
             if job.state is JobState.PENDING:
                 self.state.pending.add(job)
                 self.jobs.dependencies.track(job)
+                self.jobs.unreasoned.add(job.job_id)   # its stored reason may be stale; a pass says it again
             elif job.state is JobState.RUNNING:
                 self._hold(job)
         for job in jobs:

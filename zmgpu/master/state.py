@@ -282,8 +282,7 @@ class PendingQueue:
     """Pending job ids kept sorted by :attr:`JobRecord.queue_key`, so a pass never sorts; counted per user.
     The jobs that could start with no GPU free (CPU-only ones, and those sharing GPUs by --gpu-mem) are also
     kept in their own queue order, and those taking whole GPUs with a time limit in queue order per limit,
-    since a pass that stops reads on only those that may still start; those sharing GPUs are counted per MiB
-    declared."""
+    since a pass that stops reads on only those that may still start."""
 
     def __init__(self):
         self._keys: list[tuple[int, int, str]] = []
@@ -293,7 +292,6 @@ class PendingQueue:
         # the garbage collector to walk (the keys in the lists hold plain values, so it stops looking at them).
         self._by_id: dict[str, JobRecord] = {}
         self._per_user: Counter[str] = Counter()
-        self._gpu_mem: Counter[int] = Counter()   # --gpu-mem MiB -> how many jobs wait with it
 
     def add(self, job: JobRecord) -> None:
         key = job.queue_key
@@ -320,11 +318,9 @@ class PendingQueue:
         self._count(job, -1)
 
     def _count(self, job: JobRecord, step: int) -> None:
-        for counter, value in ((self._per_user, job.user), (self._gpu_mem, job.gpu_mem_mb if job.gpus else None)):
-            if value is not None:
-                counter[value] += step
-                if not counter[value]:
-                    del counter[value]
+        self._per_user[job.user] += step
+        if not self._per_user[job.user]:
+            del self._per_user[job.user]
 
     def startable_behind(self, job_id: str, within: float | None = None):
         """The jobs queued after ``job_id`` (a pending job) that could start with no GPU free and, given
@@ -334,11 +330,6 @@ class PendingQueue:
         if within is not None:
             lists += [keys for limit, keys in self._limited_keys.items() if limit <= within]
         return (key[2] for key in heapq.merge(*(keys[bisect.bisect_right(keys, after):] for keys in lists)))
-
-    @property
-    def smallest_gpu_mem(self) -> int | None:
-        """The least --gpu-mem that a waiting job declares (None: none shares GPUs); a few distinct values."""
-        return min(self._gpu_mem, default=None)
 
     def count(self, user: str) -> int:
         """How many jobs of ``user`` wait."""
