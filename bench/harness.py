@@ -335,10 +335,11 @@ class Cluster:
     go to ``<profile_dir>/<name>.master.prof`` and a summary to stderr.
     """
 
-    def __init__(self, name: str, ctx: Context, nodes: int = 1, gpus: int = 4):
+    def __init__(self, name: str, ctx: Context, nodes: int = 1, gpus: int = 4, admin: Optional[str] = None):
         self.name = name
         self.nodes = nodes
         self.gpus = gpus
+        self.admin = admin      # a user name the master makes an admin (who may raise a job's priority)
         self.profile_dir = ctx.profile_dir
         self.keep = ctx.keep
         self.dir = ""
@@ -385,8 +386,8 @@ class Cluster:
         os.makedirs(path, exist_ok=True)
         return path
 
-    def client(self, timeout: float = 30.0) -> Client:
-        return Client(port=self.port, pub_port=self.pub_port, timeout=timeout)
+    def client(self, timeout: float = 30.0, user: Optional[str] = None) -> Client:
+        return Client(port=self.port, pub_port=self.pub_port, timeout=timeout, user=user)
 
     def _log(self, who: str) -> str:
         return os.path.join(self.dir, f"{who}.log")
@@ -409,6 +410,8 @@ class Cluster:
         with open(config, "w") as fh:
             # The scale benchmark queues 100,000 jobs of one user, ten times a user's default limit.
             fh.write("max_pending_per_user: 1000000\n")
+            if self.admin is not None:
+                fh.write(f"admins: [{json.dumps(self.admin)}]\n")
         self.master = self._spawn("master", [
             sys.executable, *profiler, "-m", "zmgpu.master", "--port", "0", "--pub-port", "0",
             "--port-file", port_file, "--state-dir", os.path.join(self.dir, "master"), "--kill-grace", "1",

@@ -14,6 +14,7 @@ stdout once done or past its ``timeout`` (seconds, default 60):
 - ``{"cmd": "churn", "count": k, "timeout": t, "budget": b}``: ends the oldest job up to ``k`` times
   (none started after ``b`` seconds), each time timing how long until the next DISPATCH arrives:
   ``{"samples": [s, ...], "timed_out": bool}``.
+- ``{"cmd": "end", "count": k}``: ends the ``k`` oldest jobs at once: ``{"ended": n}``, waiting for nothing.
 - ``{"cmd": "stats"}``: counters (dispatches, reregisters, kills, refusals, heartbeats sent, jobs
   running, nodes that were told to register again).
 """
@@ -154,6 +155,17 @@ class Churn(Command):
         return None
 
 
+class End(Command):
+    """End the ``count`` oldest jobs at once; what the master makes of it is the caller's to see."""
+
+    def __init__(self, gen: "LoadGenerator", body: dict):
+        super().__init__(gen, body)
+        self.ended = sum(gen.end_oldest() for _ in range(body["count"]))
+
+    def result(self) -> dict | None:
+        return {"ended": self.ended}
+
+
 class Stats(Command):
     """The counters, at once."""
 
@@ -161,7 +173,7 @@ class Stats(Command):
         return {**self.gen.counts, "running": self.gen.running_count(), "declared_dead": len(self.gen.declared_dead)}
 
 
-COMMANDS = {"register": Register, "fill": Fill, "churn": Churn, "stats": Stats}
+COMMANDS = {"register": Register, "fill": Fill, "churn": Churn, "end": End, "stats": Stats}
 
 
 class LoadGenerator:

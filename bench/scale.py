@@ -8,8 +8,10 @@ generator ends one job at a time, timing how long until the next DISPATCH
 arrives; the rest of the 100,000 queued jobs follows, resident memory
 (VmRSS) is read, the master is watched again and the end -> dispatch timing
 repeated; then ``zmgpu queue`` is timed (after the figures of the full queue,
-so that its replies of thousands of job dicts change none of them), and last
-single submits for a window.
+so that its replies of thousands of job dicts change none of them), and
+single submits for a window.  With time limits, last, a job of two nodes' GPUs
+goes first in line, one node's jobs end, and single submits are timed again
+while that job's reservation holds the GPUs they freed.
 
 The end -> dispatch gap is a scheduling pass seen from outside (it also holds
 the JOB_ENDED handling and two loopback hops, well under a millisecond),
@@ -49,6 +51,8 @@ ARRAY_CHUNK = 50_000
 #: Seconds between PINGs while the master is watched, and the longest wait for one pass.
 PING_EVERY = 0.1
 PASS_TIMEOUT = 30.0
+#: The user the master makes an admin, who puts a job first in line in ``scale_limits``.
+ADMIN = "bench-admin"
 
 
 class LoadGenerator:
@@ -144,7 +148,7 @@ def run(ctx: Context, bench: str = NAME, time_limit: int | None = None, sharer: 
     first_queue = queued // 10
     window, churns = ctx.pick(5.0, 3.0), ctx.pick(10, 5)
     where = f"{nodes} nodes x {gpus} GPUs"
-    with Cluster(bench, ctx, nodes=0) as cluster, \
+    with Cluster(bench, ctx, nodes=0, admin=ADMIN) as cluster, \
             LoadGenerator(cluster, nodes, gpus) as gen, cluster.client(timeout=ctx.budget) as client:
         pid, cwd = cluster.master_pid, cluster.work_dir
         reg = gen.request("register", timeout=60)
@@ -152,7 +156,8 @@ def run(ctx: Context, bench: str = NAME, time_limit: int | None = None, sharer: 
             raise BenchError(f"only {reg['registered']} of {nodes} simulated nodes registered within 60 s")
         yield Figure(bench, "register_all_s", reg["seconds"], "s", Better.LOWER, note=f"{where} registering at once")
         yield from _observed_figures(bench, "heartbeat", _observe(client, pid, window),
-                                     f"{where} heartbeating every 1 s with every GPU's telemetry changed, no jobs; {window:g} s window")
+                                     f"{where} heartbeating every 1 s with every GPU's telemetry changed, no jobs; "
+                                     f"{window:g} s window")
 
         # A tenth of the queue first, for a second point of the pass time against the queue's length.
         accept = _submit_queue(client, capacity + first_queue, cwd, time_limit)
@@ -190,6 +195,16 @@ def run(ctx: Context, bench: str = NAME, time_limit: int | None = None, sharer: 
         rate, count = _submit_rate(client, cwd, min(window, max(1.0, ctx.remaining() - 20)), time_limit)
         yield Figure(bench, "submits_per_s", rate, "jobs/s", Better.HIGHER,
                      note=f"{count} single Client.submit calls in a row with {queued} pending")
+        if time_limit is not None:
+            # A job of two nodes' GPUs goes first in line, and one node's jobs end: its reservation takes the GPUs
+            # they free, which no job behind may use (each would outlast it).
+            with cluster.client(user=ADMIN) as admin:
+                admin.submit("true", gpus=2 * gpus, cwd=cwd, priority=10, time_limit=time_limit)
+            ended = gen.request("end", count=gpus)["ended"]
+            rate, count = _submit_rate(client, cwd, min(window, max(1.0, ctx.remaining() - 20)), time_limit)
+            yield Figure(bench, "submits_reserved_per_s", rate, "jobs/s", Better.HIGHER,
+                         note=f"{count} single Client.submit calls in a row with {queued} pending, once a "
+                              f"{2 * gpus}-GPU job first in line has its reservation on the {ended} GPUs come free")
         stats = gen.request("stats")
         statuses = Counter(node["status"] for node in client.nodes())
         unusable = statuses[NodeStatus.SUSPECT.value] + statuses[NodeStatus.DOWN.value]

@@ -3,11 +3,13 @@ shares GPUs (``--gpu-mem``) waiting last in the queue, and a CPU-only job waitin
 
 Under a master's ``default_time_limit`` every running job has a known end, so
 the first job that cannot start gets a known start, and a scheduling pass
-reads on past it for jobs that could backfill.  It stops once no GPU is free,
-and reads on only the jobs behind that need no free GPU: CPU-only ones, and
-those sharing GPUs while some GPU has room for one (here none has).  These
-figures show that neither waiting job makes every pass read the whole queue of
-a full cluster.
+reads on past it for jobs that could backfill.  Once every free GPU is that
+job's it reads on only the jobs behind that may still start: CPU-only ones,
+those sharing GPUs while some GPU has room for one (here none has), and, while
+a GPU is free, those that end before the reservation starts.  These figures
+show that neither waiting job makes every pass read the whole queue of a full
+cluster, and ``submits_reserved_per_s`` that a reservation of free GPUs does
+not either (every submit makes a pass due there).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ def test_cpu_job_goes_to_least_loaded_node():
 
 
 def test_schedule_gives_disjoint_gpus_in_order():
-    starts, waits, _ = schedule([Request(f"j{i}", 1) for i in range(5)], view(FOUR))
+    starts, waits, _, _ = schedule([Request(f"j{i}", 1) for i in range(5)], view(FOUR))
     assert [j for j, _ in starts] == ["j0", "j1", "j2", "j3"]
     assert sorted(p[0][1][0] for _, p in starts) == [0, 1, 2, 3]
     assert waits == {"j4": WaitReason.RESOURCES}
@@ -57,7 +57,7 @@ def test_blocked_job_without_known_start_blocks_everyone_behind_it():
             yield req
 
     # The queue's index finds no job behind that could start with the GPUs taken (none is CPU-only) ...
-    starts, waits, stopped = schedule(pending(), v, lambda job_id, within: ())
+    starts, waits, stopped, _ = schedule(pending(), v, lambda job_id, within: ())
     assert (starts, stopped) == ([], "big")
     assert waits == {"big": WaitReason.RESOURCES}
     # ... so the pass did not even read the rest of a long queue.
@@ -66,14 +66,14 @@ def test_blocked_job_without_known_start_blocks_everyone_behind_it():
 
 def test_backfill_that_must_happen_short_job_ends_before_the_reservation():
     v = view({"a": [0, 1]}, FOUR, running=[Running([("a", [2, 3])], end=1000.0)], now=0.0)
-    starts, waits, _ = schedule([Request("big", 4), Request("short", 1, time_limit=500)], v)
+    starts, waits, _, _ = schedule([Request("big", 4), Request("short", 1, time_limit=500)], v)
     assert [j for j, _ in starts] == ["short"]
     assert waits == {"big": WaitReason.RESOURCES}
 
 
 def test_backfill_that_must_not_happen_long_or_unlimited_jobs_would_delay_it():
     v = view({"a": [0, 1]}, FOUR, running=[Running([("a", [2, 3])], end=1000.0)], now=0.0)
-    starts, waits, _ = schedule([Request("big", 4), Request("long", 1, time_limit=5000),
+    starts, waits, _, _ = schedule([Request("big", 4), Request("long", 1, time_limit=5000),
                               Request("nolimit", 1)], v)
     # Every free GPU is the big job's: a job that would outlast its reservation is not even read (the job
     # service tells the jobs a pass did not read that they wait behind: Priority).
@@ -86,7 +86,7 @@ def test_long_job_may_backfill_onto_gpus_the_reservation_does_not_need():
     capacity = {"a": [0, 1, 2, 3], "b": [0, 1]}
     running = [Running([("a", [2, 3])], end=100.0)]
     pending = [Request("big", 4, {"a": [0, 1, 2, 3]}), Request("long", 2, time_limit=10_000)]
-    starts, waits, _ = schedule(pending, view(free, capacity, running=running))
+    starts, waits, _, _ = schedule(pending, view(free, capacity, running=running))
     assert starts == [("long", [("b", [0, 1])])]
     assert waits == {"big": WaitReason.PINNED_GPUS_BUSY}
 
@@ -95,14 +95,14 @@ def test_starvation_avoided_a_stream_of_small_jobs_cannot_pass_a_big_one_forever
     # Each small job's limit runs past the reservation, so none may take the GPUs the big job waits for.
     running = [Running([("a", [1, 2, 3])], end=50.0)]
     pending = [Request("big", 4)] + [Request(f"s{i}", 1, time_limit=100) for i in range(5)]
-    starts, waits, _ = schedule(pending, view({"a": [0]}, FOUR, running=running))
+    starts, waits, _, _ = schedule(pending, view({"a": [0]}, FOUR, running=running))
     assert starts == [] and waits == {"big": WaitReason.RESOURCES}
 
 
 def test_per_user_cap_holds_only_that_users_jobs():
     running = [Running([("a", [0])], user="ann")]
     pending = [Request("ann2", 2, user="ann"), Request("bob1", 2, user="bob")]
-    starts, waits, _ = schedule(pending, view({"a": [1, 2, 3]}, FOUR, running=running, user_gpu_limit=2))
+    starts, waits, _, _ = schedule(pending, view({"a": [1, 2, 3]}, FOUR, running=running, user_gpu_limit=2))
     assert [j for j, _ in starts] == ["bob1"]
     assert waits == {"ann2": WaitReason.USER_GPU_LIMIT}
 
@@ -111,14 +111,14 @@ def test_array_limit_and_dependency_hold_jobs_without_blocking():
     running = [Running([("a", [0])], array_id="arr")]
     pending = [Request("arr_1", 1, array_id="arr", array_limit=1),
                Request("dep", 1, hold=WaitReason.DEPENDENCY), Request("free", 1)]
-    starts, waits, _ = schedule(pending, view({"a": [1, 2, 3]}, FOUR, running=running))
+    starts, waits, _, _ = schedule(pending, view({"a": [1, 2, 3]}, FOUR, running=running))
     assert [j for j, _ in starts] == ["free"]
     assert waits == {"arr_1": WaitReason.ARRAY_LIMIT, "dep": WaitReason.DEPENDENCY}
 
 
 def test_array_limit_counts_tasks_started_in_the_same_pass():
     pending = [Request(f"arr_{i}", 1, array_id="arr", array_limit=2) for i in range(4)]
-    starts, waits, _ = schedule(pending, view(FOUR))
+    starts, waits, _, _ = schedule(pending, view(FOUR))
     assert len(starts) == 2
     assert set(waits.values()) == {WaitReason.ARRAY_LIMIT}
 
@@ -126,7 +126,7 @@ def test_array_limit_counts_tasks_started_in_the_same_pass():
 def test_node_down_pins_and_too_big_for_usable_nodes_do_not_block():
     capacity = {"a": [0, 1, 2, 3]}
     pending = [Request("pinned", 1, {"b": [0]}), Request("huge", 6), Request("ok", 1)]
-    starts, waits, _ = schedule(pending, view(FOUR, capacity))
+    starts, waits, _, _ = schedule(pending, view(FOUR, capacity))
     assert [j for j, _ in starts] == ["ok"]
     assert waits == {"pinned": WaitReason.NODE_DOWN, "huge": WaitReason.NODE_DOWN}
 
@@ -205,14 +205,14 @@ def test_the_user_cap_counts_every_gpu_of_a_running_job_on_every_node():
     # alice holds three GPUs in one gang job over two nodes; the cap is four.
     running = [Running([("a", [0, 1]), ("b", [0])], user="alice")]
     pending = [Request("two", 2, user="alice"), Request("one", 1, user="alice")]
-    starts, waits, _ = schedule(pending, view({"a": [2, 3], "b": [1, 2, 3]}, running=running, user_gpu_limit=4))
+    starts, waits, _, _ = schedule(pending, view({"a": [2, 3], "b": [1, 2, 3]}, running=running, user_gpu_limit=4))
     assert [job for job, _ in starts] == ["one"] and waits == {"two": WaitReason.USER_GPU_LIMIT}
 
 
 def test_schedule_follows_the_order_it_is_given():
     # The queue decides the order (priority first); the pass starts jobs in that order while GPUs last.
     pending = [Request("urgent", 2), Request("first", 2), Request("low", 1)]
-    starts, waits, _ = schedule(pending, view({"a": [0, 1, 2]}))
+    starts, waits, _, _ = schedule(pending, view({"a": [0, 1, 2]}))
     assert [j for j, _ in starts] == ["urgent"]
     assert waits == {"first": WaitReason.RESOURCES}
 
@@ -237,7 +237,7 @@ def startable_behind_in(queue: list[Request]):
 
 def test_two_jobs_in_one_pass_never_share_the_same_free_memory():
     # 15 GiB of room: one 10 GiB job fits, the second must wait although each alone would fit.
-    starts, waits, _ = schedule([shared("a", 10240), shared("b", 10240)],
+    starts, waits, _, _ = schedule([shared("a", 10240), shared("b", 10240)],
                              view({"n": [0]}, room={"n": {0: 15360}}))
     assert starts == [("a", [("n", [0])])]
     assert waits == {"b": WaitReason.RESOURCES}
@@ -245,13 +245,13 @@ def test_two_jobs_in_one_pass_never_share_the_same_free_memory():
 
 def test_shared_jobs_fill_the_fullest_gpu_first_and_keep_whole_gpus_free():
     room = {"n": {0: 4000, 1: 15000}}
-    starts, _, _ = schedule([shared("a", 3000), Request("x", 1)], view({"n": [1]}, room=room))
+    starts, _, _, _ = schedule([shared("a", 3000), Request("x", 1)], view({"n": [1]}, room=room))
     # "a" goes beside whoever uses GPU 0, so GPU 1 stays whole for the exclusive job.
     assert dict(starts) == {"a": [("n", [0])], "x": [("n", [1])]}
 
 
 def test_exclusive_job_never_takes_a_gpu_a_shared_job_took_this_pass():
-    starts, waits, _ = schedule([shared("a", 1000), Request("x", 1)], view({"n": [0]}, room={"n": {0: 15000}}))
+    starts, waits, _, _ = schedule([shared("a", 1000), Request("x", 1)], view({"n": [0]}, room={"n": {0: 15000}}))
     assert starts == [("a", [("n", [0])])] and waits == {"x": WaitReason.RESOURCES}
 
 
@@ -263,7 +263,7 @@ def test_multi_gpu_shared_job_needs_room_on_each_gpu():
 
 
 def test_gpus_used_by_others_is_the_reason_when_they_alone_block():
-    starts, waits, _ = schedule([Request("x", 2), Request("y", 3)],
+    starts, waits, _, _ = schedule([Request("x", 2), Request("y", 3)],
                              view({"n": [0]}, capacity={"n": [0, 1, 2]}, others={"n": [1]}))
     assert starts == [] and waits["x"] is WaitReason.GPUS_IN_USE_BY_OTHERS
 
@@ -289,7 +289,7 @@ def test_counts_follow_what_the_pass_took_shared_and_reserved_gpus_included():
     # Three free GPUs; a shared job takes one of them (and one already shared, not free): two stay free for
     # exclusive jobs, so a 2-GPU job starts and a 1-GPU job behind it finds none.
     room = {"n": {0: 9000, 1: 15000, 2: 15000, 3: 15000}}
-    starts, waits, _ = schedule([shared("s", 8000, gpus=2), Request("two", 2), Request("one", 1)],
+    starts, waits, _, _ = schedule([shared("s", 8000, gpus=2), Request("two", 2), Request("one", 1)],
                                 view({"n": [1, 2, 3]}, {"n": [0, 1, 2, 3]}, room=room))
     assert dict(starts) == {"s": [("n", [0, 1])], "two": [("n", [2, 3])]}
     assert waits == {"one": WaitReason.RESOURCES}
@@ -308,7 +308,7 @@ def test_backfill_outside_the_reservation_takes_exactly_the_spare_gpus(monkeypat
     pending = [Request("big", 4, {"a": [0, 1, 2, 3]}), Request("short", 2, time_limit=50),
                Request("three", 3, time_limit=10_000), Request("two", 2, time_limit=10_000),
                Request("more", 1, time_limit=10_000)]
-    starts, waits, stopped = schedule(pending, view(free, capacity, running=running))
+    starts, waits, stopped, _ = schedule(pending, view(free, capacity, running=running))
     # A job that ends before the reservation takes reserved GPUs, which leaves the spare ones spare; three
     # long GPUs are more than those two; two fit there; then none is free, and the pass stops.
     assert dict(starts) == {"short": [("a", [0, 1])], "two": [("b", [0, 1])]}
@@ -322,7 +322,7 @@ def test_the_reservation_counts_the_jobs_started_by_the_same_pass():
     # time limit), and "short", done by then, may take the other meanwhile.
     pending = [Request("first", 1, time_limit=1000), Request("blocked", 2, time_limit=50),
                Request("short", 1, time_limit=50)]
-    starts, waits, stopped = schedule(pending, view({"a": [0, 1]}))
+    starts, waits, stopped, _ = schedule(pending, view({"a": [0, 1]}))
     assert dict(starts) == {"first": [("a", [0])], "short": [("a", [1])]}
     assert waits == {"blocked": WaitReason.RESOURCES}
     assert stopped == "short"    # no GPU is left: a job joining behind it may not start unless it needs none
@@ -331,7 +331,7 @@ def test_the_reservation_counts_the_jobs_started_by_the_same_pass():
 def test_once_every_free_gpu_is_reserved_a_pass_reads_only_the_jobs_that_end_in_time():
     # Three GPUs free, all the blocked job's (it starts at 100 s): of the jobs behind, only those whose limit
     # ends by then, and the CPU-only one, may start; the pass finds them through the queue's index, reading
-    # none of the others, and stops nowhere while a GPU is free, since a short job joining later may use it.
+    # none of the others.
     nodes = {"a": [0, 1, 2, 3]}
     running = [Running([("a", [3])], end=100.0)]
     queue = [Request("big", 4, time_limit=10)] + [Request(f"long{k}", 1, time_limit=1000) for k in range(50)]
@@ -344,17 +344,19 @@ def test_once_every_free_gpu_is_reserved_a_pass_reads_only_the_jobs_that_end_in_
             read.append(req.job_id)
             yield req
 
-    starts, waits, stopped = schedule(pending(), view({"a": [0, 1, 2]}, nodes, running=running),
-                                      startable_behind_in(queue))
+    starts, waits, stopped, ends_by = schedule(pending(), view({"a": [0, 1, 2]}, nodes, running=running),
+                                               startable_behind_in(queue))
     assert dict(starts) == {"short": [("a", [0])], "cpu": [("a", [])], "shorter": [("a", [1])]}
     assert waits == {"big": WaitReason.RESOURCES, "too_big": WaitReason.PRIORITY}
-    assert read == ["big", "long0"] and stopped is None
+    # It stops at the first job behind: one joining later may start only if it ends by the reservation's start.
+    assert read == ["big", "long0"] and (stopped, ends_by) == ("long0", 100.0)
     # With no GPU free at all, no job taking whole GPUs may start whatever its limit: the pass stops at the
     # first job behind, for the job service to tell a job joining behind that it waits without a pass.
     read.clear()
-    starts, waits, stopped = schedule(pending(), view({"a": []}, nodes, running=running + [
+    starts, waits, stopped, ends_by = schedule(pending(), view({"a": []}, nodes, running=running + [
         Running([("a", [0, 1, 2])], end=50.0)]), startable_behind_in(queue))
-    assert dict(starts) == {"cpu": [("a", [])]} and stopped == "long0" and read == ["big", "long0"]
+    assert dict(starts) == {"cpu": [("a", [])]} and (stopped, ends_by) == ("long0", None)
+    assert read == ["big", "long0"]
 
 
 def test_a_job_ending_just_as_the_reservation_starts_is_read_whatever_the_rounding():
@@ -362,7 +364,7 @@ def test_a_job_ending_just_as_the_reservation_starts_is_read_whatever_the_roundi
     nodes = {"a": [0, 1]}
     pending = [Request("first", 1, time_limit=0.7), Request("big", 2, time_limit=10),
                Request("long", 1, time_limit=5), Request("exact", 1, time_limit=0.7)]
-    starts, waits, stopped = schedule(pending, view({"a": [0, 1]}, nodes, now=17.0), startable_behind_in(pending))
+    starts, waits, stopped, _ = schedule(pending, view({"a": [0, 1]}, nodes, now=17.0), startable_behind_in(pending))
     assert dict(starts) == {"first": [("a", [0])], "exact": [("a", [1])]} and "long" not in waits
 
 
@@ -380,8 +382,8 @@ def test_a_nearly_full_cluster_is_not_walked_for_each_job_in_a_long_queue(monkey
                if (n, i) != ("n0", 0)]
     pending = [Request("big", 4, time_limit=10)] + [Request(f"j{k}", 2, time_limit=1000) for k in range(200)]
     free = {n: [0] if n == "n0" else [] for n in nodes}
-    starts, waits, stopped = schedule(pending, view(free, nodes, running=running))
-    assert starts == [] and stopped is None and waits == {"big": WaitReason.RESOURCES}
+    starts, waits, stopped, _ = schedule(pending, view(free, nodes, running=running))
+    assert starts == [] and stopped == "j0" and waits == {"big": WaitReason.RESOURCES}
     assert set(calls) == {"big"}, f"placement asked for {len(calls)} job(s)"
 
 
@@ -391,7 +393,7 @@ def test_with_no_gpu_free_a_pass_of_gpu_jobs_stops_after_the_reservation():
     pending = [Request("one", 1, time_limit=10), Request("big", 2, time_limit=10)] + [
         Request(f"j{k}", 1, time_limit=1000) for k in range(3)]
     full = view({"a": [0]}, nodes, running=running)
-    starts, waits, stopped = schedule(pending, full)
+    starts, waits, stopped, _ = schedule(pending, full)
     # "one" takes the last free GPU, "big" gets its reservation, and nothing behind is read.
     assert starts == [("one", [("a", [0])])] and waits == {"big": WaitReason.RESOURCES} and stopped == "j0"
 
@@ -403,7 +405,7 @@ def test_with_no_gpu_free_a_pass_reads_on_only_while_a_job_sharing_gpus_could_fi
     for need, fits in ((8001, False), (8000, True), (4000, True)):
         pending = [Request("one", 1, time_limit=10), Request("big", 2, time_limit=10),
                    Request("j0", 1, time_limit=1000), shared("small", need, time_limit=10)]
-        starts, waits, stopped = schedule(pending, view({"a": [0]}, nodes, running=running, room=room),
+        starts, waits, stopped, _ = schedule(pending, view({"a": [0]}, nodes, running=running, room=room),
                                           startable_behind_in(pending))
         # The pass stops at j0 all the same, and reads on the jobs that need no free GPU while one fits.
         assert stopped == "j0" and "j0" not in waits, need
@@ -418,12 +420,13 @@ def test_a_cpu_only_job_passes_any_reservation_where_a_gpu_job_without_time_wait
     pending = [Request("big", 2, time_limit=10), Request("gpu", 1), Request("cpu", 0)]
     # The blocked job's start is known: the pass reads on, and only the CPU job may pass it.
     known = [Running([("a", [0])], end=100.0)]
-    starts, waits, stopped = schedule(pending, view({"a": [1]}, nodes, running=known), startable_behind_in(pending))
-    assert dict(starts) == {"cpu": [("a", [])]} and stopped is None
+    starts, waits, stopped, _ = schedule(pending, view({"a": [1]}, nodes, running=known),
+                                         startable_behind_in(pending))
+    assert dict(starts) == {"cpu": [("a", [])]} and stopped == "gpu"
     assert waits == {"big": WaitReason.RESOURCES}
     # Unknown: the pass stops at it, and reads on only the CPU-only jobs behind.
     unknown = [Running([("a", [0])], end=None)]
-    starts, waits, stopped = schedule(pending, view({"a": [1]}, nodes, running=unknown), startable_behind_in(pending))
+    starts, waits, stopped, _ = schedule(pending, view({"a": [1]}, nodes, running=unknown), startable_behind_in(pending))
     assert dict(starts) == {"cpu": [("a", [])]} and stopped == "big" and waits == {"big": WaitReason.RESOURCES}
 
 
@@ -440,7 +443,7 @@ def test_a_stopped_pass_reads_on_only_the_cpu_only_jobs_behind():
             yield req
 
     running = [Running([("a", [0])], end=None, array_id="arr")]
-    starts, waits, stopped = schedule(pending(), view({"a": [1]}, {"a": [0, 1]}, running=running),
+    starts, waits, stopped, _ = schedule(pending(), view({"a": [1]}, {"a": [0, 1]}, running=running),
                                       startable_behind_in(queue))
     # The GPU jobs behind the stop are not read, sharing ones neither (the stop is at an unknown start, not for
     # want of free GPUs); the CPU-only ones are, and their array's %2 counts the task already running: one more
@@ -453,7 +456,7 @@ def test_a_stopped_pass_reads_on_only_the_cpu_only_jobs_behind():
 def test_a_pass_that_finds_no_gpu_free_still_starts_the_cpu_only_job_it_stops_at():
     running = [Running([("a", [0])], end=100.0)]
     pending = [Request("big", 1, time_limit=10), Request("cpu", 0), Request("gpu", 1, time_limit=10)]
-    starts, waits, stopped = schedule(pending, view({"a": []}, {"a": [0]}, running=running),
+    starts, waits, stopped, _ = schedule(pending, view({"a": []}, {"a": [0]}, running=running),
                                       startable_behind_in(pending))
     assert dict(starts) == {"cpu": [("a", [])]} and stopped == "cpu" and waits == {"big": WaitReason.RESOURCES}
 

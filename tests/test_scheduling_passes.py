@@ -95,16 +95,19 @@ def test_with_no_gpu_free_jobs_behind_cost_no_pass_unless_they_need_none(service
     assert (cpu.state, service.passes) == (JobState.RUNNING, 4)
 
 
-def test_a_job_joining_behind_a_reservation_of_the_free_gpus_gets_a_pass_and_starts_if_it_ends_in_time(service):
-    """The pass that found every free GPU reserved read on only the jobs that end in time, and did not stop:
-    a job joining may be one of them."""
+def test_a_job_joining_behind_a_reservation_of_the_free_gpus_gets_a_pass_only_if_it_ends_in_time(service):
+    """The pass that found every free GPU reserved read on only the jobs that end in time, and stopped at the
+    first job behind: a job joining costs a pass only if it may be one of them (and then it starts)."""
     service.state.nodes["n1"] = NodeRecord("n1", "host", "127.0.0.1",
                                            [GpuInfo(i, "sim", f"GPU-{i}", 16000, simulated=True) for i in (0, 1)])
     running = submit(service, "0000000a", 1, time_limit=3600)
     blocked = submit(service, "0000000b", 2, gpus=2, time_limit=60)   # GPU 1 is free, and reserved for it
     assert (running.state, blocked.reason, service.passes) == (JobState.RUNNING, "Resources", 2)
-    long = submit(service, "0000000c", 3, time_limit=7200)
+    long = submit(service, "0000000c", 3, time_limit=7200)    # the last pass read every job: this one costs one
     assert (long.state, long.reason, service.passes) == (JobState.PENDING, "Priority", 3)
+    longer = submit(service, "0000000e", 5, time_limit=7200)  # it would outlast the reservation: no pass
+    unlimited = submit(service, "0000000f", 6)
+    assert (longer.reason, unlimited.reason, service.passes) == ("Priority", "Priority", 3)
     short = submit(service, "0000000d", 4, time_limit=600)
     assert (short.state, service.passes) == (JobState.RUNNING, 4)
     assert [r.gpu_indices for r in short.ranks] == [[1]] and blocked.state is JobState.PENDING

@@ -351,14 +351,18 @@ class Reservation:
 StartableBehind = Callable[[str, "float | None"], Iterable[Request]]
 
 
-def schedule(pending: Iterable[Request], view: View, startable_behind: StartableBehind | None = None,
-             ) -> tuple[list[tuple[str, Placement]], dict[str, WaitReason], str | None]:
+#: What a pass found: the jobs to start and where, why each job it read waits, the job it stopped at, and the time
+#: (epoch seconds) by which a job joining behind that one must end to start (see schedule).
+PassResult = tuple[list[tuple[str, Placement]], dict[str, WaitReason], "str | None", "float | None"]
+
+
+def schedule(pending: Iterable[Request], view: View, startable_behind: StartableBehind | None = None) -> PassResult:
     """One pass over ``pending`` (already in priority order).
 
     Returns the jobs to start with their placements, a wait reason for each job
-    it looked at, and the job it stopped at, past which no job that joins the
-    queue later may start unless it needs no free GPU (None: it read them all,
-    or a job joining might start).  Once the first blocked job's start is
+    it looked at, the job it stopped at, past which no job that joins the queue
+    later may start unless it needs no free GPU or ends by the time returned
+    last (None: it read them all).  Once the first blocked job's start is
     unknown nothing behind it that needs a GPU may start, so the pass stops
     there and does not read the rest of ``pending`` (it may be a generator): a
     long queue costs one step per job that can still move.  Once that job has
@@ -384,8 +388,8 @@ def schedule(pending: Iterable[Request], view: View, startable_behind: Startable
     started: list[tuple[str, Running]] = []     # job id, and the job as the reservation replays it
     waits: dict[str, WaitReason] = {}
 
-    def stop(job_id: str | None) -> tuple[list[tuple[str, Placement]], dict[str, WaitReason], str | None]:
-        return [(started_id, run.placement) for started_id, run in started], waits, job_id
+    def stop(job_id: str | None, ends_by: float | None = None) -> PassResult:
+        return [(started_id, run.placement) for started_id, run in started], waits, job_id, ends_by
 
     def consider(req: Request) -> bool:
         """Start ``req`` or say why it waits; False when nothing behind it that needs a GPU may start."""
@@ -423,8 +427,8 @@ def schedule(pending: Iterable[Request], view: View, startable_behind: Startable
                                            if startable.gpu_mem is not None else
                                            within is not None and _ends_by(startable, reservation, view.now))):
                     consider(startable)
-            # Once no GPU is free, a job joining behind may not start unless it needs none (see JobService).
-            return stop(None if pool.count else req.job_id)
+            # A job joining behind may start only if it needs no free GPU, or (while some GPU is free) ends in time.
+            return stop(req.job_id, reservation.start if pool.count else None)
         if not consider(req):
             # The start of the first blocked job is unknown: no job that takes GPUs may pass it.
             for startable in startable_behind(req.job_id, None):

@@ -43,6 +43,7 @@ class JobService:
         self.unreasoned: set[str] = set()   # pending jobs no pass has given a wait reason yet
         self.own_reason: set[str] = set()   # pending jobs whose reason is their own (see WaitReason.own)
         self.stop_key: tuple | None = None  # queue key of the job the last pass stopped at; None: it read all
+        self.stop_ends_by: float | None = None   # a job joining behind it that ends by then may start
         self.running_views: dict[str, allocator.Running] = {}   # job id -> its cached allocator view
         self.dependencies = Dependencies(state)
         self.requests: dict[str, allocator.Request] = {}   # pending job id -> its request (see _requests)
@@ -76,8 +77,11 @@ class JobService:
         # A job that joins behind the one where the last pass stopped cannot start before it: until something
         # else changes, a pass would only tell it to wait, which schedule() does without one.  This spares a
         # submit behind a long queue a pass over the running jobs.  Unless it could start with no GPU free: a
-        # CPU-only job passes any stop, and one sharing GPUs a stop for want of free GPUs.
-        if self.stop_key is None or job.queue_key < self.stop_key or starts_without_free_gpu(job):
+        # CPU-only job passes any stop, and one sharing GPUs a stop for want of free GPUs; or it would end
+        # before the blocked job's reservation of the free GPUs starts.
+        ends_by, limit = self.stop_ends_by, job.time_limit
+        if (self.stop_key is None or job.queue_key < self.stop_key or starts_without_free_gpu(job)
+                or (ends_by is not None and limit is not None and time.time() + limit <= ends_by)):
             self.dirty = True
         self.publish_job(job)
         self.cancel_if_dependency_failed(job)
@@ -121,8 +125,8 @@ class JobService:
         self.stop_key = None
         if not len(self.state.pending):
             return
-        starts, waits, stopped = allocator.schedule(self._requests(self.state.pending), self._view(),
-                                                    self._startable_behind)
+        starts, waits, stopped, self.stop_ends_by = allocator.schedule(self._requests(self.state.pending),
+                                                                       self._view(), self._startable_behind)
         if stopped is not None:
             self.stop_key = self.state.jobs[stopped].queue_key
         for job_id, reason in waits.items():
