@@ -10,8 +10,9 @@ arrives; the rest of the 100,000 queued jobs follows, resident memory
 repeated; then ``zmgpu queue`` is timed (after the figures of the full queue,
 so that its replies of thousands of job dicts change none of them), and
 single submits for a window.  With time limits, last, a job of two nodes' GPUs
-goes first in line, one node's jobs end, and single submits are timed again
-while that job's reservation holds the GPUs they freed.
+goes first in line, as many of the oldest jobs as a node has GPUs end, and
+single submits are timed again while that job's reservation holds the GPUs
+they freed.
 
 The end -> dispatch gap is a scheduling pass seen from outside (it also holds
 the JOB_ENDED handling and two loopback hops, well under a millisecond),
@@ -196,8 +197,8 @@ def run(ctx: Context, bench: str = NAME, time_limit: int | None = None, sharer: 
         yield Figure(bench, "submits_per_s", rate, "jobs/s", Better.HIGHER,
                      note=f"{count} single Client.submit calls in a row with {queued} pending")
         if time_limit is not None:
-            # A job of two nodes' GPUs goes first in line, and one node's jobs end: its reservation takes the GPUs
-            # they free, which no job behind may use (each would outlast it).
+            # A job of two nodes' GPUs goes first in line, and as many jobs as a node has GPUs end: its reservation
+            # takes the GPUs they free, which no job behind may use (each would outlast it).
             with cluster.client(user=ADMIN) as admin:
                 admin.submit("true", gpus=2 * gpus, cwd=cwd, priority=10, time_limit=time_limit)
             ended = gen.request("end", count=gpus)["ended"]

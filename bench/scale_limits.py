@@ -9,7 +9,7 @@ those sharing GPUs while some GPU has room for one (here none has), and, while
 a GPU is free, those that end before the reservation starts.  These figures
 show that neither waiting job makes every pass read the whole queue of a full
 cluster, and ``submits_reserved_per_s`` that a reservation of free GPUs does
-not either (every submit makes a pass due there).
+not either: a submit whose job would outlast the reservation costs no pass.
 """
 
 from __future__ import annotations

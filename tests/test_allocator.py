@@ -426,7 +426,8 @@ def test_a_cpu_only_job_passes_any_reservation_where_a_gpu_job_without_time_wait
     assert waits == {"big": WaitReason.RESOURCES}
     # Unknown: the pass stops at it, and reads on only the CPU-only jobs behind.
     unknown = [Running([("a", [0])], end=None)]
-    starts, waits, stopped, _ = schedule(pending, view({"a": [1]}, nodes, running=unknown), startable_behind_in(pending))
+    starts, waits, stopped, _ = schedule(pending, view({"a": [1]}, nodes, running=unknown),
+                                         startable_behind_in(pending))
     assert dict(starts) == {"cpu": [("a", [])]} and stopped == "big" and waits == {"big": WaitReason.RESOURCES}
 
 

@@ -1,7 +1,8 @@
 """When the master runs a scheduling pass: a job that joins the queue behind the job the last pass stopped at
-(blocked, with an unknown start, or once no GPU is free) cannot start before it, and costs no pass until
-something else changes, unless it needs no free GPU (CPU-only, or sharing GPUs); the reservation counts the
-jobs the same pass started; the reasons of jobs a pass did not reach.  And when it sends KILLs for a gang job
+(blocked, with an unknown start, or once every free GPU is the blocked job's) cannot start before it, and
+costs no pass until something else changes, unless it needs no free GPU (CPU-only, or sharing GPUs) or ends
+by the time that job's reservation starts; the reservation counts the jobs the same pass started; the reasons
+of jobs a pass did not reach.  And when it sends KILLs for a gang job
 whose rank failed: once per node, again only if unheeded, and never to a later attempt.
 
 In-process: the master's own JobService, Reactor (on loopback), Store and OutputSpool; the allocator is

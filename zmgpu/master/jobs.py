@@ -74,11 +74,10 @@ class JobService:
         self.state.pending.add(job)
         self.unreasoned.add(job.job_id)
         self.dependencies.track(job)
-        # A job that joins behind the one where the last pass stopped cannot start before it: until something
-        # else changes, a pass would only tell it to wait, which schedule() does without one.  This spares a
-        # submit behind a long queue a pass over the running jobs.  Unless it could start with no GPU free: a
-        # CPU-only job passes any stop, and one sharing GPUs a stop for want of free GPUs; or it would end
-        # before the blocked job's reservation of the free GPUs starts.
+        # A job that joins behind the one where the last pass stopped can start only if it needs no free GPU
+        # (CPU-only, or sharing GPUs), or ends by the time the blocked job's reservation of the free GPUs starts
+        # (see allocator.schedule).  Otherwise, until something else changes, a pass would only tell it to wait,
+        # which schedule() does without one: this spares a submit behind a long queue a pass.
         ends_by, limit = self.stop_ends_by, job.time_limit
         if (self.stop_key is None or job.queue_key < self.stop_key or starts_without_free_gpu(job)
                 or (ends_by is not None and limit is not None and time.time() + limit <= ends_by)):
@@ -122,7 +121,7 @@ class JobService:
             self._wait_behind(self.unreasoned)
             return
         self.dirty = False
-        self.stop_key = None
+        self.stop_key = self.stop_ends_by = None
         if not len(self.state.pending):
             return
         starts, waits, stopped, self.stop_ends_by = allocator.schedule(self._requests(self.state.pending),
