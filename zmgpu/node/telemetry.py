@@ -28,7 +28,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-from ..model import gpu_room
+from ..model import foreign_pids, gpu_room
 from .gpus import GpuSample, GpuSource
 from .sweep import proc_start_time, read_job_mark
 
@@ -277,6 +277,6 @@ def _moved(key: str, before, after) -> bool:
 
 
 def _describe_foreign(state: dict) -> str:
-    pids = [str(p["pid"]) for p in state["processes"] if p["job_id"] is None]
+    pids = [str(pid) for pid in foreign_pids(state)]
     who = f"pid {', '.join(pids[:3])}{' ...' if len(pids) > 3 else ''}" if pids else "no listed process"
     return f"{who}, {state['foreign_mb']} MiB"
