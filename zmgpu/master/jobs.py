@@ -71,9 +71,7 @@ class JobService:
     def enqueue(self, job: JobRecord) -> None:
         """A new or requeued job joins the pending queue."""
         self.state.jobs[job.job_id] = job
-        self.state.pending.add(job)
-        self.unreasoned.add(job.job_id)
-        self.dependencies.track(job)
+        self.join_queue(job)
         # A job that joins behind the one where the last pass stopped can start only if it needs no free GPU
         # (CPU-only, or sharing GPUs), or ends by the time the blocked job's reservation of the free GPUs starts
         # (see allocator.schedule).  Otherwise, until something else changes, a pass would only tell it to wait,
@@ -84,6 +82,12 @@ class JobService:
             self.dirty = True
         self.publish_job(job)
         self.cancel_if_dependency_failed(job)
+
+    def join_queue(self, job: JobRecord) -> None:
+        """A pending job (new, requeued, or read back from the store) waits in the queue, its reason to come."""
+        self.state.pending.add(job)
+        self.unreasoned.add(job.job_id)
+        self.dependencies.track(job)
 
     def unqueue(self, job: JobRecord) -> None:
         """Undo :meth:`enqueue` for a job never acknowledged (its submit could not be stored)."""

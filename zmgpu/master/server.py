@@ -74,9 +74,7 @@ class Master:
             if job.array_job_id is not None:
                 self.state.arrays.setdefault(job.array_job_id, []).append(job.job_id)
             if job.state is JobState.PENDING:
-                self.state.pending.add(job)
-                self.jobs.dependencies.track(job)
-                self.jobs.unreasoned.add(job.job_id)   # its stored reason may be stale; a pass says it again
+                self.jobs.join_queue(job)      # its stored reason may be stale: the first pass says it again
             elif job.state is JobState.RUNNING:
                 self._hold(job)
         for job in jobs:
