@@ -84,7 +84,9 @@ class JobService:
         self.cancel_if_dependency_failed(job)
 
     def join_queue(self, job: JobRecord) -> None:
-        """A pending job (new, requeued, or read back from the store) waits in the queue, its reason to come."""
+        """A pending job (new, requeued, or read back from the store) waits in the queue, its reason to come
+        (one read back may be stale: own_reason follows only the reasons this master gave)."""
+        job.reason = None
         self.state.pending.add(job)
         self.unreasoned.add(job.job_id)
         self.dependencies.track(job)
@@ -134,8 +136,11 @@ class JobService:
             self.stop_key = self.state.jobs[stopped].queue_key
         for job_id, reason in waits.items():
             self._set_reason(self.state.jobs[job_id], reason)
-        # Jobs the pass did not read wait behind a blocked one: new ones, and those whose reason was their own.
-        self._wait_behind((self.unreasoned | self.own_reason) - waits.keys() - {j for j, _ in starts})
+        if stopped is None:
+            self.unreasoned.clear()     # the pass read them all
+        else:
+            # Jobs the pass did not read wait behind a blocked one: new ones, and those whose reason was their own.
+            self._wait_behind((self.unreasoned | self.own_reason) - waits.keys() - {j for j, _ in starts})
         for job_id, placement in starts:
             self._start(self.state.jobs[job_id], placement)
 
@@ -182,11 +187,9 @@ class JobService:
 
     def _set_reason(self, job: JobRecord, reason: allocator.WaitReason) -> None:
         """Tell subscribers why a job waits; not stored: after a restart the first pass says it again."""
-        if job.state is not JobState.PENDING:
-            return
-        (self.own_reason.add if reason.own else self.own_reason.discard)(job.job_id)
-        if job.reason != reason.value:
+        if job.reason != reason.value and job.state is JobState.PENDING:
             job.reason = reason.value
+            (self.own_reason.add if reason.own else self.own_reason.discard)(job.job_id)
             self.publish_job(job, store=False)
 
     def _view(self) -> allocator.View:
