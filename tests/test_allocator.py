@@ -5,8 +5,8 @@ import sys
 
 from helpers import job_record
 
-from zmgpu.master.allocator import (NodeCapacity, Request, Running, View, WaitReason, _Pool, _reserve, infeasible,
-                                    place, schedule)
+from zmgpu.master.allocator import (NodeCapacity, PastStop, Request, Running, View, WaitReason, _Pool, _reserve,
+                                    infeasible, past_stop, place, schedule)
 
 FOUR = {"a": [0, 1, 2, 3]}
 
@@ -57,7 +57,7 @@ def test_blocked_job_without_known_start_blocks_everyone_behind_it():
             yield req
 
     # The queue's index finds no job behind that could start with the GPUs taken (none is CPU-only) ...
-    starts, waits, stopped, _ = schedule(pending(), v, lambda job_id, within: ())
+    starts, waits, stopped, _ = schedule(pending(), v, lambda job_id, within, room: ())
     assert (starts, stopped) == ([], "big")
     assert waits == {"big": WaitReason.RESOURCES}
     # ... so the pass did not even read the rest of a long queue.
@@ -147,42 +147,44 @@ def test_infeasible_messages():
     assert "no node agent has registered" in infeasible(Request("j", 0), [])
 
 
-def test_pending_queue_orders_by_priority_then_submission_and_finds_the_startable_jobs_behind_one():
+def test_pending_queue_orders_by_priority_then_submission_and_finds_the_jobs_that_may_pass_one():
     from zmgpu.master.state import PendingQueue
 
-    def job(job_id, seq, priority=0, gpus=1):
-        return job_record(job_id, seq=seq, gpus=gpus, priority=priority)
+    def job(job_id, seq, priority=0, gpus=1, **fields):
+        return job_record(job_id, seq=seq, gpus=gpus, priority=priority, **fields)
 
     queue = PendingQueue()
-    shares = job("shares", 8)
-    shares.gpu_mem_mb = 4000
     for record in [job("first", 1), job("low", 2, -5), job("second", 3), job("urgent", 4, 10),
-                   job("cpu_low", 5, -5, gpus=0), job("cpu", 6, gpus=0), job("cpu_urgent", 7, 10, gpus=0), shares]:
+                   job("cpu_low", 5, -5, gpus=0), job("cpu", 6, gpus=0), job("cpu_urgent", 7, 10, gpus=0),
+                   job("shares", 8, gpu_mem_mb=4000, time_limit=60), job("shares_forever", 9, gpu_mem_mb=4000)]:
         queue.add(record)
-    assert list(queue) == ["urgent", "cpu_urgent", "first", "second", "cpu", "shares", "low", "cpu_low"]
-    # The jobs behind one that could start with no GPU free (CPU-only, or sharing GPUs), in the same order.
-    assert list(queue.startable_behind("urgent")) == ["cpu_urgent", "cpu", "shares", "cpu_low"]
-    assert list(queue.startable_behind("first")) == ["cpu", "shares", "cpu_low"]
-    assert list(queue.startable_behind("cpu_low")) == []
+    assert list(queue) == ["urgent", "cpu_urgent", "first", "second", "cpu", "shares", "shares_forever", "low",
+                           "cpu_low"]
+    # The CPU-only jobs behind one pass any stop, in the same order; a job sharing GPUs, given room for it,
+    # if it has a time limit (one without passes no reservation).
+    assert list(queue.startable_behind("urgent")) == ["cpu_urgent", "cpu", "cpu_low"]
+    assert list(queue.startable_behind("urgent", room=4000)) == ["cpu_urgent", "cpu", "shares", "cpu_low"]
+    assert list(queue.startable_behind("first", room=3999)) == ["cpu", "cpu_low"]
+    assert list(queue.startable_behind("cpu_low", room=8000)) == []
     queue.remove("first")
     queue.remove("cpu")
-    assert list(queue) == ["urgent", "cpu_urgent", "second", "shares", "low", "cpu_low"] and "first" not in queue
-    assert len(queue) == 6 and list(queue.startable_behind("second")) == ["shares", "cpu_low"]
-    more = job("shares_more", 9)
-    more.gpu_mem_mb = 8000
-    queue.add(more)
+    assert list(queue) == ["urgent", "cpu_urgent", "second", "shares", "shares_forever", "low", "cpu_low"]
+    assert "first" not in queue and len(queue) == 7
+    assert list(queue.startable_behind("second", room=8000)) == ["shares", "cpu_low"]
+    queue.add(job("shares_more", 10, gpu_mem_mb=8000, time_limit=60))
     # Given a number of seconds, also the jobs taking whole GPUs whose time limit is no longer, in queue order.
-    for record in [job("hour", 10), job("minute", 11), job("two_minutes", 12), job("minute_urgent", 13, 10)]:
+    for record in [job("hour", 11), job("minute", 12), job("two_minutes", 13), job("minute_urgent", 14, 10)]:
         record.time_limit = {"hour": 3600, "two_minutes": 120}.get(record.job_id, 60)
         queue.add(record)
-    assert list(queue.startable_behind("urgent", 120)) == ["cpu_urgent", "minute_urgent", "shares", "shares_more",
-                                                           "minute", "two_minutes", "cpu_low"]
-    assert list(queue.startable_behind("second", 60)) == ["shares", "shares_more", "minute", "cpu_low"]
+    assert list(queue.startable_behind("urgent", 120, 8000)) == ["cpu_urgent", "minute_urgent", "shares",
+                                                                 "shares_more", "minute", "two_minutes", "cpu_low"]
+    assert list(queue.startable_behind("second", 60, 4000)) == ["shares", "minute", "cpu_low"]
     queue.remove("minute")
     queue.remove("minute_urgent")
-    assert list(queue.startable_behind("urgent", 3600)) == ["cpu_urgent", "shares", "shares_more", "hour",
-                                                            "two_minutes", "cpu_low"]
-    assert 60 not in queue._limited_keys     # a limit no job waits with any more is forgotten
+    assert list(queue.startable_behind("urgent", 3600)) == ["cpu_urgent", "hour", "two_minutes", "cpu_low"]
+    queue.remove("shares")
+    queue.remove("shares_more")
+    assert list(queue.startable_behind("urgent", 60, 8000)) == ["cpu_urgent", "cpu_low"]
 
 
 def test_a_job_record_copy_shares_what_never_changes_and_holds_no_attribute_dict():
@@ -228,10 +230,16 @@ def startable_behind_in(queue: list[Request]):
     """``schedule``'s ``startable_behind`` for a queue given as a list (what PendingQueue.startable_behind
     picks, read the slow way)."""
     ids = [r.job_id for r in queue]
+    bounds = {PastStop.CPU: lambda within, room: 0, PastStop.SHARED: lambda within, room: room,
+              PastStop.LIMITED: lambda within, room: within}
 
-    def behind(job_id: str, within: float | None):
-        return (r for r in queue[ids.index(job_id) + 1:] if not r.gpus or r.gpu_mem is not None
-                or (within is not None and r.time_limit is not None and r.time_limit <= within))
+    def passes(req: Request, within: float | None, room: int | None) -> bool:
+        bucket = past_stop(req.gpus, req.gpu_mem, req.time_limit)
+        bound = bounds[bucket[0]](within, room) if bucket else None
+        return bound is not None and bucket[1] <= bound
+
+    def behind(job_id: str, within: float | None, room: int | None):
+        return (r for r in queue[ids.index(job_id) + 1:] if passes(r, within, room))
     return behind
 
 

@@ -84,14 +84,16 @@ def test_gpus_given_back_by_a_job_put_back_in_line_make_a_pass_due(service):
 
 def test_with_no_gpu_free_jobs_behind_cost_no_pass_unless_they_need_none(service):
     """A pass stops once no GPU is free and the first blocked job has its reservation (time limits known):
-    GPU jobs that join behind cost no pass; a CPU-only job does, and starts."""
+    GPU jobs that join behind cost no pass, nor does one sharing GPUs without a time limit (it passes no
+    reservation); a CPU-only job does, and starts."""
     running = submit(service, "0000000a", 1, time_limit=100)
     blocked = submit(service, "0000000b", 2, time_limit=100)
     behind = submit(service, "0000000c", 3, time_limit=100)
     assert (running.state, blocked.reason, behind.reason, service.passes) == (JobState.RUNNING, "Resources",
                                                                               "Priority", 3)
     later = submit(service, "0000000d", 4, time_limit=100)
-    assert (later.reason, service.passes) == ("Priority", 3)
+    sharing = submit(service, "0000000f", 6, gpu_mem_mb=1000)
+    assert (later.reason, sharing.reason, service.passes) == ("Priority", "Priority", 3)
     cpu = submit(service, "0000000e", 5, time_limit=100, gpus=0)
     assert (cpu.state, service.passes) == (JobState.RUNNING, 4)
 

@@ -52,6 +52,34 @@ class WaitReason(str, enum.Enum):
         return self not in (WaitReason.PRIORITY, WaitReason.DEPENDENCY)
 
 
+class PastStop(enum.Enum):
+    """How a waiting job may start past the job where a pass stopped (see schedule and past_stop)."""
+
+    CPU = "cpu"            # it takes no GPU, so it delays no one: past any stop
+    SHARED = "shared"      # it shares GPUs by --gpu-mem, with a time limit: while some GPU has room for it
+    LIMITED = "limited"    # it takes whole GPUs, with a time limit: on reserved GPUs, if it ends in time
+
+
+def past_stop(gpus: int, gpu_mem: int | None, time_limit: float | None) -> tuple[PastStop, float] | None:
+    """How a job asking for this may pass a stop, with the value that bounds it (its --gpu-mem, or its time
+    limit); None when it never may: a job that takes GPUs and has no time limit passes no reservation."""
+    if not gpus:
+        return PastStop.CPU, 0
+    if time_limit is None:
+        return None
+    return (PastStop.SHARED, gpu_mem) if gpu_mem is not None else (PastStop.LIMITED, time_limit)
+
+
+def may_join_past(gpus: int, gpu_mem: int | None, time_limit: float | None, ends_by: float | None,
+                  now: float) -> bool:
+    """Whether a job asking for this, joining the queue behind where a pass stopped, might start before the
+    job there: CPU-only, or sharing GPUs with a time limit, or ending by ``ends_by`` (schedule's last result)."""
+    bucket = past_stop(gpus, gpu_mem, time_limit)
+    if bucket is None:
+        return False
+    return bucket[0] is not PastStop.LIMITED or (ends_by is not None and now + time_limit <= ends_by)
+
+
 @dataclass(frozen=True)
 class Request:
     """What a pending job asks for."""
@@ -285,10 +313,19 @@ class _Pool:
     def tightest_room(self, gpu_mem: int) -> tuple[int, str, int] | None:
         """The GPU whose room fits ``gpu_mem`` most tightly, the first by node name, then index, on a tie
         (as ``place`` chooses for one shared GPU), as (room, node, index); or None."""
+        rooms = self._rooms()
+        at = bisect.bisect_left(rooms, (gpu_mem,))
+        return rooms[at] if at < len(rooms) else None
+
+    def largest_room(self) -> int | None:
+        """The most room any GPU offers --gpu-mem jobs (None: no GPU offers any)."""
+        rooms = self._rooms()
+        return rooms[-1][0] if rooms else None
+
+    def _rooms(self) -> list[tuple[int, str, int]]:
         if self.by_room is None:
             self.by_room = sorted((mb, node, index) for node, gpus in self.room.items() for index, mb in gpus.items())
-        at = bisect.bisect_left(self.by_room, (gpu_mem,))
-        return self.by_room[at] if at < len(self.by_room) else None
+        return self.by_room
 
     def tightest(self, gpus: int) -> str | None:
         """The node with the fewest free GPUs of those with at least ``gpus`` free, the first by name on a tie
@@ -346,10 +383,10 @@ class Reservation:
     gpus: frozenset[tuple[str, int]]
 
 
-#: The jobs queued behind a job that may start with no GPU free (CPU-only, or sharing GPUs by --gpu-mem) and,
-#: given a number of seconds, those taking whole GPUs whose time limit is no longer, as requests in queue order
-#: (see schedule).
-StartableBehind = Callable[[str, "float | None"], Iterable[Request]]
+#: The jobs queued behind a job that may pass it (see past_stop): CPU-only ones; given a number of MiB, those
+#: sharing GPUs that declare no more; given a number of seconds, those taking whole GPUs whose time limit is no
+#: longer; as requests in queue order (see schedule).
+StartableBehind = Callable[[str, "float | None", "int | None"], Iterable[Request]]
 
 
 #: What a pass found: the jobs to start and where, why each job it read waits, the job it stopped at, and the time
@@ -383,7 +420,7 @@ def schedule(pending: Iterable[Request], view: View, startable_behind: Startable
     """
     pending = iter(pending)
     if startable_behind is None:
-        def startable_behind(job_id: str, within: float | None) -> Iterable[Request]:
+        def startable_behind(job_id: str, within: float | None, room: int | None) -> Iterable[Request]:
             return pending     # the rest, which the callers below filter
     pool = _Pool.of(view)
     user_gpus: Counter = Counter()
@@ -429,14 +466,14 @@ def schedule(pending: Iterable[Request], view: View, startable_behind: Startable
             # How long a job may run on reserved GPUs (a second more: the test of each is _ends_by's); with none
             # free, no job taking whole GPUs may start.
             within = reservation.start - view.now + 1 if pool.count else None
-            for startable in itertools.chain([req], startable_behind(req.job_id, within)):
+            for startable in itertools.chain([req], startable_behind(req.job_id, within, pool.largest_room())):
                 if _may_start_past(startable, pool, within is not None, view.now):
                     consider(startable)
             # A job joining behind may start only if it needs no free GPU, or (while some GPU is free) ends in time.
             return stop(req.job_id, reservation.start if pool.count else None)
         if not consider(req):
             # The start of the first blocked job is unknown: no job that takes GPUs may pass it.
-            for startable in startable_behind(req.job_id, None):
+            for startable in startable_behind(req.job_id, None, None):
                 if not startable.gpus:
                     consider(startable)
             return stop(req.job_id)
@@ -488,13 +525,14 @@ def _backfill(req: Request, pool: _Pool, now: float) -> Placement | None:
 
 
 def _may_start_past(req: Request, pool: _Pool, gpus_free: bool, now: float) -> bool:
-    """Whether ``req`` may start although the reservation holds every free GPU: it takes none (CPU-only), or
-    shares one that has room for it, or (``gpus_free``) it ends by the time the reservation starts."""
-    if not req.gpus:
-        return True
-    if req.gpu_mem is not None:
+    """Whether ``req`` may start although the reservation holds every free GPU (see past_stop): it takes none,
+    or shares one that has room for it, or (``gpus_free``) it ends by the time the reservation starts."""
+    bucket = past_stop(req.gpus, req.gpu_mem, req.time_limit)
+    if bucket is None:
+        return False
+    if bucket[0] is PastStop.SHARED:
         return pool.tightest_room(req.gpu_mem) is not None
-    return gpus_free and _ends_by(req, pool.reservation, now)
+    return bucket[0] is PastStop.CPU or (gpus_free and _ends_by(req, pool.reservation, now))
 
 
 def _ends_by(req: Request, reservation: Reservation, now: float) -> bool:

@@ -17,7 +17,7 @@ from . import allocator
 from .output import STREAMS, OutputSpool
 from .reactor import Reactor
 from .dependencies import Dependencies
-from .state import ClusterState, JobRecord, RankRecord, starts_without_free_gpu
+from .state import ClusterState, JobRecord, RankRecord
 from .store import Store
 
 
@@ -72,13 +72,10 @@ class JobService:
         """A new or requeued job joins the pending queue."""
         self.state.jobs[job.job_id] = job
         self.join_queue(job)
-        # A job that joins behind the one where the last pass stopped can start only if it needs no free GPU
-        # (CPU-only, or sharing GPUs), or ends by the time the blocked job's reservation of the free GPUs starts
-        # (see allocator.schedule).  Otherwise, until something else changes, a pass would only tell it to wait,
-        # which schedule() does without one: this spares a submit behind a long queue a pass.
-        ends_by, limit = self.stop_ends_by, job.time_limit
-        if (self.stop_key is None or job.queue_key < self.stop_key or starts_without_free_gpu(job)
-                or (ends_by is not None and limit is not None and time.time() + limit <= ends_by)):
+        # A job that joins behind the one where the last pass stopped, and may not pass it, could only be told to
+        # wait, which schedule() does without a pass: this spares a submit behind a long queue a pass.
+        if (self.stop_key is None or job.queue_key < self.stop_key
+                or allocator.may_join_past(job.gpus, job.gpu_mem_mb, job.time_limit, self.stop_ends_by, time.time())):
             self.dirty = True
         self.publish_job(job)
         self.cancel_if_dependency_failed(job)
@@ -171,10 +168,10 @@ class JobService:
                                                            job.array_job_id, job.array_limit, hold, job.gpu_mem_mb)
             yield req
 
-    def _startable_behind(self, job_id: str, within: float | None):
-        """The jobs queued behind ``job_id`` that could start with no GPU free, or (given ``within``) that take
-        whole GPUs for at most ``within`` seconds, as requests: what a pass that stopped there reads on."""
-        return self._requests(self.state.pending.startable_behind(job_id, within))
+    def _startable_behind(self, job_id: str, within: float | None, room: int | None):
+        """The jobs queued behind ``job_id`` that may pass it (allocator.StartableBehind), as requests: what a
+        pass that stopped there reads on."""
+        return self._requests(self.state.pending.startable_behind(job_id, within, room))
 
     def _dependency_hold(self, job: JobRecord) -> allocator.WaitReason | None:
         return allocator.WaitReason.DEPENDENCY if self.dependencies.waits(job) else None

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 
 from ..model import GpuInfo, JobState, NodeState, NodeStatus, gpu_room, in_foreign_use
 from ..protocol import Stream
+from .allocator import PastStop, past_stop
 
 
 @dataclass
@@ -280,14 +281,14 @@ _job_values = operator.attrgetter(*JOB_FIELDS)
 
 class PendingQueue:
     """Pending job ids kept sorted by :attr:`JobRecord.queue_key`, so a pass never sorts; counted per user.
-    The jobs that could start with no GPU free (CPU-only ones, and those sharing GPUs by --gpu-mem) are also
-    kept in their own queue order, and those taking whole GPUs with a time limit in queue order per limit,
-    since a pass that stops reads on only those that may still start."""
+    The jobs that may pass a stop (CPU-only ones; those sharing GPUs, per --gpu-mem; those taking whole GPUs,
+    per time limit: see allocator.past_stop) are also kept in queue order, since a pass that stops reads on
+    only those that may still start."""
 
     def __init__(self):
         self._keys: list[tuple[int, int, str]] = []
-        self._startable_keys: list[tuple[int, int, str]] = []   # those jobs' keys, sorted too
-        self._limited_keys: dict[int, list[tuple[int, int, str]]] = {}   # time limit -> those jobs' keys, sorted
+        # The keys of the jobs that may pass a stop, sorted, per allocator.past_stop bucket.
+        self._past_stop: dict[tuple[PastStop, float], list[tuple[int, int, str]]] = {}
         # job id -> job; not (key, job) pairs: a pair holding a record is one more object per waiting job for
         # the garbage collector to walk (the keys in the lists hold plain values, so it stops looking at them).
         self._by_id: dict[str, JobRecord] = {}
@@ -296,10 +297,9 @@ class PendingQueue:
     def add(self, job: JobRecord) -> None:
         key = job.queue_key
         bisect.insort(self._keys, key)
-        if starts_without_free_gpu(job):
-            bisect.insort(self._startable_keys, key)
-        elif job.time_limit is not None:
-            bisect.insort(self._limited_keys.setdefault(job.time_limit, []), key)
+        bucket = past_stop(job.gpus, job.gpu_mem_mb, job.time_limit)
+        if bucket is not None:
+            bisect.insort(self._past_stop.setdefault(bucket, []), key)
         self._by_id[job.job_id] = job
         self._count(job, 1)
 
@@ -308,13 +308,12 @@ class PendingQueue:
         key = job.queue_key    # the key it was added under: priority, number and id never change
         _discard_key(self._keys, key)
         # As at add: what a job asks for does not change while it waits.
-        if starts_without_free_gpu(job):
-            _discard_key(self._startable_keys, key)
-        elif job.time_limit is not None:
-            keys = self._limited_keys[job.time_limit]
+        bucket = past_stop(job.gpus, job.gpu_mem_mb, job.time_limit)
+        if bucket is not None:
+            keys = self._past_stop[bucket]
             _discard_key(keys, key)
             if not keys:
-                del self._limited_keys[job.time_limit]
+                del self._past_stop[bucket]
         self._count(job, -1)
 
     def _count(self, job: JobRecord, step: int) -> None:
@@ -322,13 +321,13 @@ class PendingQueue:
         if not self._per_user[job.user]:
             del self._per_user[job.user]
 
-    def startable_behind(self, job_id: str, within: float | None = None):
-        """The jobs queued after ``job_id`` (a pending job) that could start with no GPU free and, given
-        ``within`` (seconds), those taking whole GPUs whose time limit is no longer, in queue order."""
+    def startable_behind(self, job_id: str, within: float | None = None, room: int | None = None):
+        """The jobs queued after ``job_id`` (a pending job) that may pass it (see allocator.StartableBehind),
+        in queue order."""
+        bounds = {PastStop.CPU: 0, PastStop.SHARED: room, PastStop.LIMITED: within}
         after = self._by_id[job_id].queue_key
-        lists = [self._startable_keys]
-        if within is not None:
-            lists += [keys for limit, keys in self._limited_keys.items() if limit <= within]
+        lists = [keys for (kind, value), keys in self._past_stop.items()
+                 if bounds[kind] is not None and value <= bounds[kind]]
         return (key[2] for key in heapq.merge(*(keys[bisect.bisect_right(keys, after):] for keys in lists)))
 
     def count(self, user: str) -> int:
@@ -352,11 +351,6 @@ def _discard_key(keys: list, key: tuple) -> None:
     i = bisect.bisect_left(keys, key)
     assert i < len(keys) and keys[i] == key, f"queue key {key} is not in the pending queue"
     del keys[i]
-
-
-def starts_without_free_gpu(job: JobRecord) -> bool:
-    """A CPU-only job, or one that shares GPUs by memory (--gpu-mem): either may start with no GPU free."""
-    return job.gpus == 0 or job.gpu_mem_mb is not None
 
 
 @dataclass
