@@ -104,6 +104,19 @@ def _submit_rate(client, cwd: str, seconds: float, time_limit: int | None) -> tu
     return count / (time.perf_counter() - start), count
 
 
+def _await_reservation(client, job_id: str, free: int, timeout: float) -> None:
+    """Wait until ``job_id`` waits first in line (Resources) with ``free`` GPUs free, all held for it (had they
+    not been, the jobs behind would have taken them); BenchError if that state does not come."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reason = client.job(job_id)["reason"]
+        if reason == "Resources" and sum(gpu["free"] for node in client.nodes() for gpu in node["gpus"]) == free:
+            return
+        time.sleep(PING_EVERY)
+    raise BenchError(f"job {job_id} did not come to wait for {free} free GPUs held for it within {timeout:g} s "
+                     f"(its reason: {reason})")
+
+
 def _observe(client, pid: int, seconds: float) -> tuple[float, list[float]]:
     """The master's CPU share over a window, and its PING round trips sampled ten times a second meanwhile.
 
@@ -193,16 +206,18 @@ def run(ctx: Context, bench: str = NAME, time_limit: int | None = None, sharer: 
                      note=f"zmgpu queue with {queued} jobs pending (as arrays: a line per run of tasks) and "
                           f"{capacity} running (a line each), median of {runs}")
 
-        rate, count = _submit_rate(client, cwd, min(window, max(1.0, ctx.remaining() - 20)), time_limit)
+        submit_window = min(window, max(1.0, ctx.remaining() - 20))
+        rate, count = _submit_rate(client, cwd, submit_window, time_limit)
         yield Figure(bench, "submits_per_s", rate, "jobs/s", Better.HIGHER,
                      note=f"{count} single Client.submit calls in a row with {queued} pending")
         if time_limit is not None:
             # A job of two nodes' GPUs goes first in line, and as many jobs as a node has GPUs end: its reservation
             # takes the GPUs they free, which no job behind may use (each would outlast it).
             with cluster.client(user=ADMIN) as admin:
-                admin.submit("true", gpus=2 * gpus, cwd=cwd, priority=10, time_limit=time_limit)
+                first = admin.submit("true", gpus=2 * gpus, cwd=cwd, priority=10, time_limit=time_limit)
             ended = gen.request("end", count=gpus)["ended"]
-            rate, count = _submit_rate(client, cwd, min(window, max(1.0, ctx.remaining() - 20)), time_limit)
+            _await_reservation(client, first, ended, timeout=30.0)
+            rate, count = _submit_rate(client, cwd, submit_window, time_limit)
             yield Figure(bench, "submits_reserved_per_s", rate, "jobs/s", Better.HIGHER,
                          note=f"{count} single Client.submit calls in a row with {queued} pending, once a "
                               f"{2 * gpus}-GPU job first in line has its reservation on the {ended} GPUs come free")
