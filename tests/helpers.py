@@ -72,6 +72,15 @@ def job_record(job_id: str, **fields):
                         "gpus": 1, **fields})
 
 
+def sim_node(node_id: str, gpus: int, **fields):
+    """A master's record of a node with ``gpus`` simulated GPUs (as ``zmgpu-node --simulate-gpus`` offers them),
+    for the in-process tests of the master's parts."""
+    from zmgpu.master.state import NodeRecord
+    from zmgpu.node.gpus import SimulatedSource
+
+    return NodeRecord(node_id, "host", "127.0.0.1", SimulatedSource(node_id, gpus).devices(), **fields)
+
+
 def hold_sh(path: str, then: str | None = None) -> str:
     """Shell snippet for a held job: wait until ``path`` exists (:func:`release` makes it), then ``then``."""
     return wait_for_file_sh(path) + (f"; {then}" if then else "")

@@ -17,6 +17,18 @@ def view(free, capacity=None, **kw):
     return View(free=free, capacity=capacity or free, **kw)
 
 
+class Reading:
+    """A queue to hand a pass as it reads it (``pending()``), recording what it read (``read``)."""
+
+    def __init__(self, queue: list):
+        self.queue, self.read = queue, []
+
+    def __call__(self):
+        for req in self.queue:
+            self.read.append(req.job_id)
+            yield req
+
+
 def test_single_node_tightest_fit():
     free = {"a": [0, 1, 2, 3], "b": [2, 3]}
     assert place(Request("j", 2), free, {}) == [("b", [2, 3])]
@@ -51,19 +63,14 @@ def test_schedule_gives_disjoint_gpus_in_order():
 def test_blocked_job_without_known_start_blocks_everyone_behind_it():
     # 2 GPUs free, a running job of unknown length holds the other 2: the 4-GPU job's start is unknown.
     v = view({"a": [0, 1]}, FOUR, running=[Running([("a", [2, 3])])])
-    seen = []
-
-    def pending():
-        for req in [Request("big", 4), Request("small", 1, time_limit=60), Request("other", 1)]:
-            seen.append(req.job_id)
-            yield req
+    pending = Reading([Request("big", 4), Request("small", 1, time_limit=60), Request("other", 1)])
 
     # The queue's index finds no job behind that could start with the GPUs taken (none is CPU-only) ...
     starts, waits, stopped, _ = schedule(pending(), v, lambda job_id, within, room: ())
     assert (starts, stopped) == ([], "big")
     assert waits == {"big": WaitReason.RESOURCES}
     # ... so the pass did not even read the rest of a long queue.
-    assert seen == ["big"]
+    assert pending.read == ["big"]
 
 
 def test_backfill_that_must_happen_short_job_ends_before_the_reservation():
@@ -354,26 +361,21 @@ def test_once_every_free_gpu_is_reserved_a_pass_reads_only_the_jobs_that_end_in_
     queue = [Request("big", 4, time_limit=10)] + [Request(f"long{k}", 1, time_limit=1000) for k in range(50)]
     queue += [Request("short", 1, time_limit=100), Request("cpu", 0), Request("too_big", 3, time_limit=90),
               Request("shorter", 1, time_limit=30), Request("third", 1, time_limit=101)]
-    read = []
-
-    def pending():
-        for req in queue:
-            read.append(req.job_id)
-            yield req
+    pending = Reading(queue)
 
     starts, waits, stopped, ends_by = schedule(pending(), view({"a": [0, 1, 2]}, nodes, running=running),
                                                startable_behind_in(queue))
     assert dict(starts) == {"short": [("a", [0])], "cpu": [("a", [])], "shorter": [("a", [1])]}
     assert waits == {"big": WaitReason.RESOURCES, "too_big": WaitReason.PRIORITY}
     # It stops at the first job behind: one joining later may start only if it ends by the reservation's start.
-    assert read == ["big", "long0"] and (stopped, ends_by) == ("long0", 100.0)
+    assert pending.read == ["big", "long0"] and (stopped, ends_by) == ("long0", 100.0)
     # With no GPU free at all, no job taking whole GPUs may start whatever its limit: the pass stops at the
     # first job behind, for the job service to tell a job joining behind that it waits without a pass.
-    read.clear()
+    pending.read.clear()
     starts, waits, stopped, ends_by = schedule(pending(), view({"a": []}, nodes, running=running + [
         Running([("a", [0, 1, 2])], end=50.0)]), startable_behind_in(queue))
     assert dict(starts) == {"cpu": [("a", [])]} and (stopped, ends_by) == ("long0", None)
-    assert read == ["big", "long0"]
+    assert pending.read == ["big", "long0"]
 
 
 def test_a_job_ending_just_as_the_reservation_starts_is_read_whatever_the_rounding():
@@ -448,12 +450,7 @@ def test_a_stopped_pass_reads_on_only_the_cpu_only_jobs_behind():
     queue = [Request("one", 1), Request("big", 2)] + [Request(f"g{k}", 1) for k in range(50)] + [
         Request(f"c{k}", 0, array_id="arr", array_limit=2) for k in range(3)] + [shared("sharer", 100),
                                                                                  Request("last", 1)]
-    read: list[str] = []
-
-    def pending():
-        for req in queue:
-            read.append(req.job_id)
-            yield req
+    pending = Reading(queue)
 
     running = [Running([("a", [0])], end=None, array_id="arr")]
     starts, waits, stopped, _ = schedule(pending(), view({"a": [1]}, {"a": [0, 1]}, running=running),
@@ -461,7 +458,7 @@ def test_a_stopped_pass_reads_on_only_the_cpu_only_jobs_behind():
     # The GPU jobs behind the stop are not read, sharing ones neither (the stop is at an unknown start, not for
     # want of free GPUs); the CPU-only ones are, and their array's %2 counts the task already running: one more
     # starts, the others wait.
-    assert read == ["one", "big"] and stopped == "big"
+    assert pending.read == ["one", "big"] and stopped == "big"
     assert dict(starts) == {"one": [("a", [1])], "c0": [("a", [])]}
     assert waits == {"big": WaitReason.RESOURCES, "c1": WaitReason.ARRAY_LIMIT, "c2": WaitReason.ARRAY_LIMIT}
 

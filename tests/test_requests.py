@@ -3,13 +3,13 @@ checked and hashed once), and a queue listing's pending array tasks collapsed in
 
 import pytest
 
-from helpers import job_record
+from helpers import job_record, sim_node
 
 from zmgpu.cli.queue import others_lines
 from zmgpu.master.requests import Environments, RequestError, collapsed
-from zmgpu.master.state import NodeRecord, RankRecord
+from zmgpu.master.state import RankRecord
 from zmgpu.master.store import env_id
-from zmgpu.model import GpuInfo, JobState, format_array_spec, parse_array_spec
+from zmgpu.model import JobState, format_array_spec, parse_array_spec
 from zmgpu.protocol import ErrorCode
 
 ENV = {"PATH": "/usr/bin:/bin", "HOME": "/home/alice", "LANG": "C.UTF-8"}
@@ -116,7 +116,7 @@ def test_a_job_dict_of_chosen_fields_builds_only_those():
     ({5: {"busy": True}}, False),                                                # a GPU the node does not offer
 ])
 def test_the_nodes_a_queue_table_asks_for_are_those_it_has_a_line_for(telemetry, listed):
-    node = NodeRecord("n1", "host", "127.0.0.1", [GpuInfo(i, "sim", f"GPU-{i}", 16000, simulated=True) for i in (0, 1)])
+    node = sim_node("n1", 2)
     node.telemetry = telemetry
     assert node.used_by_others() is listed
     assert bool(others_lines([node.to_dict()])) is listed

@@ -6,7 +6,8 @@ of jobs a pass did not reach.  And when it sends KILLs for a gang job
 whose rank failed: once per node, again only if unheeded, and never to a later attempt.
 
 In-process: the master's own JobService, Reactor (on loopback), Store and OutputSpool; the allocator is
-wrapped only to count its passes, the reactor's send only to see the KILLs.
+wrapped only to count its passes, the reactor's send only to see the KILLs, and the service's kill_ranks only
+to see their reasons.
 """
 
 import logging
@@ -14,14 +15,14 @@ import time
 
 import pytest
 
-from helpers import job_record
+from helpers import job_record, sim_node
 
 from zmgpu.master import jobs as jobs_module
 from zmgpu.master.output import OutputSpool
 from zmgpu.master.reactor import Reactor
-from zmgpu.master.state import ClusterState, JobRecord, NodeRecord
+from zmgpu.master.state import ClusterState, JobRecord
 from zmgpu.master.store import Store
-from zmgpu.model import GpuInfo, JobState
+from zmgpu.model import JobState
 
 
 @pytest.fixture
@@ -30,7 +31,7 @@ def service(tmp_path, monkeypatch):
     reactor = Reactor("127.0.0.1", 0, 0, log)
     store = Store(str(tmp_path))
     state = ClusterState()
-    state.nodes["n1"] = NodeRecord("n1", "host", "127.0.0.1", [GpuInfo(0, "sim", "GPU-0", 16000, simulated=True)])
+    state.nodes["n1"] = sim_node("n1", 1)
     service = jobs_module.JobService(state, reactor, OutputSpool(str(tmp_path)), store, kill_grace=1.0,
                                      max_requeue=0, user_gpu_limit=None, retention=3600.0, log=log)
     service.passes = 0
@@ -101,8 +102,7 @@ def test_with_no_gpu_free_jobs_behind_cost_no_pass_unless_they_need_none(service
 def test_a_job_joining_behind_a_reservation_of_the_free_gpus_gets_a_pass_only_if_it_ends_in_time(service):
     """The pass that found every free GPU reserved read on only the jobs that end in time, and stopped at the
     first job behind: a job joining costs a pass only if it may be one of them (and then it starts)."""
-    service.state.nodes["n1"] = NodeRecord("n1", "host", "127.0.0.1",
-                                           [GpuInfo(i, "sim", f"GPU-{i}", 16000, simulated=True) for i in (0, 1)])
+    service.state.nodes["n1"] = sim_node("n1", 2)
     running = submit(service, "0000000a", 1, time_limit=3600)
     blocked = submit(service, "0000000b", 2, gpus=2, time_limit=60)   # GPU 1 is free, and reserved for it
     assert (running.state, blocked.reason, service.passes) == (JobState.RUNNING, "Resources", 2)
@@ -119,8 +119,7 @@ def test_a_job_joining_behind_a_reservation_of_the_free_gpus_gets_a_pass_only_if
 def test_a_job_the_pass_no_longer_reads_does_not_keep_its_own_reason(service):
     """Its user's GPUs held it (UserGPULimit); once they come free the reservation takes them, and the pass no
     longer reads it: it waits behind the blocked job now, and says so."""
-    service.state.nodes["n1"] = NodeRecord("n1", "host", "127.0.0.1",
-                                           [GpuInfo(i, "sim", f"GPU-{i}", 16000, simulated=True) for i in (0, 1, 2)])
+    service.state.nodes["n1"] = sim_node("n1", 3)
     service.user_gpu_limit = 3
     mine = submit(service, "0000000a", 1, user="u", time_limit=3600)
     for seq, user in ((2, "v"), (3, "w")):
@@ -159,7 +158,7 @@ def test_a_pass_that_stops_reads_none_of_the_gpu_jobs_behind_while_a_cpu_only_jo
 
 
 def test_with_no_gpu_free_a_job_sharing_gpus_behind_the_blocked_one_still_starts(service):
-    service.state.nodes["n1"].gpus.append(GpuInfo(1, "sim", "GPU-1", 16000, simulated=True))
+    service.state.nodes["n1"].gpus = sim_node("n1", 2).gpus
     whole = submit(service, "0000000a", 1, time_limit=100)
     first = submit(service, "0000000b", 2, time_limit=100, gpu_mem_mb=4000)
     blocked = submit(service, "0000000c", 3, time_limit=100)
@@ -169,7 +168,7 @@ def test_with_no_gpu_free_a_job_sharing_gpus_behind_the_blocked_one_still_starts
 
 
 def test_a_job_sharing_gpus_that_joins_behind_the_stop_starts(service):
-    service.state.nodes["n1"].gpus.append(GpuInfo(1, "sim", "GPU-1", 16000, simulated=True))
+    service.state.nodes["n1"].gpus = sim_node("n1", 2).gpus
     submit(service, "0000000a", 1, time_limit=100)
     submit(service, "0000000b", 2, time_limit=100, gpu_mem_mb=4000)
     submit(service, "0000000c", 3, time_limit=100)
@@ -182,7 +181,7 @@ def test_a_job_sharing_gpus_that_joins_behind_the_stop_starts(service):
 def test_a_job_started_in_the_same_pass_counts_for_the_reservation(service):
     """The first blocked job's start follows from the jobs running, those started by the same pass included:
     left out, its start was unknown, the pass stopped there, and a later job that could backfill waited."""
-    service.state.nodes["n1"].gpus.append(GpuInfo(1, "sim", "GPU-1", 16000, simulated=True))
+    service.state.nodes["n1"].gpus = sim_node("n1", 2).gpus
     both = submit(service, "0000000a", 1, gpus=2, time_limit=100)
     first = submit(service, "0000000b", 2, time_limit=1000, priority=1)
     blocked = submit(service, "0000000c", 3, gpus=2, time_limit=50)
@@ -208,10 +207,7 @@ def test_reasons_behind_a_stop_for_want_of_free_gpus_follow_the_dependencies(ser
 
 def two_node_gang(service, monkeypatch) -> tuple[JobRecord, list[str]]:
     """A --per-gpu job running on two nodes of two GPUs, and the nodes that KILLs went to."""
-    service.state.nodes = {node: NodeRecord(node, "host", "127.0.0.1", [GpuInfo(i, "sim", f"GPU-{node}-{i}", 16000,
-                                                                               simulated=True) for i in (0, 1)],
-                                            route=node.encode())
-                           for node in ("n1", "n2")}
+    service.state.nodes = {node: sim_node(node, 2, route=node.encode()) for node in ("n1", "n2")}
     kills = []
     real_send = service.reactor.send
     monkeypatch.setattr(service.reactor, "send", lambda route, msg_type, body: (
