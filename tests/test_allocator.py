@@ -7,8 +7,8 @@ import pytest
 
 from helpers import job_record
 
-from zmgpu.master.allocator import (NodeCapacity, PastStop, Request, Running, View, WaitReason, _Pool, _reserve,
-                                    infeasible, past_stop, place, schedule)
+from zmgpu.master.allocator import (NodeCapacity, PastStop, Request, Reservation, Running, View, WaitReason, _backfill,
+                                    _Pool, _reserve, infeasible, past_stop, place, schedule)
 
 FOUR = {"a": [0, 1, 2, 3]}
 
@@ -469,6 +469,27 @@ def test_a_pass_that_finds_no_gpu_free_still_starts_the_cpu_only_job_it_stops_at
     starts, waits, stopped, _ = schedule(pending, view({"a": []}, {"a": [0]}, running=running),
                                       startable_behind_in(pending))
     assert dict(starts) == {"cpu": [("a", [])]} and stopped == "cpu" and waits == {"big": WaitReason.RESOURCES}
+
+
+def test_a_job_sharing_a_gpu_past_a_reservation_is_placed_as_a_walk_over_the_room_outside_it():
+    # A job that would outlast the reservation may take only GPUs outside it: the pool finds one shared GPU by
+    # its room index, passing over the reserved ones, and must choose what `place` chooses over the room left.
+    rng = random.Random(8)
+    for _ in range(300):
+        nodes = [f"n{n:02d}" for n in range(rng.randint(1, 8))]
+        room = {node: {i: rng.choice([0, 1000, 4000, 4000, 8000]) for i in rng.sample(range(8), rng.randint(0, 8))}
+                for node in nodes}
+        pool = _Pool.of(view({node: sorted(room[node]) for node in nodes}, room=room))
+        every = [(node, i) for node in nodes for i in range(8)]
+        pool.reserve(Reservation(100.0, frozenset(rng.sample(every, rng.randint(0, min(4, len(every)))))))
+        for k in range(20):
+            req = Request(f"j{k}", 1, gpu_mem=rng.choice([500, 1000, 3000, 4000, 8000]), time_limit=1000)
+            outside = {n: {i: mb for i, mb in gpus.items() if (n, i) not in pool.reservation.gpus}
+                       for n, gpus in pool.room.items()}
+            expected = place(req, {}, dict(pool.load), outside)
+            assert _backfill(req, pool, 0.0) == expected
+            if expected is not None:
+                pool.take(expected, req.gpu_mem)
 
 
 def test_pool_indexes_place_as_a_walk_over_every_node():

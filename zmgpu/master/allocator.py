@@ -310,11 +310,15 @@ class _Pool:
             heapq.heappop(self.by_load)
         return self.by_load[0][1] if self.by_load else None
 
-    def tightest_room(self, gpu_mem: int) -> tuple[int, str, int] | None:
+    def tightest_room(self, gpu_mem: int, avoid: frozenset[tuple[str, int]] = frozenset()
+                      ) -> tuple[int, str, int] | None:
         """The GPU whose room fits ``gpu_mem`` most tightly, the first by node name, then index, on a tie
-        (as ``place`` chooses for one shared GPU), as (room, node, index); or None."""
+        (as ``place`` chooses for one shared GPU), as (room, node, index); or None.  The (node, index) pairs in
+        ``avoid`` (a reservation's few GPUs) are passed over."""
         rooms = self._rooms()
         at = bisect.bisect_left(rooms, (gpu_mem,))
+        while at < len(rooms) and (rooms[at][1], rooms[at][2]) in avoid:
+            at += 1
         return rooms[at] if at < len(rooms) else None
 
     def largest_room(self) -> int | None:
@@ -513,6 +517,11 @@ def _backfill(req: Request, pool: _Pool, now: float) -> Placement | None:
             # It would outlast the reservation: only GPUs the reserved job will not need are fair game.
             if pool.cannot_fit(req, spare_only=True):
                 return None
+            if req.gpu_mem is not None and req.gpus == 1 and not req.pins:
+                # As place() over the room outside the reservation chooses, through the pool's index: building
+                # that room took 2.4 ms per job on 1,000 nodes.
+                found = pool.tightest_room(req.gpu_mem, avoid=reservation.gpus)
+                return None if found is None else [(found[1], [found[2]])]
             spare = {n: [i for i in idx if (n, i) not in reservation.gpus] for n, idx in pool.free.items()}
             if req.gpu_mem is None:
                 return place(req, spare, pool.load)
